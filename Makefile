@@ -47,5 +47,9 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
 
+# Builds the image on a local Debian base and runs it for real (root, apt; see deploy/README.md).
+container-test: install-serve
+	bash scripts/container-test.sh
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,385 @@
+#!/usr/bin/env bash
+# Container test: build the lstm-serve image from the repository's Dockerfile and run it for real.
+#
+#   scripts/container-test.sh [--keep]      (make container-test)
+#
+# No Docker engine and no container registry are reachable where this runs, so it uses Debian's
+# buildah + podman + runc as root with the vfs storage driver, and makes its own base image:
+# `debootstrap --variant=minbase bookworm` (python3, venv, pip, CA certificates) imported with
+# `podman import` and passed as BASE_IMAGE. The base tarball is cached outside the repository,
+# keyed by the code that builds it; everything else (storage, config, containers, images) lives
+# in a temporary folder that is removed at exit.
+#
+# Checks, in order: the image builds; it holds no torch/onnx; it runs as a numeric non-root user
+# and declares its health check and stop signal; it turns healthy (`podman healthcheck run`);
+# greedy `lstm-client generate` against it prints exactly what a local server (host venv, same
+# bundled model) prints; its metrics port serves the server's metrics; on the stop signal it
+# drains requests that are in flight (they complete with the full text) and exits 0 within the
+# drain grace.
+#
+# Needs root and apt (it installs buildah podman runc debootstrap when missing), the project venv
+# (`make install`) and the bundled model server/model_repo/timemachine/1/model.onnx.
+# Environment: LSTM_SERVE_CT_CACHE (cache folder, default ~/.cache/lstm-serve-container),
+# VENV (default .venv). --keep leaves the temporary folder and the image for debugging.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+CACHE=${LSTM_SERVE_CT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lstm-serve-container}
+MODEL=server/model_repo/timemachine/1/model.onnx
+SUITE=bookworm
+BASE_PACKAGES=python3,python3-venv,python3-pip,ca-certificates
+PROMPT="the time traveller"
+SHORT_TOKENS=120     # the equality check
+LONG_TOKENS=1000     # requests kept in flight across the stop signal
+IN_FLIGHT=4
+GRACE_S=20           # the server's drain grace inside the container
+HEALTHY_TIMEOUT_S=120
+KEEP=0
+
+for arg in "$@"; do
+    case "$arg" in
+        --keep) KEEP=1 ;;
+        -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "container-test: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+T_START=$(date +%s.%N)
+TIMINGS=()
+
+log() { printf '[container-test %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[container-test] FAIL: %s\n' "$*" >&2; exit 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+record() { TIMINGS+=("$1=$2"); log "$1: ${2}s"; }
+
+[ "$(id -u)" -eq 0 ] || die "needs root (buildah/podman with vfs storage and debootstrap run as root)"
+[ -x "$VENV/bin/lstm-serve" ] && [ -x "$VENV/bin/lstm-client" ] ||
+    die "no lstm-serve/lstm-client in $VENV: run 'make install' first"
+[ -f "$ROOT/$MODEL" ] || die "the bundled model $MODEL is missing"
+PY=$VENV/bin/python
+
+# --- 1. host tools -----------------------------------------------------------------------------
+t=$(now)
+missing=()
+for tool in buildah podman runc debootstrap; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
+    log "installing ${missing[*]} with apt"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        buildah podman runc debootstrap >/dev/null
+fi
+record tools_s "$(since "$t")"
+
+# --- 2. private container config and storage under a temporary folder ---------------------------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/lstm-serve-ct.XXXXXX")
+TAG=ct-$(basename "$WORK" | tr -dc 'a-zA-Z0-9' | tr '[:upper:]' '[:lower:]')
+BASE_IMAGE=localhost/lstm-serve-base:$TAG
+IMAGE=localhost/lstm-serve:$TAG
+CTR=lstm-serve-$TAG
+# podman/buildah write a blob-info cache under /var/lib/containers even with private storage:
+# remove it at exit only if this run created it.
+VAR_LIB_CONTAINERS_EXISTED=0
+[ -e /var/lib/containers ] && VAR_LIB_CONTAINERS_EXISTED=1
+REF_PID=""
+CLIENT_PIDS=()
+
+cleanup() {
+    local rc=$?
+    set +e
+    for pid in "${CLIENT_PIDS[@]}" $REF_PID; do
+        pkill -TERM -P "$pid" 2>/dev/null
+        kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    done
+    if [ "$KEEP" -eq 1 ] && [ -n "${CONTAINERS_CONF:-}" ]; then
+        log "--keep: leaving $WORK (export CONTAINERS_CONF=$CONTAINERS_CONF" \
+            "CONTAINERS_STORAGE_CONF=$CONTAINERS_STORAGE_CONF to inspect $IMAGE)"
+        exit "$rc"
+    fi
+    if [ -n "${CONTAINERS_CONF:-}" ]; then
+        podman rm -f -t 0 "$CTR" >/dev/null 2>&1
+        podman rmi -f "$IMAGE" "$BASE_IMAGE" >/dev/null 2>&1
+        buildah rm --all >/dev/null 2>&1
+    fi
+    # vfs makes no mounts, but a killed build can leave its chroot's bind mounts behind.
+    findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | xargs -r -n1 umount -l 2>/dev/null
+    rm -rf "$WORK"
+    [ "$VAR_LIB_CONTAINERS_EXISTED" -eq 0 ] && rm -rf /var/lib/containers
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mkdir -p "$WORK/tmp" "$WORK/out"
+cat >"$WORK/storage.conf" <<EOF
+[storage]
+driver = "vfs"
+graphroot = "$WORK/storage"
+runroot = "$WORK/run"
+EOF
+# runc: crun fails on this host's cgroup layout. The default ulimits ask for more than the host
+# grants. File locks and a private tmp_dir keep podman out of /dev/shm and /run.
+cat >"$WORK/containers.conf" <<EOF
+[containers]
+default_ulimits = ["nofile=10000:10000", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "$WORK/events.log"
+tmp_dir = "$WORK/tmp"
+lock_type = "file"
+volume_path = "$WORK/volumes"
+[network]
+network_config_dir = "$WORK/net"
+EOF
+printf 'unqualified-search-registries = []\nshort-name-mode = "disabled"\n' >"$WORK/registries.conf"
+export CONTAINERS_STORAGE_CONF=$WORK/storage.conf
+export CONTAINERS_CONF=$WORK/containers.conf
+export CONTAINERS_REGISTRIES_CONF=$WORK/registries.conf
+export TMPDIR=$WORK/tmp
+
+# --- 3. local base image: debootstrap, cached by the code that builds it ------------------------
+debian_mirror() {
+    # The archive the host's apt already uses for $SUITE main (one-line and deb822 sources),
+    # so no host name is written into the repository.
+    "$PY" - "$SUITE" <<'PYEOF'
+import glob, re, sys
+suite = sys.argv[1]
+entries = []  # (uri, suites, components)
+files = ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]
+for path in files:
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        continue
+    for line in lines:
+        line = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+        if len(line) >= 4 and line[0] == "deb":
+            entries.append((line[1], [line[2]], line[3:]))
+for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    for para in re.split(r"\n\s*\n", open(path, encoding="utf-8").read()):
+        fields = {}
+        for m in re.finditer(r"^([A-Za-z-]+):[ \t]*(.*)$", para, re.M):
+            fields[m.group(1).lower()] = m.group(2).split()
+        if "deb" in fields.get("types", []) and fields.get("enabled", ["yes"])[0] != "no":
+            for uri in fields.get("uris", []):
+                entries.append((uri, fields.get("suites", []), fields.get("components", [])))
+for uri, suites, comps in entries:
+    if suite in suites and "main" in comps and uri.startswith(("http://", "https://")):
+        print(uri)
+        break
+else:
+    # A host on another release: its Debian archive serves every suite.
+    for uri, suites, comps in entries:
+        if uri.rstrip("/").endswith("/debian") and "main" in comps:
+            print(uri)
+            break
+PYEOF
+}
+
+build_base_rootfs() {
+    # $1: target folder, $2: mirror. Everything that decides the base's content is in this
+    # function, whose text keys the cache.
+    debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$1" "$2" >"$WORK/debootstrap.log" 2>&1 ||
+        { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap $SUITE from $2 failed"; }
+    rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/* "$1"/tmp/*
+}
+
+t=$(now)
+base_key=$(printf '%s\n%s\n%s\n' "$SUITE" "$BASE_PACKAGES" "$(declare -f build_base_rootfs)" |
+    sha256sum | cut -c1-16)
+base_tar=$CACHE/base-$SUITE-$base_key.tar
+if [ -f "$base_tar" ]; then
+    log "base: cached $base_tar"
+else
+    mirror=$(debian_mirror)
+    [ -n "$mirror" ] || die "no Debian archive for $SUITE main found in the host's apt sources"
+    log "base: debootstrap --variant=minbase $SUITE from the host's mirror (about a minute)"
+    build_base_rootfs "$WORK/rootfs" "$mirror"
+    mkdir -p "$CACHE"
+    rm -f "$CACHE"/base-"$SUITE"-*.tar  # older recipes
+    # The runtime provides /dev; device nodes in a layer are only trouble.
+    tar --numeric-owner -C "$WORK/rootfs" --exclude='./dev/*' -cf "$base_tar.part" .
+    mv "$base_tar.part" "$base_tar"
+    rm -rf "$WORK/rootfs"
+fi
+record base_s "$(since "$t")"
+t=$(now)
+podman import --quiet "$base_tar" "$BASE_IMAGE" >/dev/null
+record import_s "$(since "$t")"
+
+# --- 4. the image -------------------------------------------------------------------------------
+ca_bundle=""
+for f in "${SSL_CERT_FILE:-}" /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt; do
+    [ -n "$f" ] && [ -f "$f" ] && { ca_bundle=$f; break; }
+done
+secret_args=()
+# The host's bundle (it trusts the HTTPS proxy) is lent to pip as a build secret, never copied.
+[ -n "$ca_bundle" ] && secret_args=(--secret "id=ca_bundle,src=$ca_bundle")
+log "build: buildah build (log: $WORK/build.log)"
+t=$(now)
+if ! buildah build --isolation chroot --format docker --network host --storage-driver vfs \
+    --build-arg "BASE_IMAGE=$BASE_IMAGE" "${secret_args[@]}" \
+    -f "$ROOT/Dockerfile" -t "$IMAGE" "$ROOT" >"$WORK/build.log" 2>&1; then
+    tail -40 "$WORK/build.log" >&2
+    die "buildah build failed"
+fi
+record build_s "$(since "$t")"
+image_bytes=$(podman image inspect --format '{{.Size}}' "$IMAGE")
+base_bytes=$(podman image inspect --format '{{.Size}}' "$BASE_IMAGE")
+log "image: $((image_bytes / 1000000)) MB (local base $((base_bytes / 1000000)) MB)"
+
+# What the image declares (healthcheck and stop signal survive only in docker format).
+user=$(podman image inspect --format '{{.Config.User}}' "$IMAGE")
+stop_signal=$(podman image inspect --format '{{.Config.StopSignal}}' "$IMAGE")
+health=$(podman image inspect --format '{{json .Config.Healthcheck}}' "$IMAGE")
+[[ "$user" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] || die "image user '$user' is not a numeric non-root uid"
+[ -n "$stop_signal" ] || die "image declares no STOPSIGNAL"
+[[ "$health" == *lstm-client* ]] || die "image has no lstm-client HEALTHCHECK (got: $health)"
+podman run --rm --network host --entrypoint python "$IMAGE" -c '
+import importlib.util as u, sys
+bad = [m for m in ("torch", "onnx") if u.find_spec(m)]
+sys.exit(f"runtime venv holds {bad}" if bad else 0)' 2>>"$WORK/podman.log" ||
+    die "the image's venv is not runtime-only"
+
+# --- 5. reference: the same requests against a local server on the same bundled model -----------
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
+wait_healthy_local() { # $1 target, $2 pid
+    local deadline=$((SECONDS + 60))
+    until "$VENV/bin/lstm-client" health --target "$1" >/dev/null 2>&1; do
+        kill -0 "$2" 2>/dev/null || die "the local reference server exited early"
+        [ "$SECONDS" -lt "$deadline" ] || die "the local reference server never became healthy"
+        sleep 0.2
+    done
+}
+generate() { # $1 target, $2 max tokens
+    "$VENV/bin/lstm-client" generate --target "$1" --prompt "$PROMPT" --max-tokens "$2" \
+        --temperature 0
+}
+
+ref_port=$(free_port)
+ref_metrics=$(free_port)
+LSTM_SERVE_HOST=127.0.0.1 LSTM_SERVE_PORT=$ref_port LSTM_SERVE_METRICS_PORT=$ref_metrics \
+    LSTM_SERVE_MODEL="$ROOT/$MODEL" LSTM_SERVE_PROVIDER=cpu \
+    "$VENV/bin/lstm-serve" >"$WORK/reference.log" 2>&1 &
+REF_PID=$!
+wait_healthy_local "127.0.0.1:$ref_port" "$REF_PID"
+generate "127.0.0.1:$ref_port" "$SHORT_TOKENS" >"$WORK/out/ref-short.txt" ||
+    die "generate against the local server failed"
+generate "127.0.0.1:$ref_port" "$LONG_TOKENS" >"$WORK/out/ref-long.txt" ||
+    die "long generate against the local server failed"
+kill -TERM "$REF_PID"
+wait "$REF_PID" || die "the local reference server did not exit 0 on SIGTERM"
+REF_PID=""
+[ -s "$WORK/out/ref-short.txt" ] || die "the local server generated nothing"
+
+# --- 6. the container: start, healthy ------------------------------------------------------------
+port=$(free_port)
+metrics_port=$(free_port)
+log "run: $IMAGE on gRPC :$port, metrics :$metrics_port"
+t=$(now)
+# podman 4 logs that it cannot reach systemd to schedule health checks; they run by hand here.
+podman run -d --name "$CTR" --network host \
+    -e "LSTM_SERVE_PORT=$port" -e "LSTM_SERVE_METRICS_PORT=$metrics_port" \
+    -e "LSTM_SERVE_DRAIN_GRACE=$GRACE_S" \
+    "$IMAGE" >/dev/null 2>>"$WORK/podman.log" || { cat "$WORK/podman.log" >&2; die "podman run failed"; }
+deadline=$((SECONDS + HEALTHY_TIMEOUT_S))
+until podman healthcheck run "$CTR" >/dev/null 2>>"$WORK/podman.log"; do
+    if [ "$(podman inspect --format '{{.State.Running}}' "$CTR")" != true ]; then
+        podman logs "$CTR" 2>&1 | tail -30 >&2
+        die "the container exited before it was healthy"
+    fi
+    [ "$SECONDS" -lt "$deadline" ] || { podman logs "$CTR" 2>&1 | tail -30 >&2; die "not healthy after ${HEALTHY_TIMEOUT_S}s"; }
+    sleep 0.5
+done
+record start_to_healthy_s "$(since "$t")"
+
+# --- 7. same text as the local server ------------------------------------------------------------
+generate "127.0.0.1:$port" "$SHORT_TOKENS" >"$WORK/out/ctr-short.txt" ||
+    die "generate against the container failed"
+cmp -s "$WORK/out/ref-short.txt" "$WORK/out/ctr-short.txt" || {
+    diff <(fold -w 100 "$WORK/out/ref-short.txt") <(fold -w 100 "$WORK/out/ctr-short.txt") >&2
+    die "the container's greedy text differs from the local server's"
+}
+log "generate: container text == local text ($(wc -c <"$WORK/out/ctr-short.txt") bytes)"
+
+# --- 8. metrics ----------------------------------------------------------------------------------
+"$PY" - "$metrics_port" >"$WORK/out/metrics.txt" <<'PYEOF' || die "metrics scrape failed"
+import sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10) as r:
+    assert r.status == 200, r.status
+    sys.stdout.write(r.read().decode())
+PYEOF
+"$PY" - "$WORK/out/metrics.txt" <<'PYEOF' || die "the container's metrics are not what the server exports"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+families = {f.name: f for f in text_string_to_metric_families(open(sys.argv[1]).read())}
+ours = sorted(n for n in families if n.startswith("lstm_serve_"))
+assert ours, f"no lstm_serve_* metrics in {sorted(families)[:20]}"
+# The Generate above must have been counted somewhere: some lstm_serve_ counter is positive.
+counted = [
+    s for n in ours if families[n].type == "counter" for s in families[n].samples
+    if s.name.endswith("_total") and s.value > 0
+]
+assert counted, "no lstm_serve_ counter moved after a Generate"
+print(f"{len(ours)} lstm_serve_ metric families, {len(counted)} non-zero counter samples",
+      file=sys.stderr)
+PYEOF
+
+# --- 9. stop signal: drain in-flight requests, exit 0 within the grace --------------------------
+for i in $(seq 1 "$IN_FLIGHT"); do
+    (
+        rc=0
+        generate "127.0.0.1:$port" "$LONG_TOKENS" >"$WORK/out/drain-$i.txt" 2>"$WORK/out/drain-$i.err" || rc=$?
+        printf '%s %s\n' "$rc" "$(now)" >"$WORK/out/drain-$i.done"
+    ) &
+    CLIENT_PIDS+=($!)
+done
+# Signal once every request has streamed something, so all of them are in flight.
+deadline=$((SECONDS + 30))
+for i in $(seq 1 "$IN_FLIGHT"); do
+    until [ -s "$WORK/out/drain-$i.txt" ] || [ -e "$WORK/out/drain-$i.done" ]; do
+        [ "$SECONDS" -lt "$deadline" ] || die "in-flight generate $i streamed nothing in 30s"
+        sleep 0.02
+    done
+done
+t_signal=$(now)
+podman kill --signal "$stop_signal" "$CTR" >/dev/null
+exit_code=$(timeout $((GRACE_S + 15)) podman wait "$CTR" 2>>"$WORK/podman.log") ||
+    die "the container did not exit within $((GRACE_S + 15))s of $stop_signal"
+drain_s=$(since "$t_signal")
+for pid in "${CLIENT_PIDS[@]}"; do wait "$pid" || true; done
+CLIENT_PIDS=()
+podman logs "$CTR" >"$WORK/out/container.log" 2>&1 || true
+[ "$exit_code" -eq 0 ] || { tail -30 "$WORK/out/container.log" >&2; die "the container exited $exit_code on $stop_signal, not 0"; }
+awk -v d="$drain_s" -v g="$GRACE_S" 'BEGIN { exit !(d <= g + 5) }' ||
+    die "drain took ${drain_s}s, more than the ${GRACE_S}s grace"
+in_flight_at_signal=0
+for i in $(seq 1 "$IN_FLIGHT"); do
+    read -r rc t_done <"$WORK/out/drain-$i.done"
+    [ "$rc" -eq 0 ] || { cat "$WORK/out/drain-$i.err" >&2; die "in-flight generate $i failed during the drain (exit $rc)"; }
+    cmp -s "$WORK/out/ref-long.txt" "$WORK/out/drain-$i.txt" ||
+        die "in-flight generate $i did not complete with the full text during the drain"
+    awk -v a="$t_done" -v b="$t_signal" 'BEGIN { exit !(a > b) }' && in_flight_at_signal=$((in_flight_at_signal + 1))
+done
+[ "$in_flight_at_signal" -gt 0 ] ||
+    die "every generate finished before the signal: nothing was in flight (raise LONG_TOKENS)"
+record drain_s "$drain_s"
+log "drain: exit 0 after ${drain_s}s; $in_flight_at_signal/$IN_FLIGHT requests in flight at $stop_signal all completed"
+
+# --- summary -------------------------------------------------------------------------------------
+record total_s "$(since "$T_START")"
+{
+    printf '{"image_bytes": %s, "base_image_bytes": %s' "$image_bytes" "$base_bytes"
+    for kv in "${TIMINGS[@]}"; do printf ', "%s": %s' "${kv%%=*}" "${kv#*=}"; done
+    printf '}\n'
+} >"$WORK/out/summary.json"
+mkdir -p "$CACHE"
+cp "$WORK/out/summary.json" "$CACHE/last-summary.json"
+log "summary: $(cat "$WORK/out/summary.json")"
+log "PASS"
