@@ -1,0 +1,232 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StepOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_OUTPUT_UNSPECIFIED: _ClassVar[StepOutput]
+    STEP_OUTPUT_LAST_LOGITS: _ClassVar[StepOutput]
+    STEP_OUTPUT_ALL_LOGITS: _ClassVar[StepOutput]
+    STEP_OUTPUT_TOP_K: _ClassVar[StepOutput]
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+STEP_OUTPUT_UNSPECIFIED: StepOutput
+STEP_OUTPUT_LAST_LOGITS: StepOutput
+STEP_OUTPUT_ALL_LOGITS: StepOutput
+STEP_OUTPUT_TOP_K: StepOutput
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_STOP: FinishReason
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("idle_timeout_s",)
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    idle_timeout_s: float
+    def __init__(self, idle_timeout_s: _Optional[float] = ...) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session_id", "idle_timeout_s", "state_bytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    idle_timeout_s: float
+    state_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., idle_timeout_s: _Optional[float] = ..., state_bytes: _Optional[int] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ResetSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session_id", "steps", "created_unix_s", "last_used_unix_s", "idle_timeout_s", "state_bytes", "busy", "has_next_distribution")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    HAS_NEXT_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    steps: int
+    created_unix_s: float
+    last_used_unix_s: float
+    idle_timeout_s: float
+    state_bytes: int
+    busy: bool
+    has_next_distribution: bool
+    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., idle_timeout_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., busy: _Optional[bool] = ..., has_next_distribution: _Optional[bool] = ...) -> None: ...
+
+class TokenProbability(_message.Message):
+    __slots__ = ("token_id", "token", "probability")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    probability: float
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "text", "token_ids", "output", "top_k")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    output: StepOutput
+    top_k: int
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("session_id", "logits", "positions", "top", "tokens_consumed", "steps")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    positions: int
+    top: _containers.RepeatedCompositeFieldContainer[TokenProbability]
+    tokens_consumed: int
+    steps: int
+    def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., tokens_consumed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class StepStreamRequest(_message.Message):
+    __slots__ = ("session_id", "text", "token_ids", "output", "top_k")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    output: StepOutput
+    top_k: int
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class StepStreamResponse(_message.Message):
+    __slots__ = ("session_id", "logits", "positions", "top", "tokens_consumed", "steps")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    positions: int
+    top: _containers.RepeatedCompositeFieldContainer[TokenProbability]
+    tokens_consumed: int
+    steps: int
+    def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., tokens_consumed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("session_id", "text", "token_ids", "finish_reason", "generated_tokens", "prompt_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: FinishReason
+    generated_tokens: int
+    prompt_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("name", "version", "provider", "vocab", "num_layers", "hidden_size", "preprocess", "unk_id", "config_json", "max_prompt_tokens", "max_new_tokens", "max_sessions", "max_batch_size", "state_bytes_per_session")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_FIELD_NUMBER: _ClassVar[int]
+    UNK_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    provider: str
+    vocab: _containers.RepeatedScalarFieldContainer[str]
+    num_layers: int
+    hidden_size: int
+    preprocess: str
+    unk_id: int
+    config_json: str
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_sessions: int
+    max_batch_size: int
+    state_bytes_per_session: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., provider: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., preprocess: _Optional[str] = ..., unk_id: _Optional[int] = ..., config_json: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., state_bytes_per_session: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,139 @@
+"""The one home of stacking sessions' recurrent state into a batch and splitting it back.
+
+Every session owns a *slot* in one preallocated pool: ``h`` and ``c`` arrays ``[L, capacity, H]``
+plus the last next-token logits ``[capacity, V]``. A model call's batch is a list of slots:
+:meth:`StatePool.gather` stacks their rows into contiguous ``[L, B, H]`` inputs (numpy fancy
+indexing: one copy, no per-session Python), :meth:`StatePool.scatter` writes the outputs back.
+This is text-generation-inference's ``concatenate``/``filter`` for a recurrent model: membership
+of the batch may change at every step because nothing lives in the batch between steps.
+
+Memory: the pool is allocated once for ``max_sessions`` slots with ``np.zeros``, which the C
+library satisfies with fresh zero pages (calloc/mmap); pages become resident only when a slot is
+first written, so idle capacity costs address space, not memory. Freed slots are reused lowest
+first, which keeps the touched region compact.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SlotSnapshot:
+    """A copy of one slot, to put a session back as it was when a request fails."""
+
+    h: np.ndarray
+    c: np.ndarray
+    logits: np.ndarray
+    has_logits: bool
+
+
+class StatePool:
+    """Fixed-capacity pool of per-session state rows, addressed by integer slot."""
+
+    def __init__(self, num_layers: int, hidden_size: int, vocab_size: int, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+        self.capacity = capacity
+        self.h = np.zeros((num_layers, capacity, hidden_size), np.float32)
+        self.c = np.zeros((num_layers, capacity, hidden_size), np.float32)
+        # The distribution after the last fed token, so Generate can continue a session without
+        # a prompt. has_logits is False until the session is fed (or after a reset).
+        self.logits = np.zeros((capacity, vocab_size), np.float32)
+        self.has_logits = np.zeros(capacity, np.bool_)
+        self._next = 0  # slots >= _next were never handed out
+        self._free: list[int] = []  # freed slots below _next, min-heap
+        self.in_use = 0
+
+    @property
+    def state_bytes_per_slot(self) -> int:
+        return 2 * self.num_layers * self.hidden_size * 4
+
+    def alloc(self) -> int:
+        """A zeroed slot. Raises :class:`MemoryError` when every slot is taken."""
+        if self._free:
+            slot = heapq.heappop(self._free)
+        elif self._next < self.capacity:
+            slot = self._next
+            self._next += 1
+        else:
+            raise MemoryError("state pool is full")
+        self.reset(slot)
+        self.in_use += 1
+        return slot
+
+    def free(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+        self.in_use -= 1
+
+    def reset(self, slot: int) -> None:
+        self.h[:, slot] = 0.0
+        self.c[:, slot] = 0.0
+        self.has_logits[slot] = False
+
+    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stack the slots' rows: ``(h, c)``, each a new C-contiguous ``[L, len(slots), H]``."""
+        return self.h[:, slots], self.c[:, slots]
+
+    def scatter(self, slots: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
+        """Write ``h[:, i]``/``c[:, i]`` back to ``slots[i]``. Slots must be distinct."""
+        self.h[:, slots] = h
+        self.c[:, slots] = c
+
+    def set_logits(self, slots: np.ndarray, logits: np.ndarray) -> None:
+        """Record each slot's next-token logits (``logits[i]`` for ``slots[i]``)."""
+        self.logits[slots] = logits
+        self.has_logits[slots] = True
+
+    def snapshot(self, slot: int) -> SlotSnapshot:
+        return SlotSnapshot(
+            self.h[:, slot].copy(),
+            self.c[:, slot].copy(),
+            self.logits[slot].copy(),
+            bool(self.has_logits[slot]),
+        )
+
+    def restore(self, slot: int, snap: SlotSnapshot) -> None:
+        self.h[:, slot] = snap.h
+        self.c[:, slot] = snap.c
+        self.logits[slot] = snap.logits
+        self.has_logits[slot] = snap.has_logits
+
+
+@dataclass
+class Batch:
+    """One model call's input, assembled from slots: ``tokens[T, B]``, ``h``/``c`` ``[L, B, H]``.
+
+    Row ``i`` belongs to ``slots[i]``; :meth:`write_back` is the inverse of :meth:`assemble`.
+    """
+
+    slots: np.ndarray
+    tokens: np.ndarray
+    h: np.ndarray
+    c: np.ndarray
+
+    @classmethod
+    def assemble(cls, pool: StatePool, slots: np.ndarray, tokens: np.ndarray) -> Batch:
+        if tokens.ndim != 2 or tokens.shape[1] != len(slots):
+            raise ValueError(f"tokens must be [T, {len(slots)}], got {tokens.shape}")
+        h, c = pool.gather(slots)
+        return cls(slots, np.ascontiguousarray(tokens, dtype=np.int64), h, c)
+
+    def write_back(
+        self,
+        pool: StatePool,
+        hn: np.ndarray,
+        cn: np.ndarray,
+        keep: np.ndarray | None = None,
+    ) -> None:
+        """Scatter the outputs' rows to their slots; ``keep`` (bool ``[B]``) skips rows."""
+        if keep is None:
+            pool.scatter(self.slots, hn, cn)
+        else:
+            pool.scatter(self.slots[keep], hn[:, keep], cn[:, keep])

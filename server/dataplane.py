@@ -1,0 +1,505 @@
+"""The protocol-neutral core: sessions, steps and generations in plain Python types.
+
+Transports (the gRPC servicer today; a KServe-v2 one would sit beside it) convert their messages
+to these calls and map :mod:`server.errors` to their status codes. Every request that touches a
+session holds it exclusively (:class:`~server.errors.Busy` for a second one) and, if it fails or
+is cancelled, puts the session's state back as it was before the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batch import SlotSnapshot
+from .errors import InvalidArgument, NotFound, Unavailable
+from .runtime import ModelRuntime
+from .scheduler import Generation, Scheduler
+from .sessions import Session, SessionStore
+
+MAX_STOPS = 8
+MAX_STOP_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_sessions: int
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    steps: int
+    created_unix_s: float
+    last_used_unix_s: float
+    idle_timeout_s: float
+    state_bytes: int
+    busy: bool
+    has_next_distribution: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    provider: str
+    vocab: tuple[str, ...]
+    num_layers: int
+    hidden_size: int
+    preprocess: str
+    unk_id: int
+    config_json: str
+    limits: Limits
+    state_bytes_per_session: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    session_id: str
+    logits: np.ndarray | None  # [positions, V] float32, None for top-k output
+    top: list[tuple[int, str, float]]  # (token id, token text, probability), most probable first
+    tokens_consumed: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    session_id: str
+    text: str
+    token_ids: list[int]
+    generated_tokens: int
+    prompt_tokens: int
+    finish_reason: str | None  # "length" | "stop" on the last chunk
+
+
+OUTPUT_LAST = "last"
+OUTPUT_ALL = "all"
+OUTPUT_TOP_K = "top_k"
+
+
+class DataPlane:
+    """Session lifecycle, Step, streams and Generate over a scheduler and a session store."""
+
+    def __init__(
+        self, runtime: ModelRuntime, store: SessionStore, scheduler: Scheduler, limits: Limits
+    ) -> None:
+        self.runtime = runtime
+        self.spec = runtime.spec
+        self.store = store
+        self.scheduler = scheduler
+        self.limits = limits
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Token id -> text as the client sees it (the unknown token prints as nothing).
+        self._table = tuple(
+            "" if i == self.spec.unk_id else t for i, t in enumerate(self.spec.vocab)
+        )
+
+    # --- admission -----------------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        if self.draining:
+            raise Unavailable("server is draining (shutting down); retry on another replica")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if ``timeout`` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def model_info(self) -> ModelInfo:
+        s = self.spec
+        return ModelInfo(
+            name=self.runtime.name,
+            version=self.runtime.version,
+            provider=self.runtime.provider,
+            vocab=s.vocab,
+            num_layers=s.num_layers,
+            hidden_size=s.hidden_size,
+            preprocess=s.preprocess,
+            unk_id=s.unk_id,
+            config_json=json.dumps(dict(s.config), sort_keys=True),
+            limits=self.limits,
+            state_bytes_per_session=s.state_bytes_per_session,
+        )
+
+    def _info(self, session: Session) -> SessionInfo:
+        return SessionInfo(
+            session_id=session.id,
+            steps=session.steps,
+            created_unix_s=session.created_wall,
+            last_used_unix_s=session.last_used_wall(),
+            idle_timeout_s=session.idle_timeout_s,
+            state_bytes=self.store.pool.state_bytes_per_slot,
+            busy=session.busy,
+            has_next_distribution=bool(self.store.pool.has_logits[session.slot]),
+        )
+
+    def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo:
+        if idle_timeout_s < 0:
+            raise InvalidArgument(f"idle_timeout_s must be >= 0, got {idle_timeout_s}")
+        self._enter()
+        try:
+            return self._info(self.store.create(idle_timeout_s or None))
+        finally:
+            self._exit()
+
+    def close_session(self, session_id: str) -> None:
+        self._check_id(session_id)
+        self._enter()
+        try:
+            self.store.close(session_id)
+        finally:
+            self._exit()
+
+    def reset_session(self, session_id: str) -> None:
+        self._check_id(session_id)
+        self._enter()
+        try:
+            session = self.store.acquire(session_id)
+            self.store.pool.reset(session.slot)
+            session.steps = 0
+            self.store.release(session)
+        finally:
+            self._exit()
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        self._check_id(session_id)
+        self._enter()
+        try:
+            return self._info(self.store.get(session_id))
+        finally:
+            self._exit()
+
+    @staticmethod
+    def _check_id(session_id: str) -> None:
+        if not session_id:
+            raise InvalidArgument("session_id is empty")
+
+    # --- input checks ------------------------------------------------------------------------
+
+    def encode(self, text: str, token_ids: Sequence[int]) -> np.ndarray:
+        """Exactly one of ``text``/``token_ids``; checked ids as int64. Raises InvalidArgument."""
+        if text and len(token_ids):
+            raise InvalidArgument("give either text or token_ids, not both")
+        if text:
+            if len(text) > 8 * self.limits.max_prompt_tokens:
+                raise InvalidArgument(
+                    f"text of {len(text)} characters is over the limit "
+                    f"(max_prompt_tokens={self.limits.max_prompt_tokens})"
+                )
+            ids = np.asarray(self.spec.encode(text), np.int64)
+            if ids.size == 0:
+                raise InvalidArgument(
+                    f"text is empty after normalisation (rule {self.spec.preprocess!r})"
+                )
+        elif len(token_ids):
+            ids = np.asarray(token_ids, np.int64)
+            bad = (ids < 0) | (ids >= self.spec.vocab_size)
+            if bad.any():
+                raise InvalidArgument(
+                    f"token id {int(ids[bad][0])} is outside the vocabulary "
+                    f"[0, {self.spec.vocab_size})"
+                )
+        else:
+            raise InvalidArgument("input is empty: give text or token_ids")
+        if ids.size > self.limits.max_prompt_tokens:
+            raise InvalidArgument(
+                f"input of {ids.size} tokens is over max_prompt_tokens="
+                f"{self.limits.max_prompt_tokens}"
+            )
+        return ids
+
+    def _check_output(self, output: str, top_k: int) -> None:
+        if output not in (OUTPUT_LAST, OUTPUT_ALL, OUTPUT_TOP_K):
+            raise InvalidArgument(f"unknown output {output!r}")
+        if output == OUTPUT_TOP_K and not 1 <= top_k <= self.spec.vocab_size:
+            raise InvalidArgument(f"top_k must be in 1..{self.spec.vocab_size}, got {top_k}")
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    async def step(
+        self,
+        session_id: str,
+        *,
+        text: str = "",
+        token_ids: Sequence[int] = (),
+        output: str = OUTPUT_LAST,
+        top_k: int = 0,
+    ) -> StepResult:
+        """Feed input to an existing session; returns the requested view of the logits."""
+        self._check_id(session_id)
+        ids = self.encode(text, token_ids)
+        self._check_output(output, top_k)
+        self._enter()
+        try:
+            session = self.store.acquire(session_id)
+            return await self._step(session, ids, output, top_k)
+        finally:
+            self._exit()
+
+    async def _step(self, session: Session, ids: np.ndarray, output: str, top_k: int) -> StepResult:
+        # The caller holds the session (busy); this releases it.
+        snap = self.store.pool.snapshot(session.slot)
+        work = None
+        try:
+            work = self.scheduler.submit(session.slot, ids, want_all=output == OUTPUT_ALL)
+            logits = await work.future
+        except BaseException:
+            if work is not None:
+                work.cancelled = True
+            self._restore(session, snap)
+            raise
+        session.steps += len(ids)
+        self.store.release(session)
+        top: list[tuple[int, str, float]] = []
+        if output == OUTPUT_TOP_K:
+            top = self._top_k(logits[-1], top_k)
+        return StepResult(
+            session.id,
+            None if output == OUTPUT_TOP_K else logits,
+            top,
+            len(ids),
+            session.steps,
+        )
+
+    def _restore(self, session: Session, snap: SlotSnapshot) -> None:
+        if session.slot >= 0:
+            self.store.pool.restore(session.slot, snap)
+        self.store.release(session)
+
+    def _top_k(self, logits: np.ndarray, k: int) -> list[tuple[int, str, float]]:
+        x = logits.astype(np.float64)
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")[:k]
+        return [(int(i), self.spec.vocab[i], float(p[i])) for i in order]
+
+    def open_stream(self, session_id: str = "") -> StepStream:
+        """A step stream attached to ``session_id``, or owning a new ephemeral session."""
+        self._enter()
+        try:
+            if session_id:
+                session = self.store.get(session_id)
+                return StepStream(self, session, owned=False)
+            return StepStream(self, self.store.create(ephemeral=True), owned=True)
+        except BaseException:
+            self._exit()
+            raise
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def check_generate(self, prompt: str, params: GenerateParams) -> np.ndarray | None:
+        """Validate a Generate request; the prompt's ids (None when empty)."""
+        if not 1 <= params.max_tokens <= self.limits.max_new_tokens:
+            raise InvalidArgument(
+                f"max_tokens must be in 1..max_new_tokens={self.limits.max_new_tokens}, "
+                f"got {params.max_tokens}"
+            )
+        if not (params.temperature >= 0 and np.isfinite(params.temperature)):
+            raise InvalidArgument(f"temperature must be >= 0, got {params.temperature}")
+        if params.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {params.top_k}")
+        if not 0 <= params.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in [0, 1], got {params.top_p}")
+        if len(params.stop) > MAX_STOPS:
+            raise InvalidArgument(f"at most {MAX_STOPS} stop strings, got {len(params.stop)}")
+        for s in params.stop:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise InvalidArgument(f"stop strings must have 1..{MAX_STOP_CHARS} characters")
+        return self.encode(prompt, ()) if prompt else None
+
+    async def generate(
+        self, session_id: str, prompt: str, params: GenerateParams
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        """Stream a continuation; each chunk holds every token produced since the last one.
+
+        On an existing session the state afterwards holds prompt + every generated token; an
+        empty ``session_id`` uses an ephemeral session freed at the end. Close the iterator
+        (``aclose``) when abandoning it: that cancels the generation and restores the session.
+        """
+        ids = self.check_generate(prompt, params)
+        self._enter()
+        session: Session | None = None
+        owned = not session_id
+        snap: SlotSnapshot | None = None
+        gen: Generation | None = None
+        ok = False
+        try:
+            if owned:
+                session = self.store.create(ephemeral=True)
+                session.busy = True
+            else:
+                session = self.store.acquire(session_id)
+                snap = self.store.pool.snapshot(session.slot)
+            prompt_tokens = 0 if ids is None else len(ids)
+            if ids is not None:
+                work = self.scheduler.submit(session.slot, ids)
+                try:
+                    logits = (await work.future)[-1]
+                except BaseException:
+                    work.cancelled = True
+                    raise
+            elif self.store.pool.has_logits[session.slot]:
+                logits = self.store.pool.logits[session.slot].copy()
+            else:
+                raise InvalidArgument(
+                    "prompt is empty and the session has no next-token distribution yet "
+                    "(feed it text first)"
+                )
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            gen = Generation(
+                session.slot,
+                max_tokens=params.max_tokens,
+                temperature=float(params.temperature),
+                top_k=params.top_k,
+                top_p=float(params.top_p),
+                seed=seed,
+                stops=params.stop,
+                table=self._table,
+            )
+            self.scheduler.add_generation(gen, logits)
+            hold = max((len(s) for s in params.stop), default=1) - 1
+            async for chunk in self._drain(gen, session, prompt_tokens, hold):
+                if chunk.finish_reason is not None:
+                    # Release before the last message: a client that reacts to it at once must
+                    # find the session free.
+                    session.steps += prompt_tokens + gen.fed
+                    if owned:
+                        self.store.end(session, "closed")
+                    else:
+                        self.store.release(session)
+                    ok = True
+                yield chunk
+        finally:
+            if not ok:
+                if gen is not None:
+                    gen.cancelled = True
+                    self.scheduler.wake()
+                if session is not None:
+                    if owned:
+                        self.store.end(session, "disconnected")
+                    elif snap is not None:
+                        self._restore(session, snap)
+            self._exit()
+
+    async def _drain(
+        self, gen: Generation, session: Session, prompt_tokens: int, hold: int
+    ) -> AsyncIterator[GenerateChunk]:
+        table = self._table
+        sent = 0  # tokens already sent
+        first = True
+        while True:
+            await gen.event.wait()
+            gen.event.clear()
+            if gen.error is not None:
+                raise gen.error
+            n = len(gen.tokens)
+            finish = gen.finish
+            if finish is None and hold:
+                # Keep back enough text to contain a partial stop string.
+                tail = 0
+                while n > sent and tail < hold:
+                    n -= 1
+                    tail += len(table[gen.tokens[n]])
+            new = gen.tokens[sent:n]
+            text = "".join([table[t] for t in new])
+            if finish == "stop":
+                # Drop the stop string (and any token that only partly precedes it).
+                done_chars = len("".join([table[t] for t in gen.tokens[:sent]]))
+                keep_chars = gen.stop_cut - done_chars
+                text = text[:keep_chars]
+                k, acc = 0, 0
+                while k < len(new) and acc + len(table[new[k]]) <= keep_chars:
+                    acc += len(table[new[k]])
+                    k += 1
+                new = new[:k]
+            if not new and finish is None:
+                continue
+            sent = n
+            yield GenerateChunk(
+                session_id=session.id if first else "",
+                text=text,
+                token_ids=new,
+                generated_tokens=sent,
+                prompt_tokens=prompt_tokens if first else 0,
+                finish_reason=finish,
+            )
+            first = False
+            if finish is not None:
+                return
+
+
+class StepStream:
+    """One client's step stream: attached to a session, or owning an ephemeral one."""
+
+    def __init__(self, plane: DataPlane, session: Session, *, owned: bool) -> None:
+        self.plane = plane
+        self.session = session
+        self.owned = owned
+        self.closed = False
+
+    @property
+    def session_id(self) -> str:
+        return self.session.id
+
+    async def step(
+        self,
+        *,
+        text: str = "",
+        token_ids: Sequence[int] = (),
+        output: str = OUTPUT_LAST,
+        top_k: int = 0,
+    ) -> StepResult:
+        plane = self.plane
+        ids = plane.encode(text, token_ids)
+        plane._check_output(output, top_k)
+        if self.owned:
+            session = self.session
+            if session.slot < 0:
+                raise NotFound(f"session {session.id} was ended")
+            session.busy = True
+            plane.store.touch(session)
+        else:
+            session = plane.store.acquire(self.session.id)
+        return await plane._step(session, ids, output, top_k)
+
+    def close(self, reason: str = "closed") -> None:
+        """End the stream; frees an owned session (``reason``: closed or disconnected)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.owned:
+            self.plane.store.end(self.session, reason)
+        self.plane._exit()

@@ -1,0 +1,32 @@
+"""Domain errors of the serving core.
+
+The data plane, scheduler and session store raise these; transports map them to their own codes
+in one place (:mod:`server.servicer` for gRPC). Each message is meant for the client: it says what
+was wrong and, for limits, which limit.
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base of every error a client may see."""
+
+
+class NotFound(ServeError):
+    """Unknown, closed or expired session."""
+
+
+class InvalidArgument(ServeError):
+    """Bad input: unknown token id, empty input, a value outside its range or over a limit."""
+
+
+class Busy(ServeError):
+    """The session is being used by another request."""
+
+
+class ResourceExhausted(ServeError):
+    """The session table or a queue is full."""
+
+
+class Unavailable(ServeError):
+    """The server is loading or draining."""

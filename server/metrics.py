@@ -1,0 +1,228 @@
+"""Serving statistics as plain dataclasses, and the one class that exposes them to Prometheus.
+
+The hot path only adds to integers and numpy bucket arrays (vectorised for a whole batch); the
+Prometheus objects are built at scrape time by :class:`PrometheusMetrics`, a custom collector on
+its own :class:`~prometheus_client.CollectorRegistry` (tests pass their own), served on its own
+HTTP port. Every name has the ``lstm_serve_`` prefix and base units; no label ever carries a
+session id.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+PREFIX = "lstm_serve_"
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-ready bucket counts; ``observe_many`` takes a whole batch's values at once."""
+
+    bounds: tuple[float, ...]
+    counts: np.ndarray = field(init=False)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(len(self.bounds) + 1, np.int64)  # last = +Inf
+        self._edges = np.asarray(self.bounds, np.float64)
+
+    def observe(self, value: float) -> None:
+        self.counts[int(np.searchsorted(self._edges, value, side="left"))] += 1
+        self.total += value
+
+    def observe_many(self, values: np.ndarray) -> None:
+        if values.size:
+            idx = np.searchsorted(self._edges, values, side="left")
+            self.counts += np.bincount(idx, minlength=self.counts.size)
+            self.total += float(values.sum())
+
+    @property
+    def count(self) -> int:
+        return int(self.counts.sum())
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cum = np.cumsum(self.counts)
+        out = [(repr(float(b)), float(n)) for b, n in zip(self.bounds, cum[:-1], strict=True)]
+        out.append(("+Inf", float(cum[-1])))
+        return out
+
+
+@dataclass
+class RequestStats:
+    """Per RPC method: completed calls by status code name, and their durations."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    durations: dict[str, Histogram] = field(default_factory=dict)
+
+    def record(self, method: str, code: str, seconds: float) -> None:
+        self.counts[(method, code)] += 1
+        hist = self.durations.get(method)
+        if hist is None:
+            hist = self.durations[method] = Histogram(LATENCY_BUCKETS)
+        hist.observe(seconds)
+
+
+@dataclass
+class SchedulerStats:
+    """What the scheduler measures per model call."""
+
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    queue_wait: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    model_call: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    iterations: int = 0
+    queue_depth: int = 0
+
+
+@dataclass
+class ModelInfoStats:
+    name: str
+    version: str
+    provider: str
+
+
+class PrometheusMetrics(Collector):
+    """Turns the stats objects into Prometheus metrics at scrape time.
+
+    ``sessions_active`` and ``state_bytes`` are callables read at scrape time; ``ended`` returns
+    the sessions-ended counters by reason.
+    """
+
+    def __init__(
+        self,
+        *,
+        requests: RequestStats,
+        scheduler: SchedulerStats,
+        model: ModelInfoStats,
+        sessions_active: Callable[[], int],
+        state_bytes: Callable[[], int],
+        sessions_ended: Callable[[], dict[str, int]],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.requests = requests
+        self.scheduler = scheduler
+        self.model = model
+        self._sessions_active = sessions_active
+        self._state_bytes = state_bytes
+        self._sessions_ended = sessions_ended
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(self)
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def describe(self) -> list[Any]:
+        # Empty: the metric set is only known at collect time; registering must not call collect
+        # before the rest of the server exists.
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        p = PREFIX
+        req = CounterMetricFamily(
+            p + "requests",
+            "Completed RPCs by method and gRPC status code.",
+            labels=["method", "code"],
+        )
+        for (method, code), n in list(self.requests.counts.items()):
+            req.add_metric([method, code], n)
+        yield req
+        dur = HistogramMetricFamily(
+            p + "request_duration_seconds",
+            "RPC duration (whole stream for streaming RPCs), seconds.",
+            labels=["method"],
+        )
+        for method, hist in list(self.requests.durations.items()):
+            dur.add_metric([method], hist.buckets(), hist.total)
+        yield dur
+        s = self.scheduler
+        for name, hist, text in (
+            ("batch_size", s.batch_size, "Rows (sessions) per model call."),
+            ("queue_wait_seconds", s.queue_wait, "Time a request waited for its first model call."),
+            ("model_call_duration_seconds", s.model_call, "ONNX Runtime call duration, seconds."),
+        ):
+            fam = HistogramMetricFamily(p + name, text)
+            fam.add_metric([], hist.buckets(), hist.total)
+            yield fam
+        tok = CounterMetricFamily(
+            p + "tokens_processed", "Tokens fed to the model, by phase.", labels=["phase"]
+        )
+        for phase, n in list(s.tokens.items()):
+            tok.add_metric([phase], n)
+        yield tok
+        yield GaugeMetricFamily(
+            p + "queue_depth", "Requests waiting for the model.", value=s.queue_depth
+        )
+        yield GaugeMetricFamily(
+            p + "sessions_active",
+            "Sessions held (ephemeral included).",
+            value=self._sessions_active(),
+        )
+        yield GaugeMetricFamily(
+            p + "session_state_bytes",
+            "Bytes of recurrent state held by live sessions.",
+            value=self._state_bytes(),
+        )
+        ended = CounterMetricFamily(
+            p + "sessions_ended", "Sessions ended, by reason.", labels=["reason"]
+        )
+        for reason, n in self._sessions_ended().items():
+            ended.add_metric([reason], n)
+        yield ended
+        info = InfoMetricFamily(p + "model", "The model being served.")
+        info.add_metric(
+            [],
+            {
+                "name": self.model.name,
+                "version": self.model.version,
+                "provider": self.model.provider,
+            },
+        )
+        yield info
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; the port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._http.server_port)
+        return self.port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

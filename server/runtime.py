@@ -1,0 +1,226 @@
+"""ONNX Runtime model: load, validate against the contract, pick the provider honestly, run.
+
+``auto`` asks for CUDA only when it really works: ONNX Runtime silently falls back to CPU (and
+prints alarming library errors) when the CUDA provider is listed but its libraries or a GPU are
+missing, so every attempt checks ``get_providers()`` afterwards with ORT's own log turned down,
+and the provider reported everywhere (log line, metric label, GetModelInfo) is the one in use.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.contract import (
+    INPUT_C0,
+    INPUT_H0,
+    INPUT_TOKENS,
+    OUTPUT_CN,
+    OUTPUT_HN,
+    OUTPUT_LOGITS,
+    ContractError,
+    ModelSpec,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+MODEL_FILE = "model.onnx"
+_VERSION = re.compile(r"^\d+$")
+# ORT severities: 0 verbose .. 3 error, 4 fatal. Probing CUDA logs "errors" that are not ours.
+_ORT_QUIET = 4
+_ORT_WARNING = 2
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found, loaded or validated, or the provider is unusable."""
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    path: Path
+    name: str
+    version: str
+
+
+def bundled_model_path() -> Path:
+    """Where the bundled model lives (``server/model_repo/timemachine/1/model.onnx``)."""
+    root = resources.files("server") / "model_repo" / "timemachine" / "1" / MODEL_FILE
+    return Path(str(root))
+
+
+def resolve_model(spec: str) -> ModelLocation:
+    """Turn the ``--model`` setting into a file plus a name and version.
+
+    Accepts a file (``…/NAME/VERSION/model.onnx`` names itself; any other file is named by its
+    stem, version ``1``), a version folder holding ``model.onnx``, a model folder whose numeric
+    subfolders are versions (highest wins), or a repository holding exactly one model folder.
+    Empty means the bundled model. Raises :class:`ModelLoadError` with a one-line reason.
+    """
+    path = Path(spec).expanduser() if spec else bundled_model_path()
+    if not path.exists():
+        if not spec:
+            raise ModelLoadError(
+                f"the bundled model is missing ({path}); pass --model PATH or build it with "
+                "lstm-export"
+            )
+        raise ModelLoadError(f"model not found: {path}")
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            path = path / MODEL_FILE
+        else:
+            versions = sorted(
+                (p for p in path.iterdir() if p.is_dir() and _VERSION.match(p.name)),
+                key=lambda p: int(p.name),
+            )
+            if not versions:
+                models = [p for p in path.iterdir() if p.is_dir()]
+                if len(models) == 1:
+                    return resolve_model(str(models[0]))
+                raise ModelLoadError(
+                    f"{path} holds no {MODEL_FILE}, no numeric version folders and not exactly "
+                    "one model folder"
+                )
+            path = versions[-1] / MODEL_FILE
+            if not path.is_file():
+                raise ModelLoadError(f"model not found: {path}")
+    if _VERSION.match(path.parent.name) and path.name == MODEL_FILE:
+        return ModelLocation(path, path.parent.parent.name, path.parent.name)
+    return ModelLocation(path, path.stem, "1")
+
+
+def _session_options(threads: int, severity: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = severity
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
+
+
+class ModelRuntime:
+    """One loaded model. :meth:`run` is safe to call from one thread at a time.
+
+    ``run(tokens[T,B] int64, h[L,B,H] float32, c[L,B,H] float32) -> (logits[T,B,V], hn, cn)``.
+    """
+
+    def __init__(
+        self,
+        model: str = "",
+        *,
+        provider: str = "auto",
+        intra_op_threads: int = 1,
+        use_iobinding: bool | None = None,
+    ) -> None:
+        self.location = resolve_model(model)
+        self.requested_provider = provider
+        self.provider_note = ""
+        self.session = self._create_session(provider, intra_op_threads)
+        self.provider: str = self.session.get_providers()[0]
+        try:
+            self.spec: ModelSpec = validate(self.session)
+        except ContractError as e:
+            raise ModelLoadError(f"{self.location.path}: {e}") from None
+        # IOBinding avoids host<->device copies of inputs/outputs on CUDA; on CPU plain run()
+        # already wraps numpy buffers without copying, so it is only used there when asked
+        # (tests cover the binding code on CPU).
+        self.use_iobinding = (self.provider == CUDA) if use_iobinding is None else use_iobinding
+        self._device = "cuda" if self.provider == CUDA else "cpu"
+        self._outputs = [OUTPUT_LOGITS, OUTPUT_HN, OUTPUT_CN]
+
+    @property
+    def name(self) -> str:
+        return self.location.name
+
+    @property
+    def version(self) -> str:
+        return self.location.version
+
+    def _try(self, providers: list[str], threads: int, severity: int) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(self.location.path),
+                sess_options=_session_options(threads, severity),
+                providers=providers,
+            )
+        except Exception as e:  # ORT raises several types for unreadable or invalid files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"cannot load {self.location.path}: {first}") from None
+
+    def _create_session(self, provider: str, threads: int) -> ort.InferenceSession:
+        if provider == "cpu":
+            return self._try([CPU], threads, _ORT_WARNING)
+        available = ort.get_available_providers()
+        if provider == "cuda":
+            if CUDA not in available:
+                raise ModelLoadError(
+                    "--provider cuda: this onnxruntime build has no CUDA provider "
+                    f"(available: {', '.join(available)})"
+                )
+            sess = self._probe_cuda(threads)
+            if sess is None:
+                raise ModelLoadError(
+                    "--provider cuda: the CUDA provider did not initialise (no GPU or CUDA/cuDNN "
+                    "libraries missing); use --provider cpu or auto"
+                )
+            return sess
+        if CUDA in available:
+            sess = self._probe_cuda(threads)
+            if sess is not None:
+                return sess
+            self.provider_note = "CUDA provider present but unusable here; using CPU"
+        return self._try([CPU], threads, _ORT_WARNING)
+
+    def _probe_cuda(self, threads: int) -> ort.InferenceSession | None:
+        # ORT logs missing-library errors through its default logger while the session is being
+        # created and then quietly uses CPU: silence it for the probe and judge by the result.
+        ort.set_default_logger_severity(_ORT_QUIET)
+        try:
+            sess = self._try([CUDA, CPU], threads, _ORT_QUIET)
+        finally:
+            ort.set_default_logger_severity(_ORT_WARNING)
+        if sess.get_providers()[0] != CUDA:
+            return None
+        return sess
+
+    def run(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One forward pass. Inputs must be C-contiguous int64 / float32 arrays."""
+        if self.use_iobinding:
+            return self._run_bound(tokens, h, c)
+        logits, hn, cn = self.session.run(
+            self._outputs, {INPUT_TOKENS: tokens, INPUT_H0: h, INPUT_C0: c}
+        )
+        return logits, hn, cn
+
+    def _run_bound(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_TOKENS, tokens)
+        binding.bind_cpu_input(INPUT_H0, h)
+        binding.bind_cpu_input(INPUT_C0, c)
+        for name in self._outputs:
+            # ORT allocates each output on the device; the one copy back to the host per output
+            # is all the state pool needs.
+            binding.bind_output(name, self._device)
+        self.session.run_with_iobinding(binding)
+        logits, hn, cn = binding.copy_outputs_to_cpu()
+        return logits, hn, cn
+
+    def describe(self) -> str:
+        note = f" ({self.provider_note})" if self.provider_note else ""
+        s = self.spec
+        return (
+            f"model {self.name} version {self.version} ({self.location.path}): "
+            f"L={s.num_layers} H={s.hidden_size} V={s.vocab_size}, provider {self.provider}{note}"
+        )

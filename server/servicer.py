@@ -1,0 +1,248 @@
+"""Thin gRPC (grpc.aio) servicer: protobuf <-> plain Python over :class:`DataPlane`.
+
+No model logic lives here. :func:`rpc` is the one place where domain errors become status codes
+(and where request counts and durations are recorded); anything unexpected is logged with its
+traceback here and reaches the client only as INTERNAL with a short message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from protos.lstmserve.v1 import lstm_serve_pb2 as pb
+from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+
+from .dataplane import (
+    OUTPUT_ALL,
+    OUTPUT_LAST,
+    OUTPUT_TOP_K,
+    DataPlane,
+    GenerateParams,
+    StepResult,
+)
+from .errors import Busy, InvalidArgument, NotFound, ResourceExhausted, ServeError, Unavailable
+from .metrics import RequestStats
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
+
+_CODES: dict[type[ServeError], grpc.StatusCode] = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Busy: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+_OUTPUTS = {
+    pb.STEP_OUTPUT_UNSPECIFIED: OUTPUT_LAST,
+    pb.STEP_OUTPUT_LAST_LOGITS: OUTPUT_LAST,
+    pb.STEP_OUTPUT_ALL_LOGITS: OUTPUT_ALL,
+    pb.STEP_OUTPUT_TOP_K: OUTPUT_TOP_K,
+}
+_FINISH: dict[str, Any] = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for a domain error (INTERNAL for anything else)."""
+    for cls in type(error).__mro__:
+        if cls in _CODES:
+            return _CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def rpc(method: Handler[R]) -> Handler[R]:
+    """Map errors to status codes and record the call's code and duration (the one place)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: LstmServeServicer, request: Any, context: grpc.aio.ServicerContext
+    ) -> R:
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return await method(self, request, context)
+        except ServeError as e:
+            status = status_for(e)
+            code = status.name
+            await context.abort(status, str(e))
+            raise  # abort raises; this keeps type checkers honest
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = "INTERNAL"
+            log.exception("%s failed", name)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error in {name}; see server log"
+            )
+            raise
+        finally:
+            self.requests.record(name, code, time.perf_counter() - t0)
+
+    return wrapper
+
+
+def _step_fields(result: StepResult) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "session_id": result.session_id,
+        "tokens_consumed": result.tokens_consumed,
+        "steps": result.steps,
+    }
+    if result.logits is not None:
+        fields["logits"] = result.logits.ravel().tolist()
+        fields["positions"] = result.logits.shape[0]
+    if result.top:
+        fields["top"] = [
+            pb.TokenProbability(token_id=i, token=t, probability=p) for i, t, p in result.top
+        ]
+    return fields
+
+
+class LstmServeServicer(pb_grpc.LstmServeServicer):
+    """``lstmserve.v1.LstmServe``. ``plane`` is None while the model loads (UNAVAILABLE)."""
+
+    def __init__(self, requests: RequestStats) -> None:
+        self.plane: DataPlane | None = None
+        self.requests = requests
+
+    def _dp(self) -> DataPlane:
+        if self.plane is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self.plane
+
+    @rpc
+    async def CreateSession(self, request: Any, context: Any) -> Any:
+        info = self._dp().create_session(request.idle_timeout_s)
+        return pb.CreateSessionResponse(
+            session_id=info.session_id,
+            idle_timeout_s=info.idle_timeout_s,
+            state_bytes=info.state_bytes,
+        )
+
+    @rpc
+    async def CloseSession(self, request: Any, context: Any) -> Any:
+        self._dp().close_session(request.session_id)
+        return pb.CloseSessionResponse()
+
+    @rpc
+    async def ResetSession(self, request: Any, context: Any) -> Any:
+        self._dp().reset_session(request.session_id)
+        return pb.ResetSessionResponse()
+
+    @rpc
+    async def GetSession(self, request: Any, context: Any) -> Any:
+        i = self._dp().get_session(request.session_id)
+        return pb.GetSessionResponse(
+            session_id=i.session_id,
+            steps=i.steps,
+            created_unix_s=i.created_unix_s,
+            last_used_unix_s=i.last_used_unix_s,
+            idle_timeout_s=i.idle_timeout_s,
+            state_bytes=i.state_bytes,
+            busy=i.busy,
+            has_next_distribution=i.has_next_distribution,
+        )
+
+    @rpc
+    async def Step(self, request: Any, context: Any) -> Any:
+        result = await self._dp().step(
+            request.session_id,
+            text=request.text,
+            token_ids=request.token_ids,
+            output=_OUTPUTS.get(request.output, "?"),
+            top_k=request.top_k,
+        )
+        return pb.StepResponse(**_step_fields(result))
+
+    @rpc
+    async def StepStream(self, request_iterator: Any, context: Any) -> None:
+        plane = self._dp()
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        stream = plane.open_stream(first.session_id)
+        reason = "disconnected"
+        try:
+            req = first
+            sid = stream.session_id
+            while True:
+                if req.session_id and req.session_id != sid:
+                    raise InvalidArgument(
+                        f"this stream is bound to session {sid}; got session_id {req.session_id}"
+                    )
+                result = await stream.step(
+                    text=req.text,
+                    token_ids=req.token_ids,
+                    output=_OUTPUTS.get(req.output, "?"),
+                    top_k=req.top_k,
+                )
+                await context.write(pb.StepStreamResponse(**_step_fields(result)))
+                req = await context.read()
+                if req is grpc.aio.EOF:
+                    reason = "closed"
+                    return
+        except ServeError:
+            reason = "closed"
+            raise
+        finally:
+            stream.close(reason)
+
+    @rpc
+    async def Generate(self, request: Any, context: Any) -> None:
+        params = GenerateParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed if request.HasField("seed") else None,
+            stop=tuple(request.stop),
+        )
+        chunks = self._dp().generate(request.session_id, request.prompt, params)
+        async with contextlib.aclosing(chunks):
+            async for ch in chunks:
+                await context.write(
+                    pb.GenerateResponse(
+                        session_id=ch.session_id,
+                        text=ch.text,
+                        token_ids=ch.token_ids,
+                        finish_reason=_FINISH.get(ch.finish_reason or "", 0),
+                        generated_tokens=ch.generated_tokens,
+                        prompt_tokens=ch.prompt_tokens,
+                    )
+                )
+
+    @rpc
+    async def GetModelInfo(self, request: Any, context: Any) -> Any:
+        m = self._dp().model_info()
+        return pb.GetModelInfoResponse(
+            name=m.name,
+            version=m.version,
+            provider=m.provider,
+            vocab=list(m.vocab),
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            preprocess=m.preprocess,
+            unk_id=m.unk_id,
+            config_json=m.config_json,
+            max_prompt_tokens=m.limits.max_prompt_tokens,
+            max_new_tokens=m.limits.max_new_tokens,
+            max_sessions=m.limits.max_sessions,
+            max_batch_size=m.limits.max_batch_size,
+            state_bytes_per_session=m.state_bytes_per_session,
+        )

@@ -1,0 +1,182 @@
+"""Session table: ids, slots in the state pool, timestamps, busy flags, eviction, accounting.
+
+Not thread-safe: used only from the event loop thread. Idle time is measured with an injectable
+monotonic clock (tests move it by hand); creation and last-use times are reported as wall time.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from .batch import StatePool
+from .errors import Busy, NotFound, ResourceExhausted
+
+END_REASONS = ("closed", "expired", "evicted", "disconnected")
+
+
+class Session:
+    """One session's bookkeeping (its state lives in the pool at ``slot``)."""
+
+    __slots__ = (
+        "busy",
+        "created_mono",
+        "created_wall",
+        "ephemeral",
+        "id",
+        "idle_timeout_s",
+        "last_used_mono",
+        "slot",
+        "steps",
+    )
+
+    def __init__(
+        self, sid: str, slot: int, now: float, wall: float, idle_s: float, ephemeral: bool
+    ) -> None:
+        self.id = sid
+        self.slot = slot
+        self.created_mono = now
+        self.created_wall = wall
+        self.last_used_mono = now
+        self.idle_timeout_s = idle_s
+        self.steps = 0
+        self.busy = False
+        self.ephemeral = ephemeral
+
+    def last_used_wall(self) -> float:
+        return self.created_wall + (self.last_used_mono - self.created_mono)
+
+
+@dataclass
+class SessionStats:
+    """Counters the metrics layer reads."""
+
+    ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(END_REASONS, 0))
+    created: int = 0
+
+
+class SessionStore:
+    """Creates, finds, expires and evicts sessions; owns their pool slots.
+
+    ``eviction="refuse"`` makes :meth:`create` raise :class:`ResourceExhausted` when full;
+    ``"lru"`` first evicts the least recently used session that is not busy.
+    """
+
+    def __init__(
+        self,
+        pool: StatePool,
+        *,
+        max_sessions: int,
+        idle_timeout_s: float,
+        eviction: str = "refuse",
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pool = pool
+        self.max_sessions = min(max_sessions, pool.capacity)
+        self.idle_timeout_s = idle_timeout_s
+        self.eviction = eviction
+        self.clock = clock
+        self.wall_clock = wall_clock
+        # Insertion order = least recently used first (moved to the end on every use).
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.stats = SessionStats()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    @property
+    def state_bytes(self) -> int:
+        return len(self._sessions) * self.pool.state_bytes_per_slot
+
+    def create(self, idle_timeout_s: float | None = None, *, ephemeral: bool = False) -> Session:
+        """A new session with zero state. ``idle_timeout_s`` is capped at the store's default."""
+        self.expire_idle()
+        if len(self._sessions) >= self.max_sessions and not self._evict_one():
+            raise ResourceExhausted(
+                f"session table is full (max_sessions={self.max_sessions}); close sessions or "
+                "retry later"
+            )
+        timeout = self.idle_timeout_s
+        if idle_timeout_s is not None and 0 < idle_timeout_s < timeout:
+            timeout = idle_timeout_s
+        slot = self.pool.alloc()
+        now = self.clock()
+        sid = secrets.token_hex(16)
+        session = Session(sid, slot, now, self.wall_clock(), timeout, ephemeral)
+        self._sessions[sid] = session
+        self.stats.created += 1
+        return session
+
+    def _evict_one(self) -> bool:
+        if self.eviction != "lru":
+            return False
+        for session in self._sessions.values():
+            if not session.busy:
+                self._end(session, "evicted")
+                return True
+        return False
+
+    def get(self, sid: str) -> Session:
+        """The live session ``sid``; raises :class:`NotFound` (expired ones are ended here)."""
+        session = self._sessions.get(sid)
+        if session is None:
+            raise NotFound(f"session {sid!r} not found (never created, closed or expired)")
+        if not session.busy and self.clock() - session.last_used_mono > session.idle_timeout_s:
+            self._end(session, "expired")
+            raise NotFound(f"session {sid!r} expired after {session.idle_timeout_s:g} s idle")
+        return session
+
+    def acquire(self, sid: str) -> Session:
+        """Mark ``sid`` busy for one request; raises :class:`NotFound` or :class:`Busy`."""
+        session = self.get(sid)
+        if session.busy:
+            raise Busy(f"session {sid} is busy with another request (one at a time per session)")
+        session.busy = True
+        self.touch(session)
+        return session
+
+    def release(self, session: Session) -> None:
+        session.busy = False
+        self.touch(session)
+
+    def touch(self, session: Session) -> None:
+        session.last_used_mono = self.clock()
+        if session.id in self._sessions:
+            self._sessions.move_to_end(session.id)
+
+    def close(self, sid: str, reason: str = "closed") -> None:
+        """End ``sid``; raises :class:`NotFound` or :class:`Busy` (close it after the request)."""
+        session = self.get(sid)
+        if session.busy:
+            raise Busy(f"session {sid} is busy with another request; close it afterwards")
+        self._end(session, reason)
+
+    def end(self, session: Session, reason: str) -> None:
+        """End a session its owner holds (ephemeral sessions, even while busy)."""
+        if self._sessions.get(session.id) is session:
+            self._end(session, reason)
+
+    def _end(self, session: Session, reason: str) -> None:
+        del self._sessions[session.id]
+        self.pool.free(session.slot)
+        session.slot = -1
+        self.stats.ended[reason] += 1
+
+    def expire_idle(self) -> int:
+        """End every idle session past its timeout; returns how many."""
+        now = self.clock()
+        expired = [
+            s
+            for s in self._sessions.values()
+            if not s.busy and now - s.last_used_mono > s.idle_timeout_s
+        ]
+        for s in expired:
+            self._end(s, "expired")
+        return len(expired)

@@ -1,0 +1,195 @@
+"""The server's one settings object: defaults, ``LSTM_SERVE_*`` environment variables, flags.
+
+Precedence: command-line flag > environment variable > default. Every field's help text below
+is also the flag's ``--help`` and the settings table in ``server/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "LSTM_SERVE_"
+PROVIDERS = ("auto", "cuda", "cpu")
+EVICTION_POLICIES = ("refuse", "lru")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the setting (flag and variable)."""
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``lstm-serve`` can be told. Validated by :meth:`validate`."""
+
+    host: str = _doc(
+        "Address to listen on (127.0.0.1 = this machine only; 0.0.0.0 in containers).",
+        default="127.0.0.1",
+    )
+    port: int = _doc("gRPC port; 0 picks a free port (tests).", default=50051)
+    metrics_port: int = _doc(
+        "Prometheus /metrics HTTP port on the same host; 0 picks a free port, -1 disables.",
+        default=9090,
+    )
+    model: str = _doc(
+        "Model: an .onnx file, a version folder holding model.onnx, or a repository folder "
+        "NAME/VERSION/model.onnx (highest version wins). Empty = the bundled model.",
+        default="",
+    )
+    provider: str = _doc(
+        "ONNX Runtime execution provider: auto (CUDA only when it really works), cuda, cpu.",
+        default="auto",
+    )
+    intra_op_threads: int = _doc(
+        "ONNX Runtime intra-op threads per model call; 0 = ONNX Runtime's default.", default=1
+    )
+    max_sessions: int = _doc("Most sessions held at once (ephemeral ones included).", default=10000)
+    idle_timeout_s: float = _doc(
+        "Seconds a session may stay unused before it is evicted; also the most a client may ask.",
+        default=600.0,
+    )
+    eviction: str = _doc(
+        "When the session table is full: refuse (RESOURCE_EXHAUSTED) or lru (evict the least "
+        "recently used idle session).",
+        default="refuse",
+    )
+    max_batch_size: int = _doc(
+        "Most sessions' decode steps in one model call; 1 turns batching off.", default=256
+    )
+    max_queue_delay_ms: float = _doc(
+        "Longest a step waits for others to fill a batch when fewer arrived than in the "
+        "previous iteration, in milliseconds; 0 = never wait.",
+        default=0.2,
+    )
+    max_queue_size: int = _doc(
+        "Most requests waiting for the model; more get RESOURCE_EXHAUSTED.", default=4096
+    )
+    prefill_chunk_tokens: int = _doc(
+        "Prompt tokens per session fed in one model call, so long prompts do not stall running "
+        "generations for long.",
+        default=128,
+    )
+    inline_max_rows: int = _doc(
+        "Model calls of at most this many rows (batch x time) run on the event loop thread; "
+        "bigger ones run in the model thread so gRPC I/O goes on meanwhile.",
+        default=4,
+    )
+    max_prompt_tokens: int = _doc("Most tokens one Step or Generate prompt may feed.", default=4096)
+    max_new_tokens: int = _doc("Most tokens one Generate call may ask for.", default=4096)
+    drain_grace_s: float = _doc(
+        "On SIGTERM/SIGINT: seconds in-flight requests get to finish before being cancelled.",
+        default=10.0,
+    )
+    log_level: str = _doc("Python log level: DEBUG, INFO, WARNING, ERROR.", default="INFO")
+
+    def validate(self) -> Settings:
+        """Return ``self`` if every value is in range; raise :class:`SettingsError` naming one."""
+
+        def bad(name: str, why: str) -> SettingsError:
+            return SettingsError(f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}: {why}")
+
+        if not 0 <= self.port <= 65535:
+            raise bad("port", f"must be in 0..65535, got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise bad("metrics_port", f"must be in -1..65535, got {self.metrics_port}")
+        if self.provider not in PROVIDERS:
+            raise bad("provider", f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        if self.eviction not in EVICTION_POLICIES:
+            raise bad(
+                "eviction", f"must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}"
+            )
+        for name in (
+            "max_sessions",
+            "max_batch_size",
+            "max_queue_size",
+            "prefill_chunk_tokens",
+            "max_prompt_tokens",
+            "max_new_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("intra_op_threads", "inline_max_rows"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("idle_timeout_s",):
+            if not getattr(self, name) > 0:
+                raise bad(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("max_queue_delay_ms", "drain_grace_s"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        return self
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _convert(f: dataclasses.Field[Any], raw: str, source: str) -> Any:
+    kind: type = type(f.default)
+    try:
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        return kind(raw.strip()) if kind is not str else raw
+    except ValueError:
+        raise SettingsError(f"{source}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults overridden by ``LSTM_SERVE_<FIELD>`` variables (upper case field names)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        key = ENV_PREFIX + f.name.upper()
+        if key in environ and environ[key] != "":
+            values[f.name] = _convert(f, environ[key], key)
+    return Settings(**values).validate()
+
+
+def build_parser(defaults: Settings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lstm-serve",
+        description="Serve a stateful LSTM ONNX model over gRPC (environment: LSTM_SERVE_<NAME>).",
+    )
+    for f in dataclasses.fields(Settings):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=str,
+            default=None,
+            metavar=type(f.default).__name__.upper(),
+            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; "
+            f"now {getattr(defaults, f.name)!r}]",
+        )
+    return parser
+
+
+def from_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Flags over environment over defaults. Raises :class:`SettingsError` on a bad value."""
+    base = from_env(environ)
+    ns = build_parser(base).parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = getattr(ns, f.name)
+        if raw is not None:
+            values[f.name] = _convert(f, raw, "--" + f.name.replace("_", "-"))
+    return dataclasses.replace(base, **values).validate()
+
+
+def settings_table() -> str:
+    """Markdown table of every setting (kept in ``server/README.md``)."""
+    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Settings):
+        rows.append(
+            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | "
+            f"`{f.default!r}` | {f.metadata['help']} |"
+        )
+    return "\n".join(rows)
