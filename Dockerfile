@@ -69,7 +69,8 @@ ENV PATH=/opt/lstm-serve/bin:$PATH \
     LSTM_SERVE_HOST=0.0.0.0 \
     LSTM_SERVE_PORT=50051 \
     LSTM_SERVE_METRICS_PORT=9090 \
-    LSTM_SERVE_PROVIDER=auto
+    LSTM_SERVE_PROVIDER=auto \
+    LSTM_SERVE_DRAIN_GRACE_S=8
 
 # gRPC, Prometheus metrics.
 EXPOSE 50051 9090
@@ -81,10 +82,12 @@ USER 10001:10001
 # draining. Through sh so the port follows LSTM_SERVE_PORT; any failure maps to 1 because Docker
 # reserves exit code 2.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["/bin/sh", "-c", "lstm-client health --target \"127.0.0.1:${LSTM_SERVE_PORT}\" || exit 1"]
+    CMD ["/bin/sh", "-c", "lstm-client health --timeout 4 --target \"127.0.0.1:${LSTM_SERVE_PORT}\" || exit 1"]
 
 # The server drains on SIGTERM: health turns NOT_SERVING, new work is refused, in-flight requests
-# finish within the drain grace, then it exits 0. Give `docker stop -t` more than that grace.
+# get LSTM_SERVE_DRAIN_GRACE_S to finish, then it exits 0. The 8 s default fits inside Docker's
+# 10 s stop timeout; raise both together (docker stop -t, compose stop_grace_period, Kubernetes
+# terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
 
 ENTRYPOINT ["lstm-serve"]

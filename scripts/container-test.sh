@@ -10,14 +10,17 @@
 # keyed by the code that builds it; everything else (storage, config, containers, images) lives
 # in a temporary folder that is removed at exit.
 #
-# Checks, in order: the image builds; it holds no torch/onnx; it runs as a numeric non-root user
-# and declares its health check and stop signal; it turns healthy (`podman healthcheck run`);
+# Checks, in order: the image builds; it holds no torch/onnx and the repository's bundled model;
+# it runs as a numeric non-root user and declares its health check and stop signal; it turns
+# healthy (`podman healthcheck run`);
 # greedy `lstm-client generate` against it prints exactly what a local server (host venv, same
-# bundled model) prints; its metrics port serves the server's metrics; on the stop signal it
+# bundled model) prints; its metrics port serves the server's metrics; deploy/prometheus.yml
+# passes promtool and a real Prometheus scrapes the container with it; on the stop signal it
 # drains requests that are in flight (they complete with the full text) and exits 0 within the
 # drain grace.
 #
-# Needs root and apt (it installs buildah podman runc debootstrap when missing), the project venv
+# Needs root and apt (it installs buildah podman runc debootstrap when missing and unpacks
+# Debian's prometheus package into the cache), the project venv
 # (`make install`) and the bundled model server/model_repo/timemachine/1/model.onnx.
 # Environment: LSTM_SERVE_CT_CACHE (cache folder, default ~/.cache/lstm-serve-container),
 # VENV (default .venv). --keep leaves the temporary folder and the image for debugging.
@@ -31,9 +34,8 @@ SUITE=bookworm
 BASE_PACKAGES=python3,python3-venv,python3-pip,ca-certificates
 PROMPT="the time traveller"
 SHORT_TOKENS=120     # the equality check
-LONG_TOKENS=1000     # requests kept in flight across the stop signal
+LONG_TOKENS=4000     # requests kept in flight across the stop signal (max_new_tokens is 4096)
 IN_FLIGHT=4
-GRACE_S=20           # the server's drain grace inside the container
 HEALTHY_TIMEOUT_S=120
 KEEP=0
 
@@ -86,12 +88,14 @@ CTR=lstm-serve-$TAG
 VAR_LIB_CONTAINERS_EXISTED=0
 [ -e /var/lib/containers ] && VAR_LIB_CONTAINERS_EXISTED=1
 REF_PID=""
+PROM_PID=""
+PASSED=0
 CLIENT_PIDS=()
 
 cleanup() {
     local rc=$?
     set +e
-    for pid in "${CLIENT_PIDS[@]}" $REF_PID; do
+    for pid in "${CLIENT_PIDS[@]}" $REF_PID $PROM_PID; do
         pkill -TERM -P "$pid" 2>/dev/null
         kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
     done
@@ -100,6 +104,8 @@ cleanup() {
             "CONTAINERS_STORAGE_CONF=$CONTAINERS_STORAGE_CONF to inspect $IMAGE)"
         exit "$rc"
     fi
+    local t_clean
+    t_clean=$(now)
     if [ -n "${CONTAINERS_CONF:-}" ]; then
         podman rm -f -t 0 "$CTR" >/dev/null 2>&1
         podman rmi -f "$IMAGE" "$BASE_IMAGE" >/dev/null 2>&1
@@ -109,6 +115,18 @@ cleanup() {
     findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | xargs -r -n1 umount -l 2>/dev/null
     rm -rf "$WORK"
     [ "$VAR_LIB_CONTAINERS_EXISTED" -eq 0 ] && rm -rf /var/lib/containers
+    if [ "$rc" -eq 0 ] && [ "$PASSED" -eq 1 ]; then
+        record cleanup_s "$(since "$t_clean")"
+        record wall_s "$(since "$T_START")"
+        mkdir -p "$CACHE"
+        {
+            printf '{"image_bytes": %s, "base_image_bytes": %s' "$image_bytes" "$base_bytes"
+            for kv in "${TIMINGS[@]}"; do printf ', "%s": %s' "${kv%%=*}" "${kv#*=}"; done
+            printf '}\n'
+        } >"$CACHE/last-summary.json"
+        log "summary ($CACHE/last-summary.json): $(cat "$CACHE/last-summary.json")"
+        log "PASS"
+    fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -241,11 +259,21 @@ health=$(podman image inspect --format '{{json .Config.Healthcheck}}' "$IMAGE")
 [[ "$user" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] || die "image user '$user' is not a numeric non-root uid"
 [ -n "$stop_signal" ] || die "image declares no STOPSIGNAL"
 [[ "$health" == *lstm-client* ]] || die "image has no lstm-client HEALTHCHECK (got: $health)"
+# The drain is tested with the grace the image ships with.
+GRACE_S=$(podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE" |
+    sed -n 's/^LSTM_SERVE_DRAIN_GRACE_S=//p')
+[[ "$GRACE_S" =~ ^[0-9]+$ ]] || die "image sets no whole-second LSTM_SERVE_DRAIN_GRACE_S (got '$GRACE_S')"
+model_sha=$(sha256sum "$ROOT/$MODEL" | cut -d' ' -f1)
 podman run --rm --network host --entrypoint python "$IMAGE" -c '
-import importlib.util as u, sys
+import hashlib, importlib.util as u, pathlib, sys
 bad = [m for m in ("torch", "onnx") if u.find_spec(m)]
-sys.exit(f"runtime venv holds {bad}" if bad else 0)' 2>>"$WORK/podman.log" ||
-    die "the image's venv is not runtime-only"
+if bad:
+    sys.exit(f"the runtime venv holds {bad}")
+import server
+model = pathlib.Path(server.__file__).parent / "model_repo/timemachine/1/model.onnx"
+if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != sys.argv[1]:
+    sys.exit(f"the bundled model in the image ({model}) is not the repository'"'"'s")' \
+    "$model_sha" 2>>"$WORK/podman.log" || die "the image's contents are wrong (see above)"
 
 # --- 5. reference: the same requests against a local server on the same bundled model -----------
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
@@ -284,9 +312,10 @@ metrics_port=$(free_port)
 log "run: $IMAGE on gRPC :$port, metrics :$metrics_port"
 t=$(now)
 # podman 4 logs that it cannot reach systemd to schedule health checks; they run by hand here.
+# The same hardening as deploy/compose.yaml: read-only root, tmpfs /tmp, no capabilities.
 podman run -d --name "$CTR" --network host \
+    --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
     -e "LSTM_SERVE_PORT=$port" -e "LSTM_SERVE_METRICS_PORT=$metrics_port" \
-    -e "LSTM_SERVE_DRAIN_GRACE=$GRACE_S" \
     "$IMAGE" >/dev/null 2>>"$WORK/podman.log" || { cat "$WORK/podman.log" >&2; die "podman run failed"; }
 deadline=$((SECONDS + HEALTHY_TIMEOUT_S))
 until podman healthcheck run "$CTR" >/dev/null 2>>"$WORK/podman.log"; do
@@ -307,6 +336,13 @@ cmp -s "$WORK/out/ref-short.txt" "$WORK/out/ctr-short.txt" || {
     die "the container's greedy text differs from the local server's"
 }
 log "generate: container text == local text ($(wc -c <"$WORK/out/ctr-short.txt") bytes)"
+# No GPU here: the server must say it serves from the CPU, without ONNX Runtime's CUDA error spam.
+podman logs "$CTR" >"$WORK/out/container-start.log" 2>&1
+grep -q 'provider CPUExecutionProvider' "$WORK/out/container-start.log" ||
+    { cat "$WORK/out/container-start.log" >&2; die "the container's log does not name the CPU provider"; }
+if grep -E '\[E:onnxruntime|Traceback' "$WORK/out/container-start.log" >&2; then
+    die "the container's log holds errors (above)"
+fi
 
 # --- 8. metrics ----------------------------------------------------------------------------------
 "$PY" - "$metrics_port" >"$WORK/out/metrics.txt" <<'PYEOF' || die "metrics scrape failed"
@@ -331,7 +367,57 @@ print(f"{len(ours)} lstm_serve_ metric families, {len(counted)} non-zero counter
       file=sys.stderr)
 PYEOF
 
-# --- 9. stop signal: drain in-flight requests, exit 0 within the grace --------------------------
+# --- 9. Prometheus with deploy/prometheus.yml scrapes the container ------------------------------
+# Debian's prometheus package, unpacked rather than installed so that no service starts.
+t=$(now)
+prom_dir=$CACHE/prometheus
+if [ ! -x "$prom_dir/usr/bin/prometheus" ] || [ ! -x "$prom_dir/usr/bin/promtool" ]; then
+    mkdir -p "$WORK/deb"
+    (cd "$WORK/deb" && apt-get download prometheus) >"$WORK/apt-download.log" 2>&1 ||
+        { cat "$WORK/apt-download.log" >&2; die "apt-get download prometheus failed"; }
+    rm -rf "$prom_dir"
+    dpkg-deb -x "$WORK"/deb/prometheus_*.deb "$prom_dir"
+fi
+"$prom_dir/usr/bin/promtool" check config "$ROOT/deploy/prometheus.yml" >"$WORK/promtool.log" 2>&1 ||
+    { cat "$WORK/promtool.log" >&2; die "promtool rejects deploy/prometheus.yml"; }
+# Only the target changes: compose's service name becomes this container's metrics port.
+grep -q '"lstm-serve:9090"' "$ROOT/deploy/prometheus.yml" ||
+    die "deploy/prometheus.yml no longer targets lstm-serve:9090"
+sed "s/\"lstm-serve:9090\"/\"127.0.0.1:$metrics_port\"/" "$ROOT/deploy/prometheus.yml" >"$WORK/prometheus.yml"
+prom_port=$(free_port)
+"$prom_dir/usr/bin/prometheus" --config.file="$WORK/prometheus.yml" \
+    --storage.tsdb.path="$WORK/prometheus-data" --web.listen-address="127.0.0.1:$prom_port" \
+    >"$WORK/prometheus.log" 2>&1 &
+PROM_PID=$!
+"$PY" - "$prom_port" <<'PYEOF' || { tail -20 "$WORK/prometheus.log" >&2; die "Prometheus did not scrape the container"; }
+import json, sys, time, urllib.parse, urllib.request
+
+def query(q):
+    url = f"http://127.0.0.1:{sys.argv[1]}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)["data"]["result"]
+
+deadline = time.monotonic() + 40  # startup plus at most one 5 s scrape interval, with slack
+while True:
+    try:
+        up = query('up{job="lstm-serve"}')
+        if up and up[0]["value"][1] == "1":
+            break
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("up{job=lstm-serve} never became 1")
+    time.sleep(0.5)
+series = query('count({__name__=~"lstm_serve_.+", job="lstm-serve"})')
+assert series and float(series[0]["value"][1]) > 0, "no lstm_serve_ series in Prometheus"
+print(f"Prometheus: up=1, {series[0]['value'][1]} lstm_serve_ series", file=sys.stderr)
+PYEOF
+kill "$PROM_PID"
+wait "$PROM_PID" 2>/dev/null || true
+PROM_PID=""
+record prometheus_s "$(since "$t")"
+
+# --- 10. stop signal: drain in-flight requests, exit 0 within the grace --------------------------
 for i in $(seq 1 "$IN_FLIGHT"); do
     (
         rc=0
@@ -372,14 +458,4 @@ done
 record drain_s "$drain_s"
 log "drain: exit 0 after ${drain_s}s; $in_flight_at_signal/$IN_FLIGHT requests in flight at $stop_signal all completed"
 
-# --- summary -------------------------------------------------------------------------------------
-record total_s "$(since "$T_START")"
-{
-    printf '{"image_bytes": %s, "base_image_bytes": %s' "$image_bytes" "$base_bytes"
-    for kv in "${TIMINGS[@]}"; do printf ', "%s": %s' "${kv%%=*}" "${kv#*=}"; done
-    printf '}\n'
-} >"$WORK/out/summary.json"
-mkdir -p "$CACHE"
-cp "$WORK/out/summary.json" "$CACHE/last-summary.json"
-log "summary: $(cat "$WORK/out/summary.json")"
-log "PASS"
+PASSED=1  # the summary and PASS are printed once cleanup is done
