@@ -145,3 +145,16 @@ def test_proxy_ca_bundle_is_lent_to_the_build_not_copied_into_it():
     pip_runs = [a for k, a in instructions if k == "RUN" and "pip " in a]
     assert pip_runs
     assert all("--mount=type=secret,id=ca_bundle" in a for a in pip_runs)
+
+
+def test_container_configuration_names_real_server_settings():
+    # A misspelt variable is silently ignored by the server, so check every name we set.
+    import dataclasses
+
+    from server.settings import ENV_PREFIX, Settings
+
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    for path in [DOCKERFILE, *sorted((ROOT / "deploy").glob("compose*.yaml"))]:
+        used = set(re.findall(r"\b(LSTM_SERVE_[A-Z0-9_]+)", path.read_text(encoding="utf-8")))
+        assert used, path
+        assert used <= known, f"{path.name}: not server settings: {sorted(used - known)}"
