@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 STAMP_ALL := $(VENV)/.installed-all
 STAMP_SERVE := $(VENV)/.installed-serve
+STAMP_BENCH := $(VENV)/.installed-bench
 
 .PHONY: install install-serve serve test lint typecheck unit protos bench bench-quick container-test clean
 
@@ -41,10 +42,18 @@ test: install lint typecheck
 protos: install
 	$(BIN)/python -m protos.generate
 
-bench: install
+# d2l (the book's code, the training baseline) pins 2023 releases of numpy/pandas/matplotlib that
+# cannot sit beside this project's; it goes in with --no-deps, and the `bench` extra holds what it
+# imports (see benchmarks/README.md).
+$(STAMP_BENCH): pyproject.toml constraints.txt $(STAMP_ALL)
+	$(PIP) -e '.[train,export,dev,bench]'
+	$(BIN)/pip install -c constraints.txt --no-deps d2l==1.0.3
+	touch $@
+
+bench: $(STAMP_BENCH)
 	$(BIN)/python -m benchmarks.run
 
-bench-quick: install
+bench-quick: $(STAMP_BENCH)
 	$(BIN)/python -m benchmarks.run --quick
 
 # Builds the image on a local Debian base and runs it for real (root, apt; see deploy/README.md).

@@ -1,0 +1,169 @@
+"""Sections 1 and 2: decode steps (T=1) in process, the physical limit and the naive alternative.
+
+Section 1 calls ONNX Runtime directly with the server's session options (intra-op threads from
+the server's settings, one inter-op thread, sequential execution), feeding each call's ``hn, cn``
+back as the next call's state, exactly what one scheduler iteration of the server does minus
+everything around it. Section 2 runs PyTorch eager ``nn.LSTM`` (our ``CharLSTM`` with the torch
+cell: one-hot input, ``nn.LSTM``, ``nn.Linear``, the same computation as the ONNX graph) with
+torch's thread count set to the same number.
+
+With ``iobinding=True`` (and ``provider="cuda"``) the state stays on the device between calls:
+inputs are bound once as ``OrtValue``s and the outputs are written into two preallocated state
+buffers that swap roles every step, so no host copy happens per step except the token ids.
+The same code path runs on CPU, which is how it is exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .common import ModelUnderTest, SectionSkipped, percentiles_ms
+
+
+def ort_session(path: str, threads: int, provider: str = "cpu") -> Any:
+    """An ORT session configured like the server's (see ``server/runtime.py``)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SectionSkipped("CUDA provider not in this onnxruntime build")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
+    if provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        raise SectionSkipped("CUDA provider did not initialise (no GPU or CUDA libraries)")
+    return sess
+
+
+def _time_loop(step: Any, min_seconds: float, min_calls: int, warmup: int) -> np.ndarray:
+    for _ in range(warmup):
+        step()
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    end = clock() + int(min_seconds * 1e9)
+    while len(samples) < min_calls or clock() < end:
+        t0 = clock()
+        step()
+        samples.append(clock() - t0)
+    return np.asarray(samples, dtype=np.int64)
+
+
+def _row(batch: int, samples: np.ndarray) -> dict[str, Any]:
+    total_s = float(samples.sum()) / 1e9
+    row: dict[str, Any] = {"batch": batch, "calls": int(samples.size)}
+    row["tokens_per_s"] = batch * samples.size / total_s if total_s > 0 else None
+    row.update(percentiles_ms(samples))
+    return row
+
+
+def ort_decode(
+    model: ModelUnderTest,
+    batches: Sequence[int],
+    threads: int,
+    seconds: float,
+    *,
+    provider: str = "cpu",
+    iobinding: bool = False,
+    path: str | None = None,
+) -> dict[str, Any]:
+    """Section 1: ``tokens/s`` and per-call latency of T=1 decode steps at each batch size."""
+    sess = ort_session(path or model.path, threads, provider)
+    L, H, V = model.num_layers, model.hidden_size, model.vocab_size
+    rng = np.random.default_rng()
+    rows = []
+    for B in batches:
+        tokens = rng.integers(0, V, size=(1, B), dtype=np.int64)
+        if iobinding:
+            step = _bound_stepper(sess, tokens, L, H, "cuda" if provider == "cuda" else "cpu")
+        else:
+            state = {
+                "h0": np.zeros((L, B, H), np.float32),
+                "c0": np.zeros((L, B, H), np.float32),
+            }
+            feeds = {"tokens": tokens, **state}
+
+            def step(feeds: dict[str, np.ndarray] = feeds) -> None:
+                _, hn, cn = sess.run(None, feeds)
+                feeds["h0"], feeds["c0"] = hn, cn
+
+        rows.append(_row(B, _time_loop(step, seconds, 20, 10)))
+    return {
+        "provider": sess.get_providers()[0],
+        "iobinding": iobinding,
+        "intra_op_threads": threads,
+        "inter_op_threads": 1,
+        "rows": rows,
+    }
+
+
+def _bound_stepper(sess: Any, tokens: np.ndarray, L: int, H: int, device: str) -> Any:
+    import onnxruntime as ort
+
+    B = tokens.shape[1]
+    V = sess.get_outputs()[0].shape[-1]
+    dev_id = 0
+    tok = ort.OrtValue.ortvalue_from_numpy(tokens, device, dev_id)
+    bufs = [
+        [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((L, B, H), np.float32), device, dev_id)
+            for _ in range(2)
+        ]
+        for _ in range(2)
+    ]
+    logits = ort.OrtValue.ortvalue_from_shape_and_type([1, B, V], np.float32, device, dev_id)
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("tokens", tok)
+    binding.bind_ortvalue_output("logits", logits)
+    flip = [0]
+
+    def step() -> None:
+        i = flip[0]
+        binding.bind_ortvalue_input("h0", bufs[0][i])
+        binding.bind_ortvalue_input("c0", bufs[1][i])
+        binding.bind_ortvalue_output("hn", bufs[0][1 - i])
+        binding.bind_ortvalue_output("cn", bufs[1][1 - i])
+        sess.run_with_iobinding(binding)
+        flip[0] = 1 - i
+
+    return step
+
+
+def torch_decode(
+    model: ModelUnderTest, batches: Sequence[int], threads: int, seconds: float
+) -> dict[str, Any]:
+    """Section 2: PyTorch eager ``nn.LSTM`` (+ one-hot input and projection) at the same shapes."""
+    try:
+        import torch
+
+        from training.model import CharLSTM, ModelConfig
+    except ImportError as e:
+        raise SectionSkipped(f"torch or training/ not importable: {e}") from None
+    torch.set_num_threads(threads)
+    net = CharLSTM(
+        ModelConfig(
+            vocab_size=model.vocab_size,
+            hidden_size=model.hidden_size,
+            num_layers=model.num_layers,
+            cell="torch",
+        )
+    ).eval()
+    rows = []
+    with torch.inference_mode():
+        for B in batches:
+            tokens = torch.randint(0, model.vocab_size, (1, B))
+            state = [net.begin_state(B)]
+
+            def step(tokens: torch.Tensor = tokens, state: list[Any] = state) -> None:
+                _, state[0] = net(tokens, state[0])
+
+            rows.append(_row(B, _time_loop(step, seconds, 20, 10)))
+    return {"torch_threads": torch.get_num_threads(), "rows": rows}

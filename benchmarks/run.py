@@ -1,0 +1,534 @@
+"""The benchmark's one entry point: ``python -m benchmarks.run [--quick] [--out DIR]``.
+
+Sections (each one records its figures or ``skipped`` with the reason; nothing is invented):
+
+1. in-process ONNX Runtime decode steps (T=1), the physical limit, with the server's threads;
+2. PyTorch eager ``nn.LSTM`` at the same shapes and thread count;
+3. the server's ``Generate`` at several concurrencies (separate load-generator process);
+4. client-driven steps over ``StepStream`` at several stream counts;
+5. the same server with batching off (``--max-batch-size 1``);
+6. the int8 model through the server against fp32;
+7. resident memory growth for many idle sessions against their raw state bytes;
+8. training throughput of our two cells against the book's own code (d2l).
+
+Writes ``DIR/results.json`` (top-level ``summary`` of ratios, ``summary_reasons`` for any that
+are null), PNG plots beside it, and a table on stdout. ``--quick`` runs every section tiny (the
+test suite uses it to check that everything works, not how fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import common
+from .common import SectionSkipped, ratio
+
+SUMMARY_KEYS = (
+    "p1_generate64_vs_inprocess",
+    "p2_step_overhead_ms_p50",
+    "p2_step_rtt_ms_p99",
+    "step_stream16_steps_per_s",
+    "p4_ort_vs_torch_b1",
+    "p5_train_scratch_vs_d2l",
+    "p5_train_torch_vs_d2l",
+    "p6_session_memory_ratio",
+    "batching_speedup_generate64",
+    "batching_speedup_stream16",
+    "int8_vs_fp32_generate64",
+)
+# (key, comparison, target) from the issue; checked in full mode only.
+TARGETS = (
+    ("p1_generate64_vs_inprocess", ">=", 0.80),
+    ("p2_step_overhead_ms_p50", "<=", 0.4),
+    ("p2_step_rtt_ms_p99", "<=", 2.0),
+    ("step_stream16_steps_per_s", ">=", 6000.0),
+    ("p4_ort_vs_torch_b1", ">=", 5.0),
+    ("p5_train_scratch_vs_d2l", ">=", 1.0),
+    ("p5_train_torch_vs_d2l", ">=", 1.0),
+    ("p6_session_memory_ratio", "<=", 1.5),
+)
+
+
+class Profile:
+    """Sizes of everything, full or quick."""
+
+    def __init__(self, quick: bool, provider: str) -> None:
+        self.quick = quick
+        cuda = provider == "cuda"
+        self.batches = [1, 8, 32, 64, 128, 256] + ([512, 1024, 2048, 4096] if cuda else [])
+        self.inproc_seconds = 0.05 if quick else 2.0
+        self.gen_conc = [1, 64] if quick else [1, 8, 32, 64, 128]
+        self.streams = [1, 16] if quick else [1, 16, 64]
+        self.nobatch_gen = [64] if quick else [1, 8, 32, 64, 128]
+        self.nobatch_streams = [16] if quick else [1, 16, 64]
+        self.int8_gen = [64] if quick else [1, 64]
+        self.int8_streams = [] if quick else [16]
+        self.lead = 1.0 if quick else 2.5
+        self.warmup = 0.3 if quick else 2.0
+        self.duration = 0.8 if quick else 10.0
+        self.max_tokens = 32 if quick else 256
+        self.sessions = 300 if quick else 10_000
+        self.warm_sessions = 30 if quick else 500
+        self.train_windows = 64 if quick else 10_000
+        self.train_epochs = 1
+        self.train_rounds = 1 if quick else 3
+
+
+def _default_corpus() -> Path | None:
+    env = os.environ.get("LSTM_SERVE_CORPUS")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    beside = common.ROOT.parent / "shared" / "data" / "timemachine.txt"
+    return beside if beside.is_file() else None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="every section tiny (smoke test)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default benchmarks/results, or .bench/quick with --quick)",
+    )
+    p.add_argument("--model", default=None, help="ONNX model (default: the bundled one)")
+    p.add_argument("--corpus", type=Path, default=None, help="timemachine.txt for section 8")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="ORT intra-op and torch threads (default: the server's intra-op setting)",
+    )
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--iobinding",
+        action="store_true",
+        help="section 1 through IOBinding with device-resident state (implied by cuda)",
+    )
+    p.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
+    p.add_argument(
+        "--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers to run"
+    )
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = common.ROOT / (".bench/quick" if args.quick else "benchmarks/results")
+    args.sections = {int(x) for x in args.sections.split(",") if x.strip()}
+    if args.provider == "cuda":
+        args.iobinding = True
+    return args
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.prof = Profile(args.quick, args.provider)
+        self.sections: dict[str, Any] = {}
+        self.threads = args.threads or common.server_intra_op_threads()
+
+    def section(self, key: str, number: int, fn: Callable[[], Any]) -> Any:
+        """Run one section; a SectionSkipped becomes ``{"skipped": reason}``."""
+        if number not in self.args.sections:
+            self.sections[key] = {"skipped": f"section {number} not selected (--sections)"}
+            return None
+        print(f"[bench] section {number}: {key} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except SectionSkipped as e:
+            self.sections[key] = {"skipped": str(e)}
+            print(f"[bench]   skipped: {e}", file=sys.stderr, flush=True)
+            return None
+        result["elapsed_s"] = round(time.perf_counter() - t0, 2)
+        self.sections[key] = result
+        return result
+
+    def reason(self, *keys: str) -> str:
+        for k in keys:
+            sec = self.sections.get(k, {})
+            if "skipped" in sec:
+                return f"{k}: {sec['skipped']}"
+        return "not measured"
+
+
+def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
+    from . import server_bench as sb
+
+    prof, args = r.prof, r.args
+    why = sb.server_available()
+    server_keys = [
+        ("generate", 3),
+        ("stream", 4),
+        ("no_batching", 5),
+        ("int8", 6),
+        ("memory", 7),
+    ]
+    if why is not None:
+        for key, n in server_keys:
+            r.section(key, n, lambda why=why: (_ for _ in ()).throw(SectionSkipped(why)))
+        return
+    common_flags = [
+        "--intra-op-threads",
+        str(r.threads),
+        "--provider",
+        args.provider,
+        "--max-new-tokens",
+        str(max(4096, prof.max_tokens)),
+    ]
+
+    def spec(mode: str, c: int) -> sb.LoadSpec:
+        return sb.LoadSpec(
+            mode, c, prof.duration, prof.warmup, prof.max_tokens, args.client_procs, prof.lead
+        )
+
+    def sweep(model_path: str, flags: list[str], gens: list[int], streams: list[int]) -> Any:
+        out: dict[str, Any] = {"server_flags": flags}
+        with sb.running_server(model_path, extra=flags) as srv:
+            out["generate"] = [sb.drive(srv, spec("generate", c), model.vocab_size) for c in gens]
+            out["stream"] = [sb.drive(srv, spec("stream", c), model.vocab_size) for c in streams]
+        return out
+
+    main: dict[str, Any] = {}
+
+    def batched() -> dict[str, Any]:
+        main.update(sweep(model.path, common_flags, prof.gen_conc, prof.streams))
+        return {"server_flags": common_flags, "rows": main["generate"]}
+
+    r.section("generate", 3, batched)
+    r.section(
+        "stream",
+        4,
+        lambda: (
+            {"rows": main["stream"]}
+            if "stream" in main
+            else (_ for _ in ()).throw(SectionSkipped(r.reason("generate")))
+        ),
+    )
+    r.section(
+        "no_batching",
+        5,
+        lambda: sweep(
+            model.path,
+            [*common_flags, "--max-batch-size", "1"],
+            prof.nobatch_gen,
+            prof.nobatch_streams,
+        ),
+    )
+
+    def int8() -> dict[str, Any]:
+        if model.int8_path is None:
+            raise SectionSkipped("no int8 model beside the fp32 one and export.quantize unusable")
+        if args.provider == "cuda":
+            raise SectionSkipped("the int8 model's contrib ops are CPU-only")
+        out = sweep(model.int8_path, common_flags, prof.int8_gen, prof.int8_streams)
+        out["model"] = model.int8_path
+        return out
+
+    r.section("int8", 6, int8)
+
+    def mem() -> dict[str, Any]:
+        flags = [*common_flags, "--max-sessions", str(prof.sessions + prof.warm_sessions)]
+        with sb.running_server(model.path, extra=flags) as srv:
+            return sb.memory(srv, model, prof.sessions, prof.warm_sessions)
+
+    r.section("memory", 7, mem)
+
+
+def _row_at(rows: list[dict[str, Any]] | None, key: str, value: int) -> dict[str, Any] | None:
+    for row in rows or []:
+        if row.get(key) == value:
+            return row
+    return None
+
+
+def summarise(r: Runner) -> tuple[dict[str, Any], dict[str, str]]:
+    s = r.sections
+    summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)
+    reasons: dict[str, str] = {}
+
+    ort_rows = s.get("inprocess_ort", {}).get("rows")
+    torch_rows = s.get("torch_eager", {}).get("rows")
+    ort64 = _row_at(ort_rows, "batch", 64)
+    ort1 = _row_at(ort_rows, "batch", 1)
+    torch1 = _row_at(torch_rows, "batch", 1)
+    gen64 = _row_at(s.get("generate", {}).get("rows"), "concurrency", 64)
+    st1 = _row_at(s.get("stream", {}).get("rows"), "concurrency", 1)
+    st16 = _row_at(s.get("stream", {}).get("rows"), "concurrency", 16)
+    nb = s.get("no_batching", {})
+    nb_gen64 = _row_at(nb.get("generate"), "concurrency", 64)
+    nb_st16 = _row_at(nb.get("stream"), "concurrency", 16)
+    i8_gen64 = _row_at(s.get("int8", {}).get("generate"), "concurrency", 64)
+
+    def put(key: str, value: float | None, *why_sections: str) -> None:
+        summary[key] = value
+        if value is None:
+            reasons[key] = r.reason(*why_sections)
+
+    put(
+        "p1_generate64_vs_inprocess",
+        ratio(gen64 and gen64["tokens_per_s"], ort64 and ort64["tokens_per_s"]),
+        "generate",
+        "inprocess_ort",
+    )
+    overhead = None
+    if st1 and ort1 and st1["rtt"]["p50_ms"] is not None:
+        overhead = st1["rtt"]["p50_ms"] - ort1["p50_ms"]
+    put("p2_step_overhead_ms_p50", overhead, "stream", "inprocess_ort")
+    put("p2_step_rtt_ms_p99", st1 and st1["rtt"]["p99_ms"], "stream")
+    put("step_stream16_steps_per_s", st16 and st16["steps_per_s"], "stream")
+    put(
+        "p4_ort_vs_torch_b1",
+        ratio(ort1 and ort1["tokens_per_s"], torch1 and torch1["tokens_per_s"]),
+        "inprocess_ort",
+        "torch_eager",
+    )
+    tr = s.get("training", {})
+    put("p5_train_scratch_vs_d2l", tr.get("scratch_vs_d2l"), "training")
+    put("p5_train_torch_vs_d2l", tr.get("torch_vs_d2l"), "training")
+    put("p6_session_memory_ratio", s.get("memory", {}).get("ratio"), "memory")
+    put(
+        "batching_speedup_generate64",
+        ratio(gen64 and gen64["tokens_per_s"], nb_gen64 and nb_gen64["tokens_per_s"]),
+        "no_batching",
+        "generate",
+    )
+    put(
+        "batching_speedup_stream16",
+        ratio(st16 and st16["steps_per_s"], nb_st16 and nb_st16["steps_per_s"]),
+        "no_batching",
+        "stream",
+    )
+    put(
+        "int8_vs_fp32_generate64",
+        ratio(i8_gen64 and i8_gen64["tokens_per_s"], gen64 and gen64["tokens_per_s"]),
+        "int8",
+        "generate",
+    )
+    return summary, reasons
+
+
+def check_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for key, op, target in TARGETS:
+        v = summary.get(key)
+        met = None if v is None else (v >= target if op == ">=" else v <= target)
+        out.append({"key": key, "target": f"{op} {target:g}", "value": v, "met": met})
+    return out
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    s = result["sections"]
+    meta = result["meta"]
+    m = meta["model"]
+    print(
+        f"\nlstm-serve benchmark ({meta['mode']}) {meta['date']}  {meta['machine']['cores']} cores "
+        f"{meta['machine']['cpu_model']}\nmodel: {m['source']}  L={m['num_layers']} "
+        f"H={m['hidden_size']} V={m['vocab_size']}  threads={meta['threads']}"
+    )
+
+    def table(title: str, head: list[str], rows: list[list[Any]]) -> None:
+        print(f"\n## {title}")
+        widths = (
+            [
+                max(len(h), *(len(_fmt(c)) for c in col))
+                for h, col in zip(head, zip(*rows, strict=False), strict=False)
+            ]
+            if rows
+            else [len(h) for h in head]
+        )
+        print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=False)))
+        for row in rows:
+            print("  ".join(_fmt(c).rjust(w) for c, w in zip(row, widths, strict=False)))
+
+    for key, title in (
+        ("inprocess_ort", "1. in-process ONNX Runtime, T=1"),
+        ("torch_eager", "2. PyTorch eager nn.LSTM, T=1"),
+    ):
+        sec = s.get(key, {})
+        if "skipped" in sec:
+            print(f"\n## {title}: skipped ({sec['skipped']})")
+            continue
+        table(
+            title,
+            ["B", "tokens/s", "p50 ms", "p99 ms"],
+            [[r["batch"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"]] for r in sec["rows"]],
+        )
+
+    def gen_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+        return [
+            [
+                r["concurrency"],
+                r["tokens_per_s"],
+                r["itl"]["p50_ms"],
+                r["itl"]["p99_ms"],
+                r["ttft"]["p50_ms"],
+                r["ttft"]["p99_ms"],
+                max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
+                sum(r["errors"].values()),
+            ]
+            for r in rows
+        ]
+
+    def stream_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+        return [
+            [
+                r["concurrency"],
+                r["steps_per_s"],
+                r["rtt"]["p50_ms"],
+                r["rtt"]["p99_ms"],
+                max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
+                sum(r["errors"].values()),
+            ]
+            for r in rows
+        ]
+
+    gh = ["conc", "tokens/s", "ITL p50", "ITL p99", "TTFT p50", "TTFT p99", "client cpu", "errs"]
+    sh = ["streams", "steps/s", "RTT p50", "RTT p99", "client cpu", "errs"]
+    for key, title, sub in (
+        ("generate", "3. server Generate", None),
+        ("stream", "4. server StepStream steps", None),
+        ("no_batching", "5. server, max batch 1", "both"),
+        ("int8", "6. server, int8 model", "both"),
+    ):
+        sec = s.get(key, {})
+        if "skipped" in sec:
+            print(f"\n## {title}: skipped ({sec['skipped']})")
+            continue
+        if sub == "both":
+            if sec.get("generate"):
+                table(title + ": Generate", gh, gen_rows(sec["generate"]))
+            if sec.get("stream"):
+                table(title + ": StepStream", sh, stream_rows(sec["stream"]))
+        elif key == "generate":
+            table(title, gh, gen_rows(sec["rows"]))
+        else:
+            table(title, sh, stream_rows(sec["rows"]))
+    mem = s.get("memory", {})
+    if "skipped" in mem:
+        print(f"\n## 7. memory: skipped ({mem['skipped']})")
+    else:
+        print(
+            f"\n## 7. memory: {mem['sessions']} sessions,"
+            f" RSS +{mem['growth_bytes'] / 2**20:.1f} MiB"
+            f" for {mem['raw_state_bytes'] / 2**20:.1f} MiB of raw state: ratio {mem['ratio']:.2f}"
+            f" (after create only: {mem['ratio_after_create']:.2f}),"
+            f" {mem['bytes_per_session']:.0f} B/session"
+        )
+    tr = s.get("training", {})
+    if "skipped" in tr:
+        print(f"\n## 8. training: skipped ({tr['skipped']})")
+    else:
+        table(
+            "8. training throughput",
+            ["variant", "tokens/s"],
+            [[r["variant"], r["tokens_per_s"]] for r in tr["rows"]],
+        )
+    print("\n## summary")
+    targets = {t["key"]: t for t in result["targets"]}
+    for k, v in result["summary"].items():
+        t = targets.get(k)
+        verdict = ""
+        if t is not None and v is not None:
+            verdict = f"  target {t['target']}: {'met' if t['met'] else 'MISSED'}"
+        why = result["summary_reasons"].get(k, "")
+        print(f"{k:32s} {_fmt(v, 3):>12s}{verdict}{'  (' + why + ')' if why else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    r = Runner(args)
+    load_before = common.load_average()
+    started = dt.datetime.now(dt.UTC)
+    with tempfile.TemporaryDirectory(prefix="lstm-bench-") as tmp:
+        model = common.resolve_model(args.model, Path(tmp))
+        from . import inprocess
+
+        prof = r.prof
+        r.section(
+            "inprocess_ort",
+            1,
+            lambda: inprocess.ort_decode(
+                model,
+                prof.batches,
+                r.threads,
+                prof.inproc_seconds,
+                provider=args.provider,
+                iobinding=args.iobinding,
+            ),
+        )
+        r.section(
+            "torch_eager",
+            2,
+            lambda: inprocess.torch_decode(
+                model, [b for b in prof.batches if b <= 256], r.threads, prof.inproc_seconds
+            ),
+        )
+        _server_sections(r, model)
+
+        def training() -> dict[str, Any]:
+            from . import training_bench
+
+            return training_bench.run(
+                args.corpus or _default_corpus(),
+                r.threads,
+                prof.train_windows,
+                prof.train_epochs,
+                prof.train_rounds,
+            )
+
+        r.section("training", 8, training)
+        summary, reasons = summarise(r)
+        result: dict[str, Any] = {
+            "summary": summary,
+            "summary_reasons": reasons,
+            "targets": check_targets(summary),
+            "meta": {
+                "command": "python -m benchmarks.run "
+                + " ".join(sys.argv[1:] if argv is None else argv),
+                "mode": "quick" if args.quick else "full",
+                "date": started.isoformat(timespec="seconds"),
+                "wall_s": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
+                "machine": common.machine(),
+                "versions": common.versions(),
+                "load_average_before": load_before,
+                "load_average_after": common.load_average(),
+                "threads": r.threads,
+                "provider": args.provider,
+                "client_procs": args.client_procs,
+                "model": model.as_dict(),
+                "gpu": "none in this run" if args.provider == "cpu" else args.provider,
+            },
+            "sections": r.sections,
+        }
+        out: Path = args.out
+        common.write_json(out / "results.json", result)
+        if not args.no_plots:
+            from . import plots
+
+            result["meta"]["plots"] = plots.write_all(result, out)
+            common.write_json(out / "results.json", result)
+    print_table(result)
+    print(f"\nwrote {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Sections 3-7: the real server, started here as a subprocess on 127.0.0.1 with port 0.
+
+The server runs as ``python -m server.cli`` (the ``lstm-serve`` entry point) with its metrics
+endpoint off; its port is read from its "gRPC listening on" line and readiness from the
+standard health service. Load comes from ``benchmarks.loadgen`` processes (never this process),
+started together on one shared monotonic-clock window; their raw samples are merged here.
+Memory (section 7) is the server process's resident set from ``/proc/PID/status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import ROOT, ModelUnderTest, SectionSkipped, percentiles_ms
+
+_LISTEN = re.compile(r"gRPC listening on \S*?:(\d+)")
+
+
+def server_available() -> str | None:
+    """None when the server can be started here, else the reason it cannot."""
+    try:
+        from server import cli  # noqa: F401
+    except Exception as e:
+        return f"server not importable: {type(e).__name__}: {e}"
+    try:
+        from protos.lstmserve.v1 import lstm_serve_pb2_grpc  # noqa: F401
+    except Exception as e:
+        return f"generated protos not importable: {e}"
+    src = (ROOT / "server" / "cli.py").read_text(encoding="utf-8")
+    if "not yet implemented" in src:
+        return "server not implemented yet (server/cli.py is the placeholder)"
+    return None
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    log: list[str]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("VmRSS not found")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@contextlib.contextmanager
+def running_server(
+    model_path: str, *, extra: Sequence[str] = (), startup_timeout: float = 60.0
+) -> Iterator[ServerProcess]:
+    """Start the server, wait until health says SERVING, stop it (SIGTERM, then kill)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--model",
+        model_path,
+        "--log-level",
+        "WARNING",
+        "--drain-grace-s",
+        "1",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log: list[str] = []
+    port_box: list[int] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.append(line.rstrip())
+            m = _LISTEN.search(line)
+            if m and not port_box:
+                port_box.append(int(m.group(1)))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        if not ready.wait(startup_timeout) or not port_box:
+            tail = " | ".join(log[-5:])
+            raise SectionSkipped(f"server did not start: {tail or 'no output'}")
+        srv = ServerProcess(proc, port_box[0], log)
+        _wait_serving(srv.target, startup_timeout)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_serving(target: str, timeout: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise SectionSkipped(f"server at {target} never reported SERVING")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    mode: str  # "generate" or "stream"
+    concurrency: int
+    duration: float
+    warmup: float
+    max_tokens: int = 128
+    client_procs: int = 1
+    lead: float = 2.5  # seconds for the loadgen processes to start and connect before the window
+
+
+def drive(srv: ServerProcess, spec: LoadSpec, vocab: int) -> dict[str, Any]:
+    """Run loadgen process(es) against ``srv`` and merge what they measured."""
+    procs = max(1, min(spec.client_procs, spec.concurrency))
+    shares = [
+        spec.concurrency // procs + (1 if i < spec.concurrency % procs else 0) for i in range(procs)
+    ]
+    # Far enough ahead that every loadgen has imported grpc and connected before it opens.
+    start_ns = time.monotonic_ns() + int(spec.lead * 1e9)
+    with tempfile.TemporaryDirectory(prefix="bench-loadgen-") as tmp:
+        running = []
+        for i, share in enumerate(shares):
+            out = Path(tmp, f"{i}.npz")
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.loadgen",
+                "--target",
+                srv.target,
+                "--mode",
+                spec.mode,
+                "--concurrency",
+                str(share),
+                "--duration",
+                str(spec.duration),
+                "--warmup",
+                str(spec.warmup),
+                "--start-ns",
+                str(start_ns),
+                "--max-tokens",
+                str(spec.max_tokens),
+                "--vocab",
+                str(vocab),
+                "--seed",
+                str(1_000_000 * i),
+                "--out",
+                str(out),
+            ]
+            p = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            running.append((p, out))
+        srv_cpu0 = srv.cpu_s()
+        limit = spec.lead + spec.warmup + spec.duration + 30
+        results = []
+        for p, out in running:
+            try:
+                stdout, stderr = p.communicate(timeout=limit)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                raise SectionSkipped(f"load generator ran past {limit:.0f} s") from None
+            if p.returncode != 0:
+                msg = (stderr.strip().splitlines() or ["no output"])[-1]
+                raise SectionSkipped(f"load generator failed: {msg}")
+            raw = np.load(out)
+            results.append((json.loads(stdout.strip().splitlines()[-1]), raw))
+        srv_cpu1 = srv.cpu_s()
+    window = results[0][0]["window_s"]
+    tokens = sum(r["tokens"] for r, _ in results)
+    errors: dict[str, int] = {}
+    for r, _ in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    row: dict[str, Any] = {
+        "concurrency": spec.concurrency,
+        "window_s": window,
+        "client_procs": procs,
+        "client_cpu_fraction_per_proc": [r["client_cpu_fraction"] for r, _ in results],
+        # The server's CPU over the whole run (warm-up included), in cores: a hint, not a window
+        # measurement.
+        "server_cpu_cores_approx": (srv_cpu1 - srv_cpu0)
+        / (spec.lead + spec.warmup + spec.duration),
+        "errors": errors,
+    }
+    if spec.mode == "generate":
+        row["tokens_per_s"] = tokens / window
+        row["calls_done"] = sum(r["calls_done"] for r, _ in results)
+        itl = np.concatenate([raw["itl_ns"] for _, raw in results])
+        ttft = np.concatenate([raw["ttft_ns"] for _, raw in results])
+        row["itl"] = percentiles_ms(itl)
+        row["ttft"] = percentiles_ms(ttft)
+    else:
+        row["steps_per_s"] = tokens / window
+        rtt = np.concatenate([raw["rtt_ns"] for _, raw in results])
+        row["rtt"] = percentiles_ms(rtt)
+    return row
+
+
+def memory(
+    srv: ServerProcess, model: ModelUnderTest, sessions: int, warm: int = 500
+) -> dict[str, Any]:
+    """Section 7: RSS growth for ``sessions`` idle sessions / their raw state bytes."""
+    return asyncio.run(_memory(srv, model, sessions, warm))
+
+
+async def _memory(
+    srv: ServerProcess, model: ModelUnderTest, sessions: int, warm: int
+) -> dict[str, Any]:
+    import grpc
+
+    from protos.lstmserve.v1 import lstm_serve_pb2 as pb
+    from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LstmServeStub(ch)
+        sem = asyncio.Semaphore(64)
+
+        async def bounded(coro: Any) -> Any:
+            async with sem:
+                return await coro
+
+        async def create(n: int) -> list[str]:
+            rs = await asyncio.gather(
+                *(bounded(stub.CreateSession(pb.CreateSessionRequest())) for _ in range(n))
+            )
+            return [r.session_id for r in rs]
+
+        async def step(ids: list[str]) -> None:
+            await asyncio.gather(
+                *(bounded(stub.Step(pb.StepRequest(session_id=i, token_ids=[1]))) for i in ids)
+            )
+
+        # Warm the allocator, gRPC's buffers and the session table's code paths first, so the
+        # growth measured below is the sessions' own.
+        ids = await create(warm)
+        await step(ids)
+        await asyncio.gather(
+            *(bounded(stub.CloseSession(pb.CloseSessionRequest(session_id=i))) for i in ids)
+        )
+        await asyncio.sleep(0.5)
+        base = srv.rss_bytes()
+        ids = await create(sessions)
+        await asyncio.sleep(0.5)
+        after_create = srv.rss_bytes()
+        await step(ids)
+        await asyncio.sleep(0.5)
+        after_step = srv.rss_bytes()
+    raw = sessions * model.state_bytes
+    grown = after_step - base
+    return {
+        "sessions": sessions,
+        "state_bytes_per_session": model.state_bytes,
+        "raw_state_bytes": raw,
+        "rss_base_bytes": base,
+        "rss_after_create_bytes": after_create,
+        "rss_after_one_step_each_bytes": after_step,
+        "growth_after_create_bytes": after_create - base,
+        "growth_bytes": grown,
+        "ratio_after_create": (after_create - base) / raw,
+        "ratio": grown / raw,
+        "bytes_per_session_beyond_1_5x_state": (grown - 1.5 * raw) / sessions,
+        "bytes_per_session": grown / sessions,
+    }

@@ -1,0 +1,128 @@
+"""``python -m benchmarks.run --quick`` works end to end (whether it is fast is not tested here).
+
+It runs as a subprocess exactly as ``make bench-quick`` does, starting the real server on
+127.0.0.1 with a port of its own and load-generator processes against it. The test checks that
+it exits 0, prints the table, writes the JSON with every summary key and the plots, and that
+each summary figure is either a finite number of the right sign or null with a reason — and,
+once the server exists, that the server figures were really measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import SUMMARY_KEYS
+from benchmarks.server_bench import server_available
+
+ROOT = Path(__file__).resolve().parents[2]
+REQUIRED = (
+    "p1_generate64_vs_inprocess",
+    "p2_step_overhead_ms_p50",
+    "step_stream16_steps_per_s",
+    "p4_ort_vs_torch_b1",
+    "p5_train_scratch_vs_d2l",
+    "p5_train_torch_vs_d2l",
+    "p6_session_memory_ratio",
+)
+SERVER_KEYS = (
+    "p1_generate64_vs_inprocess",
+    "p2_step_overhead_ms_p50",
+    "step_stream16_steps_per_s",
+    "p6_session_memory_ratio",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], dict]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    data["_out"] = str(out)
+    return proc, data
+
+
+def test_summary_has_every_key(quick_run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
+    _, data = quick_run
+    summary, reasons = data["summary"], data["summary_reasons"]
+    assert set(REQUIRED) <= set(summary)
+    assert set(SUMMARY_KEYS) == set(summary)
+    for key, value in summary.items():
+        if value is None:
+            assert reasons.get(key), f"{key} is null without a reason"
+        else:
+            assert isinstance(value, float) and math.isfinite(value), (key, value)
+            assert key not in reasons
+            # Everything but the step overhead (a difference of two latencies) is a positive
+            # rate or ratio.
+            if key != "p2_step_overhead_ms_p50":
+                assert value > 0, (key, value)
+
+
+def test_sections_ran_or_say_why(quick_run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
+    _, data = quick_run
+    sections = data["sections"]
+    for key in (
+        "inprocess_ort",
+        "torch_eager",
+        "generate",
+        "stream",
+        "no_batching",
+        "int8",
+        "memory",
+        "training",
+    ):
+        assert key in sections
+        assert "skipped" in sections[key] or "elapsed_s" in sections[key], key
+    ort = sections["inprocess_ort"]
+    assert [r["batch"] for r in ort["rows"]] == [1, 8, 32, 64, 128, 256]
+    for row in ort["rows"]:
+        assert row["tokens_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"]
+    assert data["meta"]["model"]["source"]
+    assert data["meta"]["machine"]["cores"] >= 1
+
+
+def test_server_sections_run_once_the_server_exists(
+    quick_run: tuple[subprocess.CompletedProcess[str], dict],
+) -> None:
+    _, data = quick_run
+    why = server_available()
+    if why is not None:
+        for key in SERVER_KEYS:
+            assert data["summary"][key] is None and data["summary_reasons"][key]
+        pytest.skip(why)
+    for key in SERVER_KEYS:
+        assert data["summary"][key] is not None, data["summary_reasons"].get(key)
+    for row in data["sections"]["generate"]["rows"]:
+        assert row["errors"] == {}, row
+        assert row["tokens_per_s"] > 0 and row["itl"]["n"] > 0
+    mem = data["sections"]["memory"]
+    assert mem["raw_state_bytes"] == mem["sessions"] * mem["state_bytes_per_session"]
+
+
+def test_table_and_plots(quick_run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
+    proc, data = quick_run
+    assert "## summary" in proc.stdout
+    for key in REQUIRED:
+        assert key in proc.stdout
+    plots = data["meta"]["plots"]
+    assert "throughput.png" in plots
+    for name in plots:
+        head = (Path(data["_out"]) / name).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n", name
