@@ -116,6 +116,7 @@ class App:
             max_queue_size=s.max_queue_size,
             prefill_chunk_tokens=s.prefill_chunk_tokens,
             inline_max_rows=s.inline_max_rows,
+            stream_chunk_tokens=s.stream_chunk_tokens,
             stats=self.scheduler_stats,
         )
         limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)

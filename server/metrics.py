@@ -9,6 +9,7 @@ session id.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -63,7 +64,8 @@ class Histogram:
         self._edges = np.asarray(self.bounds, np.float64)
 
     def observe(self, value: float) -> None:
-        self.counts[int(np.searchsorted(self._edges, value, side="left"))] += 1
+        # bisect on the tuple: a numpy call per observation costs ~10x more on the hot path.
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def observe_many(self, values: np.ndarray) -> None:

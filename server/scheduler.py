@@ -17,7 +17,12 @@ Contract (what callers may rely on):
 * Work marked ``cancelled`` is dropped at the next iteration, and if it was in flight its
   outputs are not written back: the caller may restore or free the slot at once.
 * The decode loop never waits for a consumer: a generation's tokens accumulate in its list and
-  its ``event`` is set; the consumer takes everything new whenever it is ready.
+  its ``event`` is set on the first token, when it finishes, and otherwise every
+  ``stream_chunk_tokens`` tokens; the consumer then takes everything new. Python gRPC costs tens
+  of microseconds of event-loop time per message, so a message per token would starve the decode
+  loop. Generations are given different phases so that each iteration wakes only about
+  ``1/stream_chunk_tokens`` of them, and their writes overlap the next model call instead of
+  piling up in one iteration.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class Generation:
         "finish",
         "max_tokens",
         "next_token",
+        "phase",
         "rng",
         "slot",
         "stop_cut",
@@ -119,6 +125,7 @@ class Generation:
         self.text = ""
         self.tokens: list[int] = []
         self.next_token = -1
+        self.phase = 0
         self.done_after_feed = False
         self.fed = 0
         self.finish: str | None = None
@@ -140,7 +147,6 @@ class Generation:
                     break
         if len(self.tokens) >= self.max_tokens:
             self.done_after_feed = True
-        self.event.set()
 
 
 @dataclass
@@ -177,6 +183,7 @@ class Scheduler:
         max_queue_size: int = 4096,
         prefill_chunk_tokens: int = 128,
         inline_max_rows: int = 4,
+        stream_chunk_tokens: int = 16,
         stats: SchedulerStats | None = None,
     ) -> None:
         self.runtime = runtime
@@ -186,6 +193,8 @@ class Scheduler:
         self.max_queue_size = max_queue_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.inline_max_rows = inline_max_rows
+        self.stream_chunk_tokens = max(1, stream_chunk_tokens)
+        self._phase = 0
         self.stats = stats if stats is not None else SchedulerStats()
         self._decode: deque[StepWork] = deque()
         self._prefill: list[StepWork] = []
@@ -239,6 +248,9 @@ class Scheduler:
         """Sample ``gen``'s first token from ``logits[V]`` and add it to the running set."""
         token = self._sample([gen], logits[None, :])
         gen.accept(int(token[0]))
+        gen.event.set()
+        self._phase += 1
+        gen.phase = self._phase % self.stream_chunk_tokens
         self._gens.append(gen)
         self._wake.set()
 
@@ -406,8 +418,11 @@ class Scheduler:
                     rows.append(i)
             if to_sample:
                 tokens = self._sample(to_sample, logits[rows] if len(rows) < ng else logits[:ng])
+                chunk = self.stream_chunk_tokens
                 for g, t in zip(to_sample, tokens.tolist(), strict=True):
                     g.accept(t)
+                    if (len(g.tokens) + g.phase) % chunk == 0 or g.done_after_feed:
+                        g.event.set()
         for j, w in enumerate(steps):
             if w.cancelled:
                 continue

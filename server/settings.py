@@ -82,6 +82,11 @@ class Settings:
         "bigger ones run in the model thread so gRPC I/O goes on meanwhile.",
         default=4,
     )
+    stream_chunk_tokens: int = _doc(
+        "Generate streams send a message every this many tokens (the first token and the end "
+        "at once; a slow reader gets more per message); 1 = every token.",
+        default=16,
+    )
     max_prompt_tokens: int = _doc("Most tokens one Step or Generate prompt may feed.", default=4096)
     max_new_tokens: int = _doc("Most tokens one Generate call may ask for.", default=4096)
     drain_grace_s: float = _doc(
@@ -113,6 +118,7 @@ class Settings:
             "prefill_chunk_tokens",
             "max_prompt_tokens",
             "max_new_tokens",
+            "stream_chunk_tokens",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")

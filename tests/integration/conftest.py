@@ -1,0 +1,204 @@
+"""Fixtures for server integration tests: a real server on 127.0.0.1:0, real gRPC channels.
+
+The server runs in this process on its own event loop thread (so tests can read its state and
+drive its clock); the SIGTERM test starts a real ``lstm-serve`` subprocess instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from prometheus_client import CollectorRegistry
+
+from export.graph import random_model
+from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from server.app import App
+from server.settings import Settings
+
+T = TypeVar("T")
+
+VOCAB = ["<unk>", " ", *"abcdefghijklmnopqrstuvwxyz"]
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand (idle-timeout tests)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class ServerThread:
+    """An :class:`App` on its own event loop thread; ``target`` is ``127.0.0.1:PORT``."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.registry = CollectorRegistry()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.app: App | None = None
+        self.stopped = False
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def on_loop(self, fn: Callable[[], T], timeout: float = 10) -> T:
+        """Run ``fn`` on the server's loop thread (the only safe place to read its state)."""
+
+        async def run() -> T:
+            return fn()
+
+        return self.call(run(), timeout)
+
+    def start(self, wait_ready: bool = True) -> ServerThread:
+        self.thread.start()
+
+        async def make() -> App:
+            kw: dict[str, Any] = {"registry": self.registry}
+            if self.clock is not None:
+                kw["clock"] = self.clock
+            app = App(self.settings, **kw)
+            await app.start()
+            return app
+
+        self.app = self.call(make())
+        if wait_ready:
+            self.call(self.app.ready())
+        return self
+
+    @property
+    def target(self) -> str:
+        assert self.app is not None
+        return f"127.0.0.1:{self.app.port}"
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.app is not None:
+            self.call(self.app.drain(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def make_settings(model: Path, **overrides: Any) -> Settings:
+    base = dict(
+        model=str(model),
+        port=0,
+        metrics_port=-1,
+        intra_op_threads=1,
+        provider="cpu",
+        drain_grace_s=2.0,
+    )
+    base.update(overrides)
+    return Settings(**base).validate()  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-layer random model in a repository layout NAME/VERSION/model.onnx."""
+    import onnx
+
+    path = tmp_path_factory.mktemp("repo") / "tiny" / "3" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    onnx.save(random_model(VOCAB, hidden_size=24, num_layers=2, seed=7), str(path))
+    return path
+
+
+@pytest.fixture
+def start_server(model_path: Path) -> Iterator[Callable[..., ServerThread]]:
+    """Factory: ``start_server(clock=None, wait_ready=True, **settings)``; stopped afterwards."""
+    started: list[ServerThread] = []
+
+    def start(
+        clock: Callable[[], float] | None = None, wait_ready: bool = True, **overrides: Any
+    ) -> ServerThread:
+        srv = ServerThread(make_settings(model_path, **overrides), clock)
+        started.append(srv)
+        return srv.start(wait_ready)
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """One server for tests that do not disturb it (metrics port on, batching on)."""
+    import onnx
+
+    path = tmp_path_factory.mktemp("shared") / "model.onnx"
+    onnx.save(random_model(VOCAB, hidden_size=24, num_layers=2, seed=7), str(path))
+    srv = ServerThread(make_settings(path, metrics_port=0, max_prompt_tokens=64, max_new_tokens=500))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def stub_for() -> Iterator[Callable[[ServerThread], Any]]:
+    channels: list[grpc.Channel] = []
+
+    def make(srv: ServerThread) -> Any:
+        ch = grpc.insecure_channel(srv.target)
+        channels.append(ch)
+        return pb_grpc.LstmServeStub(ch)
+
+    yield make
+    for ch in channels:
+        ch.close()
+
+
+class Reference:
+    """In-process ONNX Runtime, one session at a time, state carried by hand: the oracle."""
+
+    def __init__(self, path: Path) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        h0 = self.sess.get_inputs()[1].shape
+        self.L, self.H = int(h0[0]), int(h0[2])
+
+    def zeros(self) -> tuple[np.ndarray, np.ndarray]:
+        z = np.zeros((self.L, 1, self.H), np.float32)
+        return z, z.copy()
+
+    def feed(
+        self, tokens: list[int], state: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Logits ``[T, V]`` and the new state after feeding ``tokens`` to one session."""
+        t = np.asarray(tokens, np.int64).reshape(-1, 1)
+        logits, h, c = self.sess.run(None, {"tokens": t, "h0": state[0], "c0": state[1]})
+        return logits[:, 0], (h, c)
+
+    def greedy(
+        self, prompt: list[int], n: int, state: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> list[int]:
+        state = state or self.zeros()
+        logits, state = self.feed(prompt, state)
+        out: list[int] = []
+        for _ in range(n):
+            tok = int(np.argmax(logits[-1]))
+            out.append(tok)
+            logits, state = self.feed([tok], state)
+        return out
+
+
+@pytest.fixture(scope="session")
+def reference(model_path: Path) -> Reference:
+    return Reference(model_path)
