@@ -2,8 +2,8 @@
 
 Every session owns a *slot* in one preallocated pool: ``h`` and ``c`` arrays ``[L, capacity, H]``
 plus the last next-token logits ``[capacity, V]``. A model call's batch is a list of slots:
-:meth:`StatePool.gather` stacks their rows into contiguous ``[L, B, H]`` inputs (numpy fancy
-indexing: one copy, no per-session Python), :meth:`StatePool.scatter` writes the outputs back.
+:meth:`StatePool.gather` stacks their rows into contiguous ``[L, B, H]`` inputs (with
+``np.take``: one copy, no per-session Python), :meth:`StatePool.scatter` writes the outputs back.
 This is text-generation-inference's ``concatenate``/``filter`` for a recurrent model: membership
 of the batch may change at every step because nothing lives in the batch between steps.
 
@@ -79,7 +79,9 @@ class StatePool:
 
     def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stack the slots' rows: ``(h, c)``, each a new C-contiguous ``[L, len(slots), H]``."""
-        return self.h[:, slots], self.c[:, slots]
+        # np.take along axis 1 yields C-contiguous output (``h[:, slots]`` does not for L > 1,
+        # and ONNX Runtime would copy it again).
+        return np.take(self.h, slots, axis=1), np.take(self.c, slots, axis=1)
 
     def scatter(self, slots: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
         """Write ``h[:, i]``/``c[:, i]`` back to ``slots[i]``. Slots must be distinct."""

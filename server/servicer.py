@@ -195,6 +195,8 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
                 await context.write(pb.StepStreamResponse(**_step_fields(result)))
                 req = await context.read()
                 if req is grpc.aio.EOF:
+                    # grpc.aio reports a client that vanishes between messages as end-of-stream
+                    # first (the cancellation lands after), so such a stream counts as closed.
                     reason = "closed"
                     return
         except ServeError:

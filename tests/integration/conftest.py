@@ -144,7 +144,9 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerTh
 
     path = tmp_path_factory.mktemp("shared") / "model.onnx"
     onnx.save(random_model(VOCAB, hidden_size=24, num_layers=2, seed=7), str(path))
-    srv = ServerThread(make_settings(path, metrics_port=0, max_prompt_tokens=64, max_new_tokens=500))
+    srv = ServerThread(
+        make_settings(path, metrics_port=0, max_prompt_tokens=64, max_new_tokens=500)
+    )
     srv.start()
     yield srv
     srv.stop()

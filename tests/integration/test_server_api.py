@@ -37,7 +37,9 @@ def test_not_found_for_unknown_and_closed_sessions(shared_server, stub_for):
         (stub.Generate, pb.GenerateRequest(session_id=sid, prompt="a", max_tokens=3)),
     ):
         assert _code(call, req)[0] == grpc.StatusCode.NOT_FOUND
-    code, _ = _code(lambda: list(stub.StepStream(iter([pb.StepStreamRequest(session_id=sid, text="a")]))))
+    code, _ = _code(
+        lambda: list(stub.StepStream(iter([pb.StepStreamRequest(session_id=sid, text="a")])))
+    )
     assert code == grpc.StatusCode.NOT_FOUND
 
 
@@ -142,7 +144,9 @@ def test_lru_eviction_replaces_the_least_recently_used_idle_session(start_server
     a, b, c = (stub.CreateSession(pb.CreateSessionRequest()).session_id for _ in range(3))
     stub.Step(pb.StepRequest(session_id=a, text="x"))  # a is now the most recently used
     d = stub.CreateSession(pb.CreateSessionRequest()).session_id
-    assert _code(stub.GetSession, pb.GetSessionRequest(session_id=b))[0] == grpc.StatusCode.NOT_FOUND
+    assert (
+        _code(stub.GetSession, pb.GetSessionRequest(session_id=b))[0] == grpc.StatusCode.NOT_FOUND
+    )
     for sid in (a, c, d):
         stub.GetSession(pb.GetSessionRequest(session_id=sid))
     ended = srv.on_loop(lambda: dict(srv.app.store.stats.ended))
@@ -229,9 +233,7 @@ def test_stop_string_ends_generation_and_is_not_returned(shared_server, stub_for
     stop = greedy[20:23]
     cut = greedy.index(stop)
     msgs = list(
-        stub.Generate(
-            pb.GenerateRequest(prompt="the time", max_tokens=60, stop=[stop, "zzzzzzz"])
-        )
+        stub.Generate(pb.GenerateRequest(prompt="the time", max_tokens=60, stop=[stop, "zzzzzzz"]))
     )
     assert "".join(m.text for m in msgs) == greedy[:cut]
     assert msgs[-1].finish_reason == pb.FINISH_REASON_STOP

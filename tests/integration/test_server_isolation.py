@@ -79,7 +79,9 @@ def test_many_interleaved_sessions_match_in_process(start_server, stub_for, refe
         gens = [
             pool.submit(
                 lambda s: list(
-                    stub.Generate(pb.GenerateRequest(session_id=s, prompt="the time", max_tokens=200))
+                    stub.Generate(
+                        pb.GenerateRequest(session_id=s, prompt="the time", max_tokens=200)
+                    )
                 ),
                 s,
             )

@@ -1,0 +1,63 @@
+"""Settings: defaults, LSTM_SERVE_* variables, flags over variables, errors naming the setting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from server.settings import Settings, SettingsError, from_args, from_env, settings_table
+
+
+def test_defaults_are_valid_and_documented():
+    s = from_env({})
+    assert s == Settings()
+    assert s.host == "127.0.0.1" and s.provider == "auto" and s.idle_timeout_s == 600
+    for f in dataclasses.fields(Settings):
+        assert f.metadata["help"].endswith((".", ")")), f.name
+    table = settings_table()
+    assert "`LSTM_SERVE_MAX_BATCH_SIZE`" in table and "`--drain-grace-s`" in table
+
+
+def test_environment_variables_are_parsed_by_type():
+    env = {
+        "LSTM_SERVE_HOST": "0.0.0.0",
+        "LSTM_SERVE_PORT": "0",
+        "LSTM_SERVE_MAX_QUEUE_DELAY_MS": "0.5",
+        "LSTM_SERVE_EVICTION": "lru",
+        "LSTM_SERVE_MODEL": "/m/x.onnx",
+        "LSTM_SERVE_MAX_SESSIONS": "",  # empty = unset
+        "OTHER": "ignored",
+    }
+    s = from_env(env)
+    assert (s.host, s.port, s.max_queue_delay_ms, s.eviction) == ("0.0.0.0", 0, 0.5, "lru")
+    assert s.model == "/m/x.onnx" and s.max_sessions == Settings().max_sessions
+
+
+def test_flags_override_environment():
+    s = from_args(["--port", "7000", "--max-batch-size", "1"], {"LSTM_SERVE_PORT": "6000"})
+    assert s.port == 7000 and s.max_batch_size == 1
+    assert from_args([], {"LSTM_SERVE_PORT": "6000"}).port == 6000
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"LSTM_SERVE_PORT": "abc"}, "LSTM_SERVE_PORT"),
+        ({"LSTM_SERVE_PORT": "70000"}, "LSTM_SERVE_PORT"),
+        ({"LSTM_SERVE_PROVIDER": "tpu"}, "--provider"),
+        ({"LSTM_SERVE_EVICTION": "random"}, "LSTM_SERVE_EVICTION"),
+        ({"LSTM_SERVE_MAX_SESSIONS": "0"}, "max-sessions"),
+        ({"LSTM_SERVE_IDLE_TIMEOUT_S": "0"}, "idle-timeout-s"),
+        ({"LSTM_SERVE_MAX_QUEUE_DELAY_MS": "-1"}, "max-queue-delay-ms"),
+        ({"LSTM_SERVE_METRICS_PORT": "-2"}, "metrics-port"),
+    ],
+)
+def test_bad_values_name_the_setting(env, needle):
+    with pytest.raises(SettingsError, match=needle):
+        from_env(env)
+
+
+def test_bad_flag_value_names_the_flag():
+    with pytest.raises(SettingsError, match="--max-new-tokens"):
+        from_args(["--max-new-tokens", "many"], {})
