@@ -117,6 +117,7 @@ class App:
             prefill_chunk_tokens=s.prefill_chunk_tokens,
             inline_max_rows=s.inline_max_rows,
             stream_chunk_tokens=s.stream_chunk_tokens,
+            pipeline_min_rows=s.pipeline_min_rows,
             stats=self.scheduler_stats,
         )
         limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)

@@ -20,38 +20,49 @@ def sample(
     """Choose one token per row of ``logits[B, V]``; returns int64 ``[B]``.
 
     Row ``i``: ``temperature[i] == 0`` is greedy (exactly ``argmax``, lowest id on ties; the
-    other parameters and ``uniforms[i]`` are ignored). Otherwise the softmax of
-    ``logits / temperature`` (in float64) is restricted to the ``top_k[i]`` most probable tokens
-    (0 = all), then to the smallest most-probable-first prefix whose mass reaches ``top_p[i]``
-    (0 or >= 1 = all), renormalised, and inverted at ``uniforms[i]`` in ``[0, 1)`` along the
-    most-probable-first order (ties by lower id).
+    other parameters and ``uniforms[i]`` are ignored). Otherwise, with ``q`` the softmax of
+    ``logits / temperature`` computed in float64:
+
+    * top-k (``0 < top_k[i] < V``) keeps the ``top_k[i]`` most probable tokens (ties: lower id
+      first);
+    * top-p (``0 < top_p[i] < 1``) then keeps, most probable first, every token while the mass
+      of the ones kept before it is below ``top_p[i]`` (so at least one);
+    * the kept probabilities, renormalised, are inverted at ``uniforms[i]`` in ``[0, 1)`` in
+      token-id order: the chosen id is the first whose cumulative mass exceeds ``u * total``.
     """
     V = logits.shape[1]
     out = np.argmax(logits, axis=1)
-    sampled = np.flatnonzero(temperature > 0)
-    if sampled.size == 0:
+    s = np.flatnonzero(temperature > 0)
+    if s.size == 0:
         return out
-    x = logits[sampled].astype(np.float64) / temperature[sampled, None].astype(np.float64)
-    order = np.argsort(-x, axis=1, kind="stable")
-    xs = np.take_along_axis(x, order, axis=1)
-    xs -= xs[:, :1]
-    p = np.exp(xs)
-    ranks = np.arange(V)
-    k = top_k[sampled].astype(np.int64)
-    k = np.where((k <= 0) | (k > V), V, k)
-    p[ranks[None, :] >= k[:, None]] = 0.0
-    p /= p.sum(axis=1, keepdims=True)
-    tp = top_p[sampled].astype(np.float64)
-    tp = np.where((tp <= 0) | (tp >= 1), 1.0, tp)
-    before = np.cumsum(p, axis=1) - p  # mass of the more probable tokens
-    # The first token is always kept; a token is kept while the mass before it is short of top_p.
-    drop = before >= tp[:, None]
-    drop[:, 0] = False
-    p[drop] = 0.0
+    x = logits[s].astype(np.float64)
+    x /= temperature[s, None]
+    x -= x.max(axis=1, keepdims=True)
+    p = np.exp(x)
+    k = top_k[s]
+    tp = top_p[s]
+    use_k = (k > 0) & (k < V)
+    use_p = (tp > 0) & (tp < 1)
+    filt = use_k | use_p
+    if filt.any():
+        # Only rows that filter pay for the sort.
+        rows = np.flatnonzero(filt)
+        pr = p[rows]
+        order = np.argsort(-pr, axis=1, kind="stable")
+        ps = np.take_along_axis(pr, order, axis=1)
+        kk = np.where(use_k[rows], k[rows], V)
+        keep = np.arange(V)[None, :] < kk[:, None]
+        ps = np.where(keep, ps, 0.0)
+        ps /= ps.sum(axis=1, keepdims=True)
+        t = np.where(use_p[rows], tp[rows], 2.0)
+        keep &= (np.cumsum(ps, axis=1) - ps) < t[:, None]
+        mask = np.empty_like(keep)
+        np.put_along_axis(mask, order, keep, axis=1)
+        pr[~mask] = 0.0
+        p[rows] = pr
     cdf = np.cumsum(p, axis=1)
-    u = uniforms[sampled].astype(np.float64) * cdf[:, -1]
-    idx = np.minimum((cdf <= u[:, None]).sum(axis=1), V - 1)
-    # A zero-probability tail after the cut can never be chosen: step back onto the last kept.
-    idx = np.minimum(idx, (p > 0).sum(axis=1) - 1)
-    out[sampled] = order[np.arange(sampled.size), idx]
+    idx = (cdf <= (uniforms[s] * cdf[:, -1])[:, None]).sum(axis=1)
+    # u * total can round up to total: never step past the last token that may be chosen.
+    last = V - 1 - np.argmax(p[:, ::-1] > 0, axis=1)
+    out[s] = np.minimum(idx, last)
     return out.astype(np.int64, copy=False)

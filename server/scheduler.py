@@ -14,6 +14,10 @@ Contract (what callers may rely on):
 * The state pool is read and written only on the event loop thread; only the ONNX Runtime call
   itself may run in the model thread (ORT releases the GIL, so gRPC I/O goes on meanwhile).
   Calls of at most ``inline_max_rows`` rows run inline: a thread hop costs more than they do.
+* Pipelining: up to two plans are queued on the model thread. With at least
+  ``2 * pipeline_min_rows`` generations running, they are split into two halves that alternate,
+  so the Python work of completing one half (sampling, scatter, waking streams) overlaps the
+  model call of the other; a session is never in two plans at once.
 * Work marked ``cancelled`` is dropped at the next iteration, and if it was in flight its
   outputs are not written back: the caller may restore or free the slot at once.
 * The decode loop never waits for a consumer: a generation's tokens accumulate in its list and
@@ -53,7 +57,17 @@ class StepWork:
     With ``want_all`` every fed position's logits are returned, else only the last one's.
     """
 
-    __slots__ = ("cancelled", "chunks", "enqueued", "future", "pos", "slot", "tokens", "want_all")
+    __slots__ = (
+        "cancelled",
+        "chunks",
+        "enqueued",
+        "future",
+        "inflight",
+        "pos",
+        "slot",
+        "tokens",
+        "want_all",
+    )
 
     def __init__(
         self, slot: int, tokens: np.ndarray, want_all: bool, future: asyncio.Future[np.ndarray]
@@ -66,6 +80,7 @@ class StepWork:
         self.future = future
         self.enqueued = time.perf_counter()
         self.cancelled = False
+        self.inflight = False
 
     @property
     def remaining(self) -> int:
@@ -81,12 +96,14 @@ class Generation:
     """
 
     __slots__ = (
+        "_ubuf",
         "cancelled",
         "done_after_feed",
         "error",
         "event",
         "fed",
         "finish",
+        "inflight",
         "max_tokens",
         "next_token",
         "phase",
@@ -131,8 +148,17 @@ class Generation:
         self.finish: str | None = None
         self.stop_cut = -1
         self.cancelled = False
+        self.inflight = False
+        self._ubuf: list[float] = []
         self.error: BaseException | None = None
         self.event = asyncio.Event()
+
+    def uniform(self) -> float:
+        """The next number of this request's own random sequence."""
+        if not self._ubuf:
+            # Drawn in blocks (one numpy call per 64 tokens), consumed in order.
+            self._ubuf = self.rng.random(64).tolist()[::-1]
+        return self._ubuf.pop()
 
     def accept(self, token: int) -> None:
         """Record a sampled token (to be fed next iteration) and check the end conditions."""
@@ -147,6 +173,9 @@ class Generation:
                     break
         if len(self.tokens) >= self.max_tokens:
             self.done_after_feed = True
+
+
+_Outputs = list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]
 
 
 @dataclass
@@ -184,6 +213,7 @@ class Scheduler:
         prefill_chunk_tokens: int = 128,
         inline_max_rows: int = 4,
         stream_chunk_tokens: int = 16,
+        pipeline_min_rows: int = 16,
         stats: SchedulerStats | None = None,
     ) -> None:
         self.runtime = runtime
@@ -194,6 +224,7 @@ class Scheduler:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.inline_max_rows = inline_max_rows
         self.stream_chunk_tokens = max(1, stream_chunk_tokens)
+        self.pipeline_min_rows = pipeline_min_rows
         self._phase = 0
         self.stats = stats if stats is not None else SchedulerStats()
         self._decode: deque[StepWork] = deque()
@@ -262,38 +293,62 @@ class Scheduler:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        inflight: deque[tuple[_Plan, asyncio.Future[_Outputs]]] = deque()
         while True:
-            if not (self._decode or self._prefill or self._gens):
+            if not inflight and not self._has_work():
                 self._wake.clear()
                 await self._wake.wait()
             if (
-                self.max_queue_delay_s > 0
+                not inflight
+                and self.max_queue_delay_s > 0
                 and not self._gens
                 and not self._prefill
                 and 0 < len(self._decode) < min(self._last_rows, self.max_batch_size)
             ):
                 # Fewer steps arrived than ran last time: the rest are probably on their way.
                 await asyncio.sleep(self.max_queue_delay_s)
-            plan = self._plan()
-            if plan is None:
-                continue
-            try:
-                if plan.rows <= self.inline_max_rows:
-                    outputs = self._run(plan)
+            ran_inline = False
+            # Keep up to two plans queued on the model thread: while one runs (GIL released),
+            # this thread completes the previous one and serves gRPC.
+            while len(inflight) < 2:
+                plan = self._plan(split=not inflight)
+                if plan is None:
+                    break
+                if not inflight and plan.rows <= self.inline_max_rows:
+                    self._execute_inline(plan)
+                    ran_inline = True
+                    break
+                inflight.append((plan, loop.run_in_executor(self._executor, self._run, plan)))
+            if inflight:
+                plan, fut = inflight.popleft()
+                try:
+                    outputs = await fut
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a model failure fails that plan's requests only
+                    log.exception("model call failed")
+                    self._fail(plan, e)
                 else:
-                    outputs = await loop.run_in_executor(self._executor, self._run, plan)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a model failure fails this iteration's requests only
-                log.exception("model call failed")
-                self._fail(plan, e)
-                continue
-            self._complete(plan, outputs)
-            if self._decode or self._prefill or self._gens:
-                # Let gRPC I/O and new submissions in between back-to-back iterations.
+                    self._complete(plan, outputs)
+            elif ran_inline:
+                # Let gRPC I/O and new submissions in between back-to-back inline iterations.
                 await asyncio.sleep(0)
 
-    def _plan(self) -> _Plan | None:
+    def _execute_inline(self, plan: _Plan) -> None:
+        try:
+            outputs = self._run(plan)
+        except Exception as e:
+            log.exception("model call failed")
+            self._fail(plan, e)
+        else:
+            self._complete(plan, outputs)
+
+    def _has_work(self) -> bool:
+        return bool(self._decode or self._prefill or self._gens)
+
+    def _plan(self, split: bool = False) -> _Plan | None:
+        """Take ready work for one iteration; ``split`` = leave half the generations for a
+        second plan when there are enough of them to keep the model busy in two halves."""
         now = time.perf_counter()
         self._gens = [g for g in self._gens if g.finish is None and not g.cancelled]
         budget = self.max_batch_size
@@ -302,37 +357,47 @@ class Scheduler:
             w = self._decode.popleft()
             if not w.cancelled:
                 steps.append(w)
-        gens = self._gens
-        if len(gens) > budget - len(steps):
-            take = budget - len(steps)
-            # Round robin: the ones left out go first next time.
-            gens, rest = gens[:take], gens[take:]
-            self._gens = rest + gens
+        ready = [g for g in self._gens if not g.inflight]
+        take = budget - len(steps)
+        if split and self.pipeline_min_rows and len(ready) >= 2 * self.pipeline_min_rows:
+            take = min(take, (len(ready) + 1) // 2)
+        gens = ready
+        if len(ready) > take:
+            gens = ready[:take]
+            if take == budget - len(steps):
+                # Over the batch limit (not a split): round robin, the ones left out go first
+                # next time.
+                chosen = {id(g) for g in gens}
+                self._gens = [g for g in self._gens if id(g) not in chosen] + gens
+        for g in gens:
+            g.inflight = True
         waits = [now - w.enqueued for w in steps if w.enqueued > 0]
         decode = None
         if steps or gens:
-            slots = np.fromiter(
-                [g.slot for g in gens] + [w.slot for w in steps], np.intp, len(gens) + len(steps)
-            )
+            n = len(gens) + len(steps)
+            slots = np.fromiter([g.slot for g in gens] + [w.slot for w in steps], np.intp, n)
             tokens = np.fromiter(
                 [g.next_token for g in gens] + [int(w.tokens[w.pos]) for w in steps],
                 np.int64,
-                len(gens) + len(steps),
+                n,
             ).reshape(1, -1)
             decode = Batch.assemble(self.pool, slots, tokens)
         prefill = None
         group: list[StepWork] = []
         chunk = 0
         self._prefill = [w for w in self._prefill if not w.cancelled]
-        if self._prefill:
-            chunk = min(self._prefill[0].remaining, self.prefill_chunk_tokens)
-            group = [
-                w for w in self._prefill if min(w.remaining, self.prefill_chunk_tokens) == chunk
-            ][: self.max_batch_size]
+        waiting = [w for w in self._prefill if not w.inflight]
+        if waiting:
+            chunk = min(waiting[0].remaining, self.prefill_chunk_tokens)
+            group = [w for w in waiting if min(w.remaining, self.prefill_chunk_tokens) == chunk][
+                : self.max_batch_size
+            ]
             waits += [now - w.enqueued for w in group if w.enqueued > 0]
             slots = np.fromiter((w.slot for w in group), np.intp, len(group))
             tokens = np.stack([w.tokens[w.pos : w.pos + chunk] for w in group], axis=1)
             prefill = Batch.assemble(self.pool, slots, tokens)
+            for w in group:
+                w.inflight = True
         for w in steps:
             w.enqueued = -1.0
         for w in group:
@@ -344,7 +409,7 @@ class Scheduler:
             return None
         return _Plan(decode, gens, steps, prefill, group, chunk)
 
-    def _run(self, plan: _Plan) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    def _run(self, plan: _Plan) -> _Outputs:
         # May run in the model thread: touches nothing but the plan's own arrays and ORT.
         out = []
         for batch in (plan.decode, plan.prefill):
@@ -358,18 +423,18 @@ class Scheduler:
     def _fail(self, plan: _Plan, error: Exception) -> None:
         err = RuntimeError(f"model call failed: {type(error).__name__}")
         for w in [*plan.steps, *plan.prefill_work]:
+            w.inflight = False
             if not w.future.done():
                 w.future.set_exception(err)
             if w in self._prefill:
                 self._prefill.remove(w)
         for g in plan.gens:
+            g.inflight = False
             g.error = err
             g.finish = "error"
             g.event.set()
 
-    def _complete(
-        self, plan: _Plan, outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]
-    ) -> None:
+    def _complete(self, plan: _Plan, outputs: _Outputs) -> None:
         stats = self.stats
         stats.iterations += 1
         it = iter(outputs)
@@ -407,6 +472,7 @@ class Scheduler:
             to_sample: list[Generation] = []
             rows: list[int] = []
             for i, g in enumerate(gens):
+                g.inflight = False
                 if g.cancelled:
                     continue
                 g.fed += 1
@@ -445,6 +511,7 @@ class Scheduler:
         keep = None if all(live) else np.asarray(live)
         plan.prefill.write_back(self.pool, hn, cn, keep)
         for i, w in enumerate(group):
+            w.inflight = False
             if w.cancelled:
                 continue
             w.pos += plan.prefill_len

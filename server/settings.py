@@ -87,6 +87,12 @@ class Settings:
         "at once; a slow reader gets more per message); 1 = every token.",
         default=16,
     )
+    pipeline_min_rows: int = _doc(
+        "With at least twice this many generations running, split them into two halves whose "
+        "model calls alternate, overlapping one half's Python work with the other's model "
+        "call; 0 = never split (e.g. on a GPU, which prefers one big batch).",
+        default=16,
+    )
     max_prompt_tokens: int = _doc("Most tokens one Step or Generate prompt may feed.", default=4096)
     max_new_tokens: int = _doc("Most tokens one Generate call may ask for.", default=4096)
     drain_grace_s: float = _doc(
@@ -122,7 +128,7 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "inline_max_rows"):
+        for name in ("intra_op_threads", "inline_max_rows", "pipeline_min_rows"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("idle_timeout_s",):

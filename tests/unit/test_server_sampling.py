@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -9,32 +11,34 @@ from server.sampling import sample
 
 
 def reference_row(logits: np.ndarray, temp: float, k: int, p: float, u: float) -> int:
+    """The contract of :func:`sample`, one row, in plain Python floats."""
     if temp == 0:
         return int(np.argmax(logits))
     x = [float(v) / temp for v in logits]
-    order = sorted(range(len(x)), key=lambda i: (-x[i], i))
-    if 0 < k < len(x):
-        order = order[:k]
-    m = max(x[i] for i in order)
-    w = [np.exp(x[i] - m) for i in order]
+    m = max(x)
+    w = [math.exp(v - m) for v in x]
     total = sum(w)
-    probs = [v / total for v in w]
+    q = [v / total for v in w]
+    order = sorted(range(len(x)), key=lambda i: (-q[i], i))
+    kept = order[:k] if 0 < k < len(x) else order
     if 0 < p < 1:
-        kept, mass = [], 0.0
-        for i, q in zip(order, probs, strict=True):
-            if mass >= p and kept:
+        mass_k = sum(q[i] for i in kept)
+        chosen, mass = [], 0.0
+        for i in kept:
+            if mass >= p:
                 break
-            kept.append((i, q))
-            mass += q
-        order, probs = [i for i, _ in kept], [q for _, q in kept]
-        total = sum(probs)
-        probs = [q / total for q in probs]
+            chosen.append(i)
+            mass += q[i] / mass_k
+        kept = chosen
+    kept_set = set(kept)
+    probs = [q[i] if i in kept_set else 0.0 for i in range(len(x))]
+    target = u * sum(probs)
     acc = 0.0
-    for i, q in zip(order, probs, strict=True):
-        acc += q
-        if u < acc:
+    for i, v in enumerate(probs):
+        acc += v
+        if acc > target:
             return i
-    return order[-1]
+    return max(kept)
 
 
 @pytest.mark.parametrize(("B", "V"), [(1, 5), (17, 28), (64, 97)])
@@ -65,7 +69,7 @@ def test_frequencies_follow_the_distribution():
     out = sample(np.repeat(logits, n, 0), np.ones(n), np.zeros(n, np.int64), np.zeros(n), u)
     freq = np.bincount(out, minlength=4) / n
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
-    # top_p=0.7 keeps {0, 1}; top_k=1 is greedy.
+    # top_p=0.7 keeps {0, 1} (0.5 < 0.7, 0.8 >= 0.7); top_k=1 is greedy.
     out = sample(np.repeat(logits, n, 0), np.ones(n), np.zeros(n, np.int64), np.full(n, 0.7), u)
     np.testing.assert_allclose(np.bincount(out, minlength=4) / n, [0.625, 0.375, 0, 0], atol=0.015)
     out = sample(np.repeat(logits, n, 0), np.ones(n), np.ones(n, np.int64), np.zeros(n), u)
