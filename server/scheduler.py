@@ -234,6 +234,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lstm-model")
         self._task: asyncio.Task[None] | None = None
         self._last_rows = 0
+        self._active = False  # the loop holds plans (queued or running on the model thread)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -275,6 +276,31 @@ class Scheduler:
         self._wake.set()
         return work
 
+    def run_now(
+        self, slot: int, tokens: np.ndarray, *, want_all: bool = False
+    ) -> np.ndarray | None:
+        """Run a tiny request at once, on this thread, when nothing else is queued or running.
+
+        Same effect and result as :meth:`submit` + awaiting the future; None when the scheduler
+        is busy or the request has more than ``inline_max_rows`` tokens (then submit it).
+        """
+        if self._active or self._has_work() or len(tokens) > self.inline_max_rows:
+            return None
+        slots = np.array([slot], np.intp)
+        batch = Batch.assemble(self.pool, slots, tokens.reshape(-1, 1))
+        t0 = time.perf_counter()
+        logits, hn, cn = self.runtime.run(batch.tokens, batch.h, batch.c)
+        dt = time.perf_counter() - t0
+        batch.write_back(self.pool, hn, cn)
+        self.pool.set_logits(slots, logits[-1])
+        stats = self.stats
+        stats.iterations += 1
+        stats.model_call.observe(dt)
+        stats.batch_size.observe(1)
+        stats.queue_wait.observe(0.0)
+        stats.tokens["decode" if len(tokens) == 1 else "prefill"] += len(tokens)
+        return logits[:, 0].copy() if want_all else logits[-1:, 0].copy()
+
     def add_generation(self, gen: Generation, logits: np.ndarray) -> None:
         """Sample ``gen``'s first token from ``logits[V]`` and add it to the running set."""
         token = self._sample([gen], logits[None, :])
@@ -308,6 +334,7 @@ class Scheduler:
                 # Fewer steps arrived than ran last time: the rest are probably on their way.
                 await asyncio.sleep(self.max_queue_delay_s)
             ran_inline = False
+            self._active = True
             # Keep up to two plans queued on the model thread: while one runs (GIL released),
             # this thread completes the previous one and serves gRPC.
             while len(inflight) < 2:
@@ -333,6 +360,7 @@ class Scheduler:
             elif ran_inline:
                 # Let gRPC I/O and new submissions in between back-to-back inline iterations.
                 await asyncio.sleep(0)
+            self._active = bool(inflight)
 
     def _execute_inline(self, plan: _Plan) -> None:
         try:
@@ -402,8 +430,11 @@ class Scheduler:
             w.enqueued = -1.0
         for w in group:
             w.enqueued = -1.0
-        if waits:
+        if len(waits) > 8:
             self.stats.queue_wait.observe_many(np.asarray(waits))
+        else:
+            for wait in waits:
+                self.stats.queue_wait.observe(wait)
         self.stats.queue_depth = self.queued
         if decode is None and prefill is None:
             return None
