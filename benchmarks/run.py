@@ -43,6 +43,9 @@ SUMMARY_KEYS = (
     "batching_speedup_generate64",
     "batching_speedup_stream16",
     "int8_vs_fp32_generate64",
+    "stream16_vs_grpc_floor",
+    "grpc_floor_stream16_steps_per_s",
+    "grpc_floor_rtt_ms_p50",
 )
 # (key, comparison, target) from the issue; checked in full mode only.
 TARGETS = (
@@ -147,7 +150,18 @@ class Runner:
             self.sections[key] = {"skipped": str(e)}
             print(f"[bench]   skipped: {e}", file=sys.stderr, flush=True)
             return None
+        except Exception as e:
+            # One broken section must not lose the others' figures; it is reported as failed,
+            # with the error, and its summary keys are null with this as the reason.
+            first = (str(e).strip().splitlines() or [""])[0]
+            msg = f"failed: {type(e).__name__}: {first}"
+            self.sections[key] = {"skipped": msg, "failed": True}
+            print(f"[bench]   {msg}", file=sys.stderr, flush=True)
+            return None
         result["elapsed_s"] = round(time.perf_counter() - t0, 2)
+        # The 1-minute load average as the section ends: on a shared machine, the hint of
+        # whether someone else's work ran alongside it.
+        result["load_average_after"] = common.load_average()
         self.sections[key] = result
         return result
 
@@ -203,15 +217,16 @@ def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
         return {"server_flags": common_flags, "rows": main["generate"]}
 
     r.section("generate", 3, batched)
-    r.section(
-        "stream",
-        4,
-        lambda: (
-            {"rows": main["stream"]}
-            if "stream" in main
-            else (_ for _ in ()).throw(SectionSkipped(r.reason("generate")))
-        ),
-    )
+
+    def stream() -> dict[str, Any]:
+        if "stream" not in main:
+            raise SectionSkipped(r.reason("generate"))
+        # The same load against a server that answers at once: gRPC Python's own floor here.
+        with sb.running_null_server(model.vocab_size) as null:
+            floor = [sb.drive(null, spec("stream", c), model.vocab_size) for c in prof.streams]
+        return {"rows": main["stream"], "grpc_floor_rows": floor}
+
+    r.section("stream", 4, stream)
     r.section(
         "no_batching",
         5,
@@ -306,6 +321,16 @@ def summarise(r: Runner) -> tuple[dict[str, Any], dict[str, str]]:
         "no_batching",
         "stream",
     )
+    floor = s.get("stream", {}).get("grpc_floor_rows")
+    fl16 = _row_at(floor, "concurrency", 16)
+    fl1 = _row_at(floor, "concurrency", 1)
+    put(
+        "stream16_vs_grpc_floor",
+        ratio(st16 and st16["steps_per_s"], fl16 and fl16["steps_per_s"]),
+        "stream",
+    )
+    put("grpc_floor_stream16_steps_per_s", fl16 and fl16["steps_per_s"], "stream")
+    put("grpc_floor_rtt_ms_p50", fl1 and fl1["rtt"]["p50_ms"], "stream")
     put(
         "int8_vs_fp32_generate64",
         ratio(i8_gen64 and i8_gen64["tokens_per_s"], gen64 and gen64["tokens_per_s"]),
@@ -382,6 +407,7 @@ def print_table(result: dict[str, Any]) -> None:
                 r["ttft"]["p50_ms"],
                 r["ttft"]["p99_ms"],
                 max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
+                r["server_cpu_cores"],
                 sum(r["errors"].values()),
             ]
             for r in rows
@@ -395,13 +421,16 @@ def print_table(result: dict[str, Any]) -> None:
                 r["rtt"]["p50_ms"],
                 r["rtt"]["p99_ms"],
                 max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
+                r["server_cpu_cores"],
                 sum(r["errors"].values()),
             ]
             for r in rows
         ]
 
-    gh = ["conc", "tokens/s", "ITL p50", "ITL p99", "TTFT p50", "TTFT p99", "client cpu", "errs"]
-    sh = ["streams", "steps/s", "RTT p50", "RTT p99", "client cpu", "errs"]
+    # Latencies in ms; cpu columns in cores (client: the busiest load-generator process).
+    gh = ["conc", "tokens/s", "ITL p50", "ITL p99", "TTFT p50", "TTFT p99", "client", "server"]
+    gh.append("errs")
+    sh = ["streams", "steps/s", "RTT p50", "RTT p99", "client", "server", "errs"]
     for key, title, sub in (
         ("generate", "3. server Generate", None),
         ("stream", "4. server StepStream steps", None),
@@ -421,6 +450,12 @@ def print_table(result: dict[str, Any]) -> None:
             table(title, gh, gen_rows(sec["rows"]))
         else:
             table(title, sh, stream_rows(sec["rows"]))
+            if sec.get("grpc_floor_rows"):
+                table(
+                    "4b. gRPC floor: same load, null server (no model)",
+                    sh,
+                    stream_rows(sec["grpc_floor_rows"]),
+                )
     mem = s.get("memory", {})
     if "skipped" in mem:
         print(f"\n## 7. memory: skipped ({mem['skipped']})")

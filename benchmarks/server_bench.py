@@ -70,11 +70,10 @@ class ServerProcess:
         return (int(fields[11]) + int(fields[12])) / ticks
 
 
-@contextlib.contextmanager
 def running_server(
     model_path: str, *, extra: Sequence[str] = (), startup_timeout: float = 60.0
-) -> Iterator[ServerProcess]:
-    """Start the server, wait until health says SERVING, stop it (SIGTERM, then kill)."""
+) -> contextlib.AbstractContextManager[ServerProcess]:
+    """Start ``lstm-serve`` on the model, wait until health says SERVING; stop it on exit."""
     cmd = [
         sys.executable,
         "-m",
@@ -93,6 +92,17 @@ def running_server(
         "1",
         *extra,
     ]
+    return _running(cmd, startup_timeout)
+
+
+def running_null_server(vocab: int) -> contextlib.AbstractContextManager[ServerProcess]:
+    """Start :mod:`benchmarks.null_server` (the gRPC floor) the same way."""
+    cmd = [sys.executable, "-m", "benchmarks.null_server", "--vocab", str(vocab)]
+    return _running(cmd, 30.0)
+
+
+@contextlib.contextmanager
+def _running(cmd: list[str], startup_timeout: float) -> Iterator[ServerProcess]:
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -203,7 +213,12 @@ def drive(srv: ServerProcess, spec: LoadSpec, vocab: int) -> dict[str, Any]:
                 cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
             running.append((p, out))
-        srv_cpu0 = srv.cpu_s()
+        # The server's CPU over exactly the measured window, sampled here at its edges.
+        ws = start_ns + int(spec.warmup * 1e9)
+        time.sleep(max(0.0, (ws - time.monotonic_ns()) / 1e9))
+        srv_cpu0, srv_t0 = srv.cpu_s(), time.monotonic_ns()
+        time.sleep(max(0.0, (ws + int(spec.duration * 1e9) - time.monotonic_ns()) / 1e9))
+        srv_cpu1, srv_t1 = srv.cpu_s(), time.monotonic_ns()
         limit = spec.lead + spec.warmup + spec.duration + 30
         results = []
         for p, out in running:
@@ -218,7 +233,6 @@ def drive(srv: ServerProcess, spec: LoadSpec, vocab: int) -> dict[str, Any]:
                 raise SectionSkipped(f"load generator failed: {msg}")
             raw = np.load(out)
             results.append((json.loads(stdout.strip().splitlines()[-1]), raw))
-        srv_cpu1 = srv.cpu_s()
     window = results[0][0]["window_s"]
     tokens = sum(r["tokens"] for r, _ in results)
     errors: dict[str, int] = {}
@@ -230,10 +244,8 @@ def drive(srv: ServerProcess, spec: LoadSpec, vocab: int) -> dict[str, Any]:
         "window_s": window,
         "client_procs": procs,
         "client_cpu_fraction_per_proc": [r["client_cpu_fraction"] for r, _ in results],
-        # The server's CPU over the whole run (warm-up included), in cores: a hint, not a window
-        # measurement.
-        "server_cpu_cores_approx": (srv_cpu1 - srv_cpu0)
-        / (spec.lead + spec.warmup + spec.duration),
+        # Cores the server process used over the window (all its threads; 1.0 = one core busy).
+        "server_cpu_cores": (srv_cpu1 - srv_cpu0) / ((srv_t1 - srv_t0) / 1e9),
         "errors": errors,
     }
     if spec.mode == "generate":
@@ -269,19 +281,20 @@ async def _memory(
         stub = pb_grpc.LstmServeStub(ch)
         sem = asyncio.Semaphore(64)
 
-        async def bounded(coro: Any) -> Any:
+        async def bounded(call: Any, req: Any) -> Any:
+            # The call is made inside the semaphore: grpc.aio starts an RPC as soon as the call
+            # object exists, so building them all first would put thousands in flight at once.
             async with sem:
-                return await coro
+                return await call(req)
 
         async def create(n: int) -> list[str]:
-            rs = await asyncio.gather(
-                *(bounded(stub.CreateSession(pb.CreateSessionRequest())) for _ in range(n))
-            )
+            req = pb.CreateSessionRequest()
+            rs = await asyncio.gather(*(bounded(stub.CreateSession, req) for _ in range(n)))
             return [r.session_id for r in rs]
 
         async def step(ids: list[str]) -> None:
             await asyncio.gather(
-                *(bounded(stub.Step(pb.StepRequest(session_id=i, token_ids=[1]))) for i in ids)
+                *(bounded(stub.Step, pb.StepRequest(session_id=i, token_ids=[1])) for i in ids)
             )
 
         # Warm the allocator, gRPC's buffers and the session table's code paths first, so the
@@ -289,7 +302,7 @@ async def _memory(
         ids = await create(warm)
         await step(ids)
         await asyncio.gather(
-            *(bounded(stub.CloseSession(pb.CloseSessionRequest(session_id=i))) for i in ids)
+            *(bounded(stub.CloseSession, pb.CloseSessionRequest(session_id=i)) for i in ids)
         )
         await asyncio.sleep(0.5)
         base = srv.rss_bytes()

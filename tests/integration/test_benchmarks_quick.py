@@ -89,6 +89,7 @@ def test_sections_ran_or_say_why(quick_run: tuple[subprocess.CompletedProcess[st
         "training",
     ):
         assert key in sections
+        assert not sections[key].get("failed"), sections[key]
         assert "skipped" in sections[key] or "elapsed_s" in sections[key], key
     ort = sections["inprocess_ort"]
     assert [r["batch"] for r in ort["rows"]] == [1, 8, 32, 64, 128, 256]
