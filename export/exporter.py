@@ -233,7 +233,7 @@ def build_artifacts(checkpoint: str | Path, options: ExportOptions | None = None
 
     report: dict[str, Any] = {
         "checkpoint": {
-            "path": str(checkpoint.resolve()),
+            "path": str(checkpoint),
             "sha256": raw_sha,
             "size_bytes": checkpoint.stat().st_size,
         },
@@ -336,7 +336,7 @@ def _perplexity_report(
     val = validation_text(text, spec.preprocess, frac)
     fp = perplexity(fp32_sess, spec, val)
     out: dict[str, Any] = {
-        "corpus": str(Path(options.corpus).resolve()),
+        "corpus": str(options.corpus),
         "corpus_sha256": corpus_sha,
         "corpus_matches_checkpoint": (
             corpus_sha == ckpt.corpus_sha256 if ckpt.corpus_sha256 else None
