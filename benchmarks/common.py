@@ -194,6 +194,25 @@ def server_intra_op_threads() -> int:
         return 1
 
 
+def git_commit(tree: Path) -> str | None:
+    """``HEAD`` of the git tree at ``tree``, with ``+dirty`` when server/ has local edits."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "server", "protos", "export"],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(

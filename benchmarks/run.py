@@ -121,6 +121,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers to run"
     )
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--server-src",
+        type=Path,
+        default=None,
+        help="run the server from this tree (holding server/, protos/, export/) instead of "
+        "this checkout, e.g. a `git worktree` of another commit",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the server at the summary's load points (Generate 64, streams 1 and 16); "
+        "raw stacks under DIR/profiles, shares in the JSON. Profiled figures are not a record.",
+    )
     args = p.parse_args(argv)
     if args.out is None:
         args.out = common.ROOT / (".bench/quick" if args.quick else "benchmarks/results")
@@ -203,17 +216,29 @@ def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
             mode, c, prof.duration, prof.warmup, prof.max_tokens, args.client_procs, prof.lead
         )
 
-    def sweep(model_path: str, flags: list[str], gens: list[int], streams: list[int]) -> Any:
+    def prof_file(tag: str, mode: str, c: int) -> Path | None:
+        if not args.profile or (mode, c) not in (("generate", 64), ("stream", 1), ("stream", 16)):
+            return None
+        return args.out / "profiles" / f"{tag}-{mode}{c}.txt"
+
+    def sweep(
+        model_path: str, flags: list[str], gens: list[int], streams: list[int], tag: str
+    ) -> Any:
         out: dict[str, Any] = {"server_flags": flags}
-        with sb.running_server(model_path, extra=flags) as srv:
-            out["generate"] = [sb.drive(srv, spec("generate", c), model.vocab_size) for c in gens]
-            out["stream"] = [sb.drive(srv, spec("stream", c), model.vocab_size) for c in streams]
+        V = model.vocab_size
+        with sb.running_server(model_path, extra=flags, source=args.server_src) as srv:
+            out["generate"] = [
+                sb.drive(srv, spec("generate", c), V, prof_file(tag, "generate", c)) for c in gens
+            ]
+            out["stream"] = [
+                sb.drive(srv, spec("stream", c), V, prof_file(tag, "stream", c)) for c in streams
+            ]
         return out
 
     main: dict[str, Any] = {}
 
     def batched() -> dict[str, Any]:
-        main.update(sweep(model.path, common_flags, prof.gen_conc, prof.streams))
+        main.update(sweep(model.path, common_flags, prof.gen_conc, prof.streams, "fp32"))
         return {"server_flags": common_flags, "rows": main["generate"]}
 
     r.section("generate", 3, batched)
@@ -223,7 +248,10 @@ def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
             raise SectionSkipped(r.reason("generate"))
         # The same load against a server that answers at once: gRPC Python's own floor here.
         with sb.running_null_server(model.vocab_size) as null:
-            floor = [sb.drive(null, spec("stream", c), model.vocab_size) for c in prof.streams]
+            floor = [
+                sb.drive(null, spec("stream", c), model.vocab_size, prof_file("null", "stream", c))
+                for c in prof.streams
+            ]
         return {"rows": main["stream"], "grpc_floor_rows": floor}
 
     r.section("stream", 4, stream)
@@ -235,6 +263,7 @@ def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
             [*common_flags, "--max-batch-size", "1"],
             prof.nobatch_gen,
             prof.nobatch_streams,
+            "nobatch",
         ),
     )
 
@@ -243,7 +272,7 @@ def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
             raise SectionSkipped("no int8 model beside the fp32 one and export.quantize unusable")
         if args.provider == "cuda":
             raise SectionSkipped("the int8 model's contrib ops are CPU-only")
-        out = sweep(model.int8_path, common_flags, prof.int8_gen, prof.int8_streams)
+        out = sweep(model.int8_path, common_flags, prof.int8_gen, prof.int8_streams, "int8")
         out["model"] = model.int8_path
         return out
 
@@ -251,7 +280,7 @@ def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
 
     def mem() -> dict[str, Any]:
         flags = [*common_flags, "--max-sessions", str(prof.sessions + prof.warm_sessions)]
-        with sb.running_server(model.path, extra=flags) as srv:
+        with sb.running_server(model.path, extra=flags, source=args.server_src) as srv:
             return sb.memory(srv, model, prof.sessions, prof.warm_sessions)
 
     r.section("memory", 7, mem)
@@ -476,6 +505,19 @@ def print_table(result: dict[str, Any]) -> None:
             ["variant", "tokens/s"],
             [[r["variant"], r["tokens_per_s"]] for r in tr["rows"]],
         )
+    for key in ("generate", "stream", "no_batching", "int8"):
+        sec = s.get(key, {})
+        for sub in ("rows", "generate", "stream", "grpc_floor_rows"):
+            for row in sec.get(sub) or []:
+                prof = row.get("profile")
+                if not isinstance(prof, dict):
+                    continue
+                print(
+                    f"\n## profile: {key}/{sub} at {row['concurrency']} ({prof['samples']} samples)"
+                )
+                print("  threads: " + ", ".join(f"{n} {v}%" for n, v in prof["threads"]))
+                for name, v in prof["leaf"][:10]:
+                    print(f"  {v:5.1f}%  {name}")
     print("\n## summary")
     targets = {t["key"]: t for t in result["targets"]}
     for k, v in result["summary"].items():
@@ -548,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": r.threads,
                 "provider": args.provider,
                 "client_procs": args.client_procs,
+                "profiled": args.profile,
+                "server_source": str(args.server_src or common.ROOT),
+                "server_commit": common.git_commit(args.server_src or common.ROOT),
                 "model": model.as_dict(),
                 "gpu": "none in this run" if args.provider == "cpu" else args.provider,
             },

@@ -71,9 +71,18 @@ class ServerProcess:
 
 
 def running_server(
-    model_path: str, *, extra: Sequence[str] = (), startup_timeout: float = 60.0
+    model_path: str,
+    *,
+    extra: Sequence[str] = (),
+    startup_timeout: float = 60.0,
+    source: Path | None = None,
 ) -> contextlib.AbstractContextManager[ServerProcess]:
-    """Start ``lstm-serve`` on the model, wait until health says SERVING; stop it on exit."""
+    """Start ``lstm-serve`` on the model, wait until health says SERVING; stop it on exit.
+
+    ``source`` runs the server from another tree holding ``server/``, ``protos/`` and
+    ``export/`` (e.g. ``git worktree add /tmp/base HEAD~3``), to compare engine versions under
+    the same load; default: this checkout.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -92,7 +101,7 @@ def running_server(
         "1",
         *extra,
     ]
-    return _running(cmd, startup_timeout)
+    return _running(cmd, startup_timeout, source)
 
 
 def running_null_server(vocab: int) -> contextlib.AbstractContextManager[ServerProcess]:
@@ -102,14 +111,19 @@ def running_null_server(vocab: int) -> contextlib.AbstractContextManager[ServerP
 
 
 @contextlib.contextmanager
-def _running(cmd: list[str], startup_timeout: float) -> Iterator[ServerProcess]:
+def _running(
+    cmd: list[str], startup_timeout: float, source: Path | None = None
+) -> Iterator[ServerProcess]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=source or ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=env,
     )
     log: list[str] = []
     port_box: list[int] = []
@@ -172,8 +186,15 @@ class LoadSpec:
     lead: float = 2.5  # seconds for the loadgen processes to start and connect before the window
 
 
-def drive(srv: ServerProcess, spec: LoadSpec, vocab: int) -> dict[str, Any]:
-    """Run loadgen process(es) against ``srv`` and merge what they measured."""
+def drive(
+    srv: ServerProcess, spec: LoadSpec, vocab: int, profile_to: Path | None = None
+) -> dict[str, Any]:
+    """Run loadgen process(es) against ``srv`` and merge what they measured.
+
+    With ``profile_to`` (a file), py-spy samples the server over the window and the row gets a
+    ``profile`` summary (see :mod:`benchmarks.profiling`); the sampling costs the server a little
+    CPU, so profiled rows are marked and kept out of the record's figures.
+    """
     procs = max(1, min(spec.client_procs, spec.concurrency))
     shares = [
         spec.concurrency // procs + (1 if i < spec.concurrency % procs else 0) for i in range(procs)
@@ -215,6 +236,14 @@ def drive(srv: ServerProcess, spec: LoadSpec, vocab: int) -> dict[str, Any]:
             running.append((p, out))
         # The server's CPU over exactly the measured window, sampled here at its edges.
         ws = start_ns + int(spec.warmup * 1e9)
+        spy = None
+        if profile_to is not None:
+            from . import profiling
+
+            # Attached now, while the loadgens start: py-spy holds the process still for a
+            # moment as it attaches, which must not fall inside the window. The samples
+            # therefore include the warm-up's load as well.
+            spy = profiling.start(srv.proc.pid, spec.lead + spec.warmup + spec.duration, profile_to)
         time.sleep(max(0.0, (ws - time.monotonic_ns()) / 1e9))
         srv_cpu0, srv_t0 = srv.cpu_s(), time.monotonic_ns()
         time.sleep(max(0.0, (ws + int(spec.duration * 1e9) - time.monotonic_ns()) / 1e9))
@@ -233,8 +262,20 @@ def drive(srv: ServerProcess, spec: LoadSpec, vocab: int) -> dict[str, Any]:
                 raise SectionSkipped(f"load generator failed: {msg}")
             raw = np.load(out)
             results.append((json.loads(stdout.strip().splitlines()[-1]), raw))
+        if spy is not None:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
     window = results[0][0]["window_s"]
     tokens = sum(r["tokens"] for r, _ in results)
+    if tokens == 0:
+        tail = " | ".join(line for line in srv.log[-4:] if line.strip())
+        raise SectionSkipped(
+            f"{spec.mode} at {spec.concurrency}: nothing completed in the window (server "
+            f"stalled or failing); server log: {tail or 'empty'}"
+        )
     errors: dict[str, int] = {}
     for r, _ in results:
         for k, v in r["errors"].items():
@@ -248,6 +289,15 @@ def drive(srv: ServerProcess, spec: LoadSpec, vocab: int) -> dict[str, Any]:
         "server_cpu_cores": (srv_cpu1 - srv_cpu0) / ((srv_t1 - srv_t0) / 1e9),
         "errors": errors,
     }
+    if profile_to is not None:
+        from . import profiling
+
+        row["profiled"] = True
+        if profile_to.is_file():
+            row["profile"] = profiling.summarise(profile_to)
+            row["profile_raw"] = str(profile_to)
+        else:
+            row["profile"] = "py-spy not installed or it could not attach"
     if spec.mode == "generate":
         row["tokens_per_s"] = tokens / window
         row["calls_done"] = sum(r["calls_done"] for r, _ in results)
