@@ -32,6 +32,9 @@ class ModelConfig:
     cell: Cell = "scratch"
     input_mode: InputMode = "onehot"  # the book feeds one-hot vectors
     embedding_dim: int = 32  # used only when input_mode == "embedding"
+    # Training-time regularisation only (between layers and before the projection); a no-op in
+    # eval mode, so it changes neither the weights' layout nor the exported graph.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:
@@ -46,6 +49,8 @@ class ModelConfig:
             raise ValueError(f"input_mode must be 'onehot' or 'embedding', got {self.input_mode!r}")
         if self.input_mode == "embedding" and self.embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def input_size(self) -> int:
@@ -114,8 +119,11 @@ class ScratchLSTMLayer(nn.Module):
 class ScratchLSTM(nn.Module):
     """Stacked scratch layers with the same call shape as ``nn.LSTM`` (time-major)."""
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
+        self.dropout = dropout  # on each layer's output except the last, like nn.LSTM's
         self.layers = nn.ModuleList(
             ScratchLSTMLayer(input_size if i == 0 else hidden_size, hidden_size)
             for i in range(num_layers)
@@ -125,6 +133,8 @@ class ScratchLSTM(nn.Module):
         h0, c0 = state
         hs, cs = [], []
         for layer_idx, layer in enumerate(self.layers):
+            if layer_idx > 0 and self.dropout > 0:
+                X = F.dropout(X, self.dropout, self.training)
             X, (h, c) = layer(X, (h0[layer_idx], c0[layer_idx]))
             hs.append(h)
             cs.append(c)
@@ -143,10 +153,16 @@ class CharLSTM(nn.Module):
             else None
         )
         self.rnn: nn.Module
+        p = config.dropout
         if config.cell == "scratch":
-            self.rnn = ScratchLSTM(config.input_size, config.hidden_size, config.num_layers)
+            self.rnn = ScratchLSTM(config.input_size, config.hidden_size, config.num_layers, p)
         else:
-            self.rnn = nn.LSTM(config.input_size, config.hidden_size, config.num_layers)
+            # nn.LSTM warns when given dropout with one layer (it has no layer in between).
+            between = p if config.num_layers > 1 else 0.0
+            self.rnn = nn.LSTM(
+                config.input_size, config.hidden_size, config.num_layers, dropout=between
+            )
+        self.drop = nn.Dropout(p)
         self.output = nn.Linear(config.hidden_size, config.vocab_size)
 
     def encode_input(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -169,7 +185,7 @@ class CharLSTM(nn.Module):
         if state is None:
             state = self.begin_state(tokens.shape[1], tokens.device)
         Y, state = self.rnn(self.encode_input(tokens), state)
-        return self.output(Y), state
+        return self.output(self.drop(Y)), state
 
 
 @dataclass(frozen=True)
