@@ -16,7 +16,7 @@ The same code path runs on CPU, which is how it is exercised without a GPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,7 +83,7 @@ def ort_decode(
     for B in batches:
         tokens = rng.integers(0, V, size=(1, B), dtype=np.int64)
         if iobinding:
-            step = _bound_stepper(sess, tokens, L, H, "cuda" if provider == "cuda" else "cpu")
+            step, _ = bound_stepper(sess, tokens, L, H, "cuda" if provider == "cuda" else "cpu")
         else:
             state = {
                 "h0": np.zeros((L, B, H), np.float32),
@@ -105,7 +105,14 @@ def ort_decode(
     }
 
 
-def _bound_stepper(sess: Any, tokens: np.ndarray, L: int, H: int, device: str) -> Any:
+def bound_stepper(
+    sess: Any, tokens: np.ndarray, L: int, H: int, device: str
+) -> tuple[Callable[[], None], Callable[[], tuple[np.ndarray, np.ndarray]]]:
+    """``(step, state)``: one decode step through IOBinding, and the current ``(h, c)`` on host.
+
+    State starts at zeros and stays on ``device`` between steps (two buffers per tensor, swapped
+    every step); ``state()`` copies it back, for checking, not for timing.
+    """
     import onnxruntime as ort
 
     B = tokens.shape[1]
@@ -134,7 +141,11 @@ def _bound_stepper(sess: Any, tokens: np.ndarray, L: int, H: int, device: str) -
         sess.run_with_iobinding(binding)
         flip[0] = 1 - i
 
-    return step
+    def state() -> tuple[np.ndarray, np.ndarray]:
+        i = flip[0]
+        return bufs[0][i].numpy(), bufs[1][i].numpy()
+
+    return step, state
 
 
 def torch_decode(
