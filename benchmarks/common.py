@@ -19,10 +19,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = ROOT / "server" / "model_repo" / "timemachine" / "1" / "model.onnx"
-# The shape the fallback model takes when the bundled one is missing: the book's recipe (one
-# layer of 256 hidden units over the 28-token character vocabulary).
+# The shape of the fallback model when the bundled one is missing: the bundled model's (two
+# layers of 256 hidden units over the 28-token character vocabulary; it uses a 32-wide
+# embedding where this one is one-hot, which changes only the first layer's input width).
 FALLBACK_HIDDEN = 256
-FALLBACK_LAYERS = 1
+FALLBACK_LAYERS = 2
 
 
 class SectionSkipped(Exception):
@@ -60,6 +61,8 @@ class ModelUnderTest:
     hidden_size: int
     vocab_size: int
     int8_path: str | None
+    input_mode: str = "onehot"  # how the first layer sees a token (the eager baseline copies it)
+    embedding_dim: int = 32
 
     @property
     def state_bytes(self) -> int:
@@ -72,11 +75,13 @@ class ModelUnderTest:
         return d
 
 
-def _spec(path: Path) -> tuple[int, int, int]:
+def _spec(path: Path) -> tuple[int, int, int, str, int]:
     from export.contract import validate
 
     spec = validate(path)
-    return spec.num_layers, spec.hidden_size, spec.vocab_size
+    mode = str(spec.config.get("input_mode", "onehot"))
+    dim = int(spec.config.get("embedding_dim", 32) or 32)
+    return spec.num_layers, spec.hidden_size, spec.vocab_size, mode, dim
 
 
 def _int8_beside(path: Path) -> Path | None:
@@ -87,7 +92,7 @@ def _int8_beside(path: Path) -> Path | None:
 def resolve_model(given: str | None, workdir: Path) -> ModelUnderTest:
     """The model to benchmark: ``given``, else the bundled model, else a random one.
 
-    The random fallback has the bundled model's intended shape (28 tokens, 1 x 256) and is
+    The random fallback has the bundled model's shape (28 tokens, 2 x 256) and is
     written under ``workdir``; its int8 variant is made with ``export.quantize`` when that
     module is available, so the fp32-vs-int8 section can still run.
     """
@@ -112,8 +117,8 @@ def resolve_model(given: str | None, workdir: Path) -> ModelUnderTest:
     int8 = _int8_beside(path)
     if int8 is None:
         int8 = _make_int8(path, workdir)
-    L, H, V = _spec(path)
-    return ModelUnderTest(str(path), source, L, H, V, str(int8) if int8 else None)
+    L, H, V, mode, dim = _spec(path)
+    return ModelUnderTest(str(path), source, L, H, V, str(int8) if int8 else None, mode, dim)
 
 
 def _make_int8(path: Path, workdir: Path) -> Path | None:

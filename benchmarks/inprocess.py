@@ -16,6 +16,7 @@ The same code path runs on CPU, which is how it is exercised without a GPU.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -165,16 +166,36 @@ def torch_decode(
             hidden_size=model.hidden_size,
             num_layers=model.num_layers,
             cell="torch",
+            input_mode="embedding" if model.input_mode == "embedding" else "onehot",
+            embedding_dim=model.embedding_dim,
         )
     ).eval()
-    rows = []
-    with torch.inference_mode():
-        for B in batches:
-            tokens = torch.randint(0, model.vocab_size, (1, B))
-            state = [net.begin_state(B)]
 
-            def step(tokens: torch.Tensor = tokens, state: list[Any] = state) -> None:
-                _, state[0] = net(tokens, state[0])
+    def sweep() -> list[dict[str, Any]]:
+        rows = []
+        with torch.inference_mode():
+            for B in batches:
+                tokens = torch.randint(0, model.vocab_size, (1, B))
+                state = [net.begin_state(B)]
 
-            rows.append(_row(B, _time_loop(step, seconds, 20, 10)))
-    return {"torch_threads": torch.get_num_threads(), "rows": rows}
+                def step(tokens: torch.Tensor = tokens, state: list[Any] = state) -> None:
+                    _, state[0] = net(tokens, state[0])
+
+                rows.append(_row(B, _time_loop(step, seconds, 20, 10)))
+        return rows
+
+    rows = sweep()
+    # On CPU, nn.LSTM goes through oneDNN by default, which builds an RNN primitive per call: a
+    # large fixed cost at small batches. With it off, PyTorch's native kernels run; recorded too,
+    # so the comparison is also made against the faster of the two.
+    with warnings.catch_warnings():
+        # flags() re-applies every oneDNN setting and warns about TF32 on Intel GPUs: not ours.
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.backends.mkldnn.flags(enabled=False):
+            rows_native = sweep()
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "onednn_available": bool(torch.backends.mkldnn.is_available()),
+        "rows": rows,
+        "rows_onednn_off": rows_native,
+    }

@@ -40,6 +40,15 @@ def throughput(result: dict[str, Any], path: Path) -> bool:
             "k:",
             label="in-process PyTorch eager",
         )
+    native = _rows(s, "torch_eager", "rows_onednn_off")
+    if native:
+        ax.plot(
+            [r["batch"] for r in native],
+            [r["tokens_per_s"] for r in native],
+            "k-.",
+            alpha=0.6,
+            label="in-process PyTorch eager, oneDNN off",
+        )
     for key, sub, style, label in (
         ("generate", "rows", "o-", "server Generate"),
         ("no_batching", "generate", "s--", "server Generate, max batch 1"),

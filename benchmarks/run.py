@@ -37,6 +37,7 @@ SUMMARY_KEYS = (
     "p2_step_rtt_ms_p99",
     "step_stream16_steps_per_s",
     "p4_ort_vs_torch_b1",
+    "p4_ort_vs_torch_onednn_off_b1",
     "p5_train_scratch_vs_d2l",
     "p5_train_torch_vs_d2l",
     "p6_session_memory_ratio",
@@ -303,6 +304,7 @@ def summarise(r: Runner) -> tuple[dict[str, Any], dict[str, str]]:
     ort64 = _row_at(ort_rows, "batch", 64)
     ort1 = _row_at(ort_rows, "batch", 1)
     torch1 = _row_at(torch_rows, "batch", 1)
+    torch1_native = _row_at(s.get("torch_eager", {}).get("rows_onednn_off"), "batch", 1)
     gen64 = _row_at(s.get("generate", {}).get("rows"), "concurrency", 64)
     st1 = _row_at(s.get("stream", {}).get("rows"), "concurrency", 1)
     st16 = _row_at(s.get("stream", {}).get("rows"), "concurrency", 16)
@@ -331,6 +333,12 @@ def summarise(r: Runner) -> tuple[dict[str, Any], dict[str, str]]:
     put(
         "p4_ort_vs_torch_b1",
         ratio(ort1 and ort1["tokens_per_s"], torch1 and torch1["tokens_per_s"]),
+        "inprocess_ort",
+        "torch_eager",
+    )
+    put(
+        "p4_ort_vs_torch_onednn_off_b1",
+        ratio(ort1 and ort1["tokens_per_s"], torch1_native and torch1_native["tokens_per_s"]),
         "inprocess_ort",
         "torch_eager",
     )
@@ -425,6 +433,15 @@ def print_table(result: dict[str, Any]) -> None:
             ["B", "tokens/s", "p50 ms", "p99 ms"],
             [[r["batch"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"]] for r in sec["rows"]],
         )
+        if sec.get("rows_onednn_off"):
+            table(
+                title + ", oneDNN off (native kernels)",
+                ["B", "tokens/s", "p50 ms", "p99 ms"],
+                [
+                    [r["batch"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"]]
+                    for r in sec["rows_onednn_off"]
+                ],
+            )
 
     def gen_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
         return [
