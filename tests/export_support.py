@@ -38,6 +38,7 @@ def random_model(
     *,
     seed: int = 0,
     scale: float = 0.3,
+    dropout: float = 0.0,
 ) -> CharLSTM:
     """A CharLSTM with weights large enough that gates saturate differently (a real test)."""
     torch.manual_seed(seed)
@@ -48,6 +49,7 @@ def random_model(
         cell=cell,  # type: ignore[arg-type]
         input_mode=input_mode,  # type: ignore[arg-type]
         embedding_dim=8,
+        dropout=dropout,
     )
     model = CharLSTM(cfg)
     with torch.no_grad():

@@ -91,6 +91,16 @@ def test_export_parity_all_shapes(
         assert cfg["embedding_dim"] == 8
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_dropout_trained_checkpoint_exports_its_inference_model(tmp_path: Path, cell: str) -> None:
+    # Dropout is training-only: the graph has none, and parity must compare with eval mode.
+    model = random_model(cell, "embedding", 2, 16, dropout=0.5).train()
+    ckpt = save_checkpoint(tmp_path / "ck.pt", model)
+    report = exporter.export_checkpoint(ckpt, tmp_path / "m.onnx")
+    assert report["parity"]["passed"]
+    assert not any(n.op_type == "Dropout" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+
+
 def _swap_gates(w: NumpyWeights) -> NumpyWeights:
     """The classic export bug: gate blocks in the wrong order (here: forget <-> input)."""
     layers = []
