@@ -12,8 +12,10 @@ traceback. Set ``LSTM_SERVE_DEBUG=1`` to see the traceback of an unexpected erro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 from dataclasses import asdict, fields, replace
 from typing import NoReturn
@@ -225,6 +227,8 @@ def _train(argv: list[str]) -> None:
         f"({result.stopped}); wrote {result.out_dir}/checkpoint.pt"
     )
     print(f"sample: {result.sample}")
+    if result.stopped.startswith("interrupted"):
+        sys.exit(130)
 
 
 def _generate(argv: list[str]) -> None:
@@ -264,6 +268,7 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _stop_on_sigterm()
     # Every error a user can cause is a ValueError subclass (DataError, TrainError,
     # CheckpointError, ContractError): caught by base class, so nothing imports torch early.
     try:
@@ -282,6 +287,16 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LSTM_SERVE_DEBUG"):
             raise
         _fail(f"unexpected {type(e).__name__}: {_one_line(e)} (LSTM_SERVE_DEBUG=1 shows more)")
+
+
+def _stop_on_sigterm() -> None:
+    """`kill` (SIGTERM) stops a run like Ctrl-C: metrics, plot and last.pt stay consistent."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. an embedding caller)
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _fail(msg: str, code: int = EXIT_FAIL) -> NoReturn:
