@@ -19,7 +19,7 @@ import numpy as np
 from .batch import SlotSnapshot
 from .errors import InvalidArgument, NotFound, Unavailable
 from .runtime import ModelRuntime
-from .scheduler import Generation, Scheduler
+from .scheduler import Generation, Scheduler, StepWork
 from .sessions import Session, SessionStore
 
 MAX_STOPS = 8
@@ -283,9 +283,7 @@ class DataPlane:
                 work = self.scheduler.submit(session.slot, ids, want_all=want_all)
                 logits = await work.future
         except BaseException:
-            if work is not None:
-                work.cancelled = True
-            self._restore(session, snap)
+            self._restore(session, snap, work)
             raise
         session.steps += len(ids)
         self.store.release(session)
@@ -300,9 +298,12 @@ class DataPlane:
             session.steps,
         )
 
-    def _restore(self, session: Session, snap: SlotSnapshot) -> None:
-        if session.slot >= 0:
-            self.store.pool.restore(session.slot, snap)
+    def _restore(
+        self, session: Session, snap: SlotSnapshot, item: StepWork | Generation | None
+    ) -> None:
+        # Cancel the work and put the state back in one step under the engine's lock, so an
+        # iteration in flight cannot write over the restored state.
+        self.scheduler.abandon(item, session.slot, snap)
         self.store.release(session)
 
     def _top_k(self, logits: np.ndarray, k: int) -> list[tuple[int, str, float]]:
@@ -360,7 +361,7 @@ class DataPlane:
         session: Session | None = None
         owned = not session_id
         snap: SlotSnapshot | None = None
-        gen: Generation | None = None
+        item: StepWork | Generation | None = None
         ok = False
         try:
             if owned:
@@ -371,12 +372,8 @@ class DataPlane:
                 snap = self.store.pool.snapshot(session.slot)
             prompt_tokens = 0 if ids is None else len(ids)
             if ids is not None:
-                work = self.scheduler.submit(session.slot, ids)
-                try:
-                    logits = (await work.future)[-1]
-                except BaseException:
-                    work.cancelled = True
-                    raise
+                item = self.scheduler.submit(session.slot, ids)
+                logits = (await item.future)[-1]
             elif self.store.pool.has_logits[session.slot]:
                 logits = self.store.pool.logits[session.slot].copy()
             else:
@@ -395,6 +392,7 @@ class DataPlane:
                 stops=params.stop,
                 table=self._table,
             )
+            item = gen
             self.scheduler.add_generation(gen, logits)
             hold = max((len(s) for s in params.stop), default=1) - 1
             async for chunk in self._drain(gen, session, prompt_tokens, hold):
@@ -410,14 +408,12 @@ class DataPlane:
                 yield chunk
         finally:
             if not ok:
-                if gen is not None:
-                    gen.cancelled = True
-                    self.scheduler.wake()
-                if session is not None:
-                    if owned:
+                if session is not None and not owned and snap is not None:
+                    self._restore(session, snap, item)
+                else:
+                    self.scheduler.abandon(item)
+                    if session is not None:
                         self.store.end(session, "disconnected")
-                    elif snap is not None:
-                        self._restore(session, snap)
             self._exit()
 
     async def _drain(

@@ -109,6 +109,7 @@ class SchedulerStats:
     model_call: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     iterations: int = 0
+    split_plans: int = 0  # plans that took half the generations (pipelining)
     queue_depth: int = 0
 
 

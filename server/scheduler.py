@@ -11,38 +11,41 @@ Contract (what callers may rely on):
 * Generations join the running set when their prompt is done and leave it when they finish or
   are cancelled; membership may change at every iteration (state lives in the pool, not in the
   batch: see :mod:`server.batch`).
-* The state pool is read and written only on the event loop thread; only the ONNX Runtime call
-  itself may run in the model thread (ORT releases the GIL, so gRPC I/O goes on meanwhile).
-  Calls of at most ``inline_max_rows`` rows run inline: a thread hop costs more than they do.
-* Pipelining: up to two plans are queued on the model thread. With at least
-  ``2 * pipeline_min_rows`` generations running, they are split into two halves that alternate,
-  so the Python work of completing one half (sampling, scatter, waking streams) overlaps the
-  model call of the other; a session is never in two plans at once.
-* Work marked ``cancelled`` is dropped at the next iteration, and if it was in flight its
-  outputs are not written back: the caller may restore or free the slot at once.
-* The decode loop never waits for a consumer: a generation's tokens accumulate in its list and
-  its ``event`` is set on the first token, when it finishes, and otherwise every
-  ``stream_chunk_tokens`` tokens; the consumer then takes everything new. Python gRPC costs tens
-  of microseconds of event-loop time per message, so a message per token would starve the decode
-  loop. Generations are given different phases so that each iteration wakes only about
-  ``1/stream_chunk_tokens`` of them, and their writes overlap the next model call instead of
-  piling up in one iteration.
+* Iterations run on one dedicated *engine thread*: planning (gather), the ONNX Runtime call (which
+  releases the GIL), and completion (scatter, vectorised sampling). The event loop thread only
+  does I/O: it submits work and receives results through one ``call_soon_threadsafe`` per
+  iteration, so gRPC reads and writes overlap the whole iteration and the decode loop never
+  waits for a consumer. ``lock`` guards the queues, the work items' flags and the pool between
+  the two threads.
+* Pipelining: the ONNX Runtime calls run on a second thread with up to two plans queued. With at
+  least ``2 * pipeline_min_rows`` generations running they are split into two halves that
+  alternate, so the engine completes one half (Python, holding the GIL) while the other half's
+  model call runs; a work item is never in two plans at once.
+* When the engine is idle, a request of at most ``inline_max_rows`` tokens runs at once on the
+  caller's thread (:meth:`Scheduler.run_now`): two thread hops would cost more than the call.
+* Work cancelled with :meth:`Scheduler.abandon` is dropped at the next iteration, and if its model
+  call was in flight its outputs are not written back; ``abandon`` also puts the slot back as the
+  caller's snapshot says, under the lock, so no later write can overwrite it.
+* A generation's tokens accumulate in its list; its ``event`` is set on the first token, when it
+  finishes, and otherwise every ``stream_chunk_tokens`` tokens; the consumer then takes
+  everything new. Python gRPC costs tens of microseconds per message, so a message per token
+  would dominate; generations get different phases so their messages spread over iterations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batch import Batch, StatePool
+from .batch import Batch, SlotSnapshot, StatePool
 from .errors import ResourceExhausted
 from .metrics import SchedulerStats
 from .runtime import ModelRuntime
@@ -137,6 +140,7 @@ class Generation:
         self.top_k = top_k
         self.top_p = top_p
         self.rng = np.random.default_rng(seed)
+        self._ubuf: list[float] = []
         self.stops = tuple(stops)
         self.table = table  # token id -> text, to watch for stop strings
         self.text = ""
@@ -149,7 +153,6 @@ class Generation:
         self.stop_cut = -1
         self.cancelled = False
         self.inflight = False
-        self._ubuf: list[float] = []
         self.error: BaseException | None = None
         self.event = asyncio.Event()
 
@@ -186,20 +189,23 @@ class _Plan:
     prefill: Batch | None
     prefill_work: list[StepWork]
     prefill_len: int
+    split: bool = False
 
-    @property
-    def rows(self) -> int:
-        n = 0 if self.decode is None else len(self.decode.slots)
-        if self.prefill is not None:
-            n += self.prefill_len * len(self.prefill.slots)
-        return n
+
+@dataclass
+class _Delivery:
+    """What one iteration hands back to the event loop thread."""
+
+    results: list[tuple[asyncio.Future[np.ndarray], np.ndarray]] = field(default_factory=list)
+    errors: list[tuple[asyncio.Future[np.ndarray], BaseException]] = field(default_factory=list)
+    wake: list[Generation] = field(default_factory=list)
 
 
 class Scheduler:
     """Continuous-batching scheduler over one :class:`ModelRuntime` and one :class:`StatePool`.
 
-    Use from one event loop: :meth:`start`, then :meth:`submit` / :meth:`add_generation`;
-    :meth:`stop` ends the loop.
+    :meth:`start` from the event loop, then :meth:`submit` / :meth:`run_now` /
+    :meth:`add_generation` / :meth:`abandon` from that loop's thread; :meth:`stop` ends it.
     """
 
     def __init__(
@@ -225,29 +231,36 @@ class Scheduler:
         self.inline_max_rows = inline_max_rows
         self.stream_chunk_tokens = max(1, stream_chunk_tokens)
         self.pipeline_min_rows = pipeline_min_rows
-        self._phase = 0
         self.stats = stats if stats is not None else SchedulerStats()
+        self.lock = threading.Lock()
+        self._cond = threading.Condition(self.lock)
         self._decode: deque[StepWork] = deque()
         self._prefill: list[StepWork] = []
         self._gens: list[Generation] = []
-        self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lstm-model")
-        self._task: asyncio.Task[None] | None = None
+        self._phase = 0
         self._last_rows = 0
-        self._active = False  # the loop holds plans (queued or running on the model thread)
+        self._running = False  # the engine holds a plan
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # ORT calls run here so the engine thread can complete one plan while the next runs.
+        self._runner = ThreadPoolExecutor(1, thread_name_prefix="lstm-ort")
 
-    # --- public API ------------------------------------------------------------------------
+    # --- public API (event loop thread) ------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="lstm-scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._engine, name="lstm-engine", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._executor.shutdown(wait=True)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+        self._runner.shutdown(wait=False)
 
     @property
     def queued(self) -> int:
@@ -255,50 +268,59 @@ class Scheduler:
 
     @property
     def running_generations(self) -> int:
-        return len(self._gens)
+        """Generations still to be fed (cancelled ones no longer count)."""
+        return sum(1 for g in list(self._gens) if g.finish is None and not g.cancelled)
 
     def submit(self, slot: int, tokens: np.ndarray, *, want_all: bool = False) -> StepWork:
         """Queue ``tokens`` (int64, non-empty, ids already checked) for the session at ``slot``.
 
-        Await ``work.future`` for the logits. Raises :class:`ResourceExhausted` when the queue
-        is full. The slot's state is advanced and its next-token logits recorded on completion.
+        Await ``work.future`` for the logits ``[positions, V]``. Raises
+        :class:`ResourceExhausted` when the queue is full. The slot's state is advanced and its
+        next-token logits recorded when the work completes.
         """
-        if self.queued >= self.max_queue_size:
-            raise ResourceExhausted(
-                f"request queue is full (max_queue_size={self.max_queue_size}); retry later"
-            )
-        work = StepWork(slot, tokens, want_all, asyncio.get_running_loop().create_future())
-        if len(tokens) == 1:
-            self._decode.append(work)
-        else:
-            self._prefill.append(work)
-        self.stats.queue_depth = self.queued
-        self._wake.set()
+        assert self._loop is not None, "start() first"
+        work = StepWork(slot, tokens, want_all, self._loop.create_future())
+        with self._cond:
+            if self.queued >= self.max_queue_size:
+                raise ResourceExhausted(
+                    f"request queue is full (max_queue_size={self.max_queue_size}); retry later"
+                )
+            if len(tokens) == 1:
+                self._decode.append(work)
+            else:
+                self._prefill.append(work)
+            self.stats.queue_depth = self.queued
+            self._cond.notify()
         return work
 
     def run_now(
         self, slot: int, tokens: np.ndarray, *, want_all: bool = False
     ) -> np.ndarray | None:
-        """Run a tiny request at once, on this thread, when nothing else is queued or running.
+        """Run a tiny request at once, on this thread, when the engine is idle.
 
-        Same effect and result as :meth:`submit` + awaiting the future; None when the scheduler
-        is busy or the request has more than ``inline_max_rows`` tokens (then submit it).
+        Same effect and result as :meth:`submit` + awaiting the future; None when the engine is
+        busy or the request has more than ``inline_max_rows`` tokens (then submit it).
         """
-        if self._active or self._has_work() or len(tokens) > self.inline_max_rows:
+        if len(tokens) > self.inline_max_rows or not self.lock.acquire(blocking=False):
             return None
-        slots = np.array([slot], np.intp)
-        batch = Batch.assemble(self.pool, slots, tokens.reshape(-1, 1))
-        t0 = time.perf_counter()
-        logits, hn, cn = self.runtime.run(batch.tokens, batch.h, batch.c)
-        dt = time.perf_counter() - t0
-        batch.write_back(self.pool, hn, cn)
-        self.pool.set_logits(slots, logits[-1])
-        stats = self.stats
-        stats.iterations += 1
-        stats.model_call.observe(dt)
-        stats.batch_size.observe(1)
-        stats.queue_wait.observe(0.0)
-        stats.tokens["decode" if len(tokens) == 1 else "prefill"] += len(tokens)
+        try:
+            if self._running or self._has_work():
+                return None
+            slots = np.array([slot], np.intp)
+            batch = Batch.assemble(self.pool, slots, tokens.reshape(-1, 1))
+            t0 = time.perf_counter()
+            logits, hn, cn = self.runtime.run(batch.tokens, batch.h, batch.c)
+            dt = time.perf_counter() - t0
+            batch.write_back(self.pool, hn, cn)
+            self.pool.set_logits(slots, logits[-1])
+            stats = self.stats
+            stats.iterations += 1
+            stats.model_call.observe(dt)
+            stats.batch_size.observe(1)
+            stats.queue_wait.observe(0.0)
+            stats.tokens["decode" if len(tokens) == 1 else "prefill"] += len(tokens)
+        finally:
+            self.lock.release()
         return logits[:, 0].copy() if want_all else logits[-1:, 0].copy()
 
     def add_generation(self, gen: Generation, logits: np.ndarray) -> None:
@@ -306,77 +328,115 @@ class Scheduler:
         token = self._sample([gen], logits[None, :])
         gen.accept(int(token[0]))
         gen.event.set()
-        self._phase += 1
-        gen.phase = self._phase % self.stream_chunk_tokens
-        self._gens.append(gen)
-        self._wake.set()
+        with self._cond:
+            self._phase += 1
+            gen.phase = self._phase % self.stream_chunk_tokens
+            self._gens.append(gen)
+            self._cond.notify()
 
-    def wake(self) -> None:
-        """Make the loop look at cancellations now rather than at the next iteration."""
-        self._wake.set()
+    def abandon(
+        self,
+        item: StepWork | Generation | None,
+        slot: int = -1,
+        snapshot: SlotSnapshot | None = None,
+    ) -> None:
+        """Cancel ``item`` (if any) and, when given, put ``slot`` back to ``snapshot``.
 
-    # --- the loop ----------------------------------------------------------------------------
+        After this returns the engine never writes the item's outputs to the pool.
+        """
+        with self._cond:
+            if item is not None:
+                item.cancelled = True
+            if snapshot is not None and slot >= 0:
+                self.pool.restore(slot, snapshot)
+            self._cond.notify()
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        inflight: deque[tuple[_Plan, asyncio.Future[_Outputs]]] = deque()
-        while True:
-            if not inflight and not self._has_work():
-                self._wake.clear()
-                await self._wake.wait()
-            if (
-                not inflight
-                and self.max_queue_delay_s > 0
-                and not self._gens
-                and not self._prefill
-                and 0 < len(self._decode) < min(self._last_rows, self.max_batch_size)
-            ):
-                # Fewer steps arrived than ran last time: the rest are probably on their way.
-                await asyncio.sleep(self.max_queue_delay_s)
-            ran_inline = False
-            self._active = True
-            # Keep up to two plans queued on the model thread: while one runs (GIL released),
-            # this thread completes the previous one and serves gRPC.
-            while len(inflight) < 2:
-                plan = self._plan(split=not inflight)
-                if plan is None:
-                    break
-                if not inflight and plan.rows <= self.inline_max_rows:
-                    self._execute_inline(plan)
-                    ran_inline = True
-                    break
-                inflight.append((plan, loop.run_in_executor(self._executor, self._run, plan)))
-            if inflight:
-                plan, fut = inflight.popleft()
-                try:
-                    outputs = await fut
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # a model failure fails that plan's requests only
-                    log.exception("model call failed")
-                    self._fail(plan, e)
-                else:
-                    self._complete(plan, outputs)
-            elif ran_inline:
-                # Let gRPC I/O and new submissions in between back-to-back inline iterations.
-                await asyncio.sleep(0)
-            self._active = bool(inflight)
+    def locked(self, fn: Callable[[], object]) -> object:
+        """Run ``fn`` holding the pool lock (for pool reads/writes outside the engine)."""
+        with self.lock:
+            return fn()
 
-    def _execute_inline(self, plan: _Plan) -> None:
-        try:
-            outputs = self._run(plan)
-        except Exception as e:
-            log.exception("model call failed")
-            self._fail(plan, e)
-        else:
-            self._complete(plan, outputs)
+    # --- the engine thread -------------------------------------------------------------------
 
     def _has_work(self) -> bool:
         return bool(self._decode or self._prefill or self._gens)
 
+    def _engine(self) -> None:
+        inflight: deque[tuple[_Plan, Future[_Outputs]]] = deque()
+        while True:
+            with self._cond:
+                while not self._stopping and not inflight and not self._has_work():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                if (
+                    not inflight
+                    and self.max_queue_delay_s > 0
+                    and not self._gens
+                    and not self._prefill
+                    and 0 < len(self._decode) < min(self._last_rows, self.max_batch_size)
+                ):
+                    # Fewer steps arrived than ran last time: the rest are probably on their way.
+                    self._cond.wait(self.max_queue_delay_s)
+                direct: _Plan | None = None
+                if not inflight:
+                    first = self._plan(split=True)
+                    if first is None:
+                        continue
+                    if first.split:
+                        # Two halves queued on the runner thread: while one runs (GIL
+                        # released), this thread completes the other.
+                        inflight.append((first, self._runner.submit(self._run, first)))
+                    else:
+                        direct = first  # no hop to the runner when there is nothing to overlap
+                if inflight and len(inflight) < 2:
+                    nxt = self._plan()
+                    if nxt is not None:
+                        inflight.append((nxt, self._runner.submit(self._run, nxt)))
+                self._running = True
+            error: Exception | None = None
+            outputs: _Outputs = []
+            if direct is not None:
+                plan, fut = direct, None
+            else:
+                plan, fut = inflight.popleft()
+            try:
+                outputs = self._run(plan) if fut is None else fut.result()
+            except Exception as e:  # a model failure fails this iteration's requests only
+                log.exception("model call failed")
+                error = e
+            with self._cond:
+                try:
+                    delivery = self._fail(plan, error) if error else self._complete(plan, outputs)
+                except Exception as e:  # a bug here must not stop the engine for everyone
+                    log.exception("completing an iteration failed")
+                    delivery = self._fail(plan, e)
+                finally:
+                    self._running = bool(inflight)
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, delivery)
+            except RuntimeError:  # the loop is closed: shutting down
+                return
+
+    @staticmethod
+    def _deliver(d: _Delivery) -> None:
+        # Event loop thread: futures and events belong to it.
+        for fut, result in d.results:
+            if not fut.done():
+                fut.set_result(result)
+        for fut, exc in d.errors:
+            if not fut.done():
+                fut.set_exception(exc)
+        for g in d.wake:
+            g.event.set()
+
     def _plan(self, split: bool = False) -> _Plan | None:
-        """Take ready work for one iteration; ``split`` = leave half the generations for a
-        second plan when there are enough of them to keep the model busy in two halves."""
+        """Take ready work for one iteration (work in a plan still in flight is not ready).
+
+        ``split``: with at least ``2 * pipeline_min_rows`` generations ready, take half of
+        them, so that the rest form a second plan that runs while this one is completed.
+        """
         now = time.perf_counter()
         self._gens = [g for g in self._gens if g.finish is None and not g.cancelled]
         budget = self.max_batch_size
@@ -385,18 +445,18 @@ class Scheduler:
             w = self._decode.popleft()
             if not w.cancelled:
                 steps.append(w)
-        ready = [g for g in self._gens if not g.inflight]
+        # A new list: generations may join while this plan runs.
+        gens = [g for g in self._gens if not g.inflight]
         take = budget - len(steps)
-        if split and self.pipeline_min_rows and len(ready) >= 2 * self.pipeline_min_rows:
-            take = min(take, (len(ready) + 1) // 2)
-        gens = ready
-        if len(ready) > take:
-            gens = ready[:take]
-            if take == budget - len(steps):
-                # Over the batch limit (not a split): round robin, the ones left out go first
-                # next time.
-                chosen = {id(g) for g in gens}
-                self._gens = [g for g in self._gens if id(g) not in chosen] + gens
+        halved = split and self.pipeline_min_rows > 0 and 2 * self.pipeline_min_rows <= len(gens)
+        if halved:
+            gens = gens[: min(take, (len(gens) + 1) // 2)]
+            self.stats.split_plans += 1
+        elif len(gens) > take:
+            # Over the batch limit: round robin, the ones left out go first next time.
+            chosen = {id(g) for g in gens[:take]}
+            gens = gens[:take]
+            self._gens = [g for g in self._gens if id(g) not in chosen] + gens
         for g in gens:
             g.inflight = True
         waits = [now - w.enqueued for w in steps if w.enqueued > 0]
@@ -413,19 +473,20 @@ class Scheduler:
         prefill = None
         group: list[StepWork] = []
         chunk = 0
-        self._prefill = [w for w in self._prefill if not w.cancelled]
+        if self._prefill:
+            self._prefill = [w for w in self._prefill if not w.cancelled]
         waiting = [w for w in self._prefill if not w.inflight]
         if waiting:
             chunk = min(waiting[0].remaining, self.prefill_chunk_tokens)
             group = [w for w in waiting if min(w.remaining, self.prefill_chunk_tokens) == chunk][
                 : self.max_batch_size
             ]
+            for w in group:
+                w.inflight = True
             waits += [now - w.enqueued for w in group if w.enqueued > 0]
             slots = np.fromiter((w.slot for w in group), np.intp, len(group))
             tokens = np.stack([w.tokens[w.pos : w.pos + chunk] for w in group], axis=1)
             prefill = Batch.assemble(self.pool, slots, tokens)
-            for w in group:
-                w.inflight = True
         for w in steps:
             w.enqueued = -1.0
         for w in group:
@@ -438,10 +499,10 @@ class Scheduler:
         self.stats.queue_depth = self.queued
         if decode is None and prefill is None:
             return None
-        return _Plan(decode, gens, steps, prefill, group, chunk)
+        return _Plan(decode, gens, steps, prefill, group, chunk, halved)
 
     def _run(self, plan: _Plan) -> _Outputs:
-        # May run in the model thread: touches nothing but the plan's own arrays and ORT.
+        # Without the lock: touches nothing but the plan's own arrays and ORT.
         out = []
         for batch in (plan.decode, plan.prefill):
             if batch is None:
@@ -451,21 +512,23 @@ class Scheduler:
             out.append((logits, hn, cn, time.perf_counter() - t0))
         return out
 
-    def _fail(self, plan: _Plan, error: Exception) -> None:
+    def _fail(self, plan: _Plan, error: Exception) -> _Delivery:
+        d = _Delivery()
         err = RuntimeError(f"model call failed: {type(error).__name__}")
         for w in [*plan.steps, *plan.prefill_work]:
             w.inflight = False
-            if not w.future.done():
-                w.future.set_exception(err)
+            d.errors.append((w.future, err))
             if w in self._prefill:
                 self._prefill.remove(w)
         for g in plan.gens:
             g.inflight = False
             g.error = err
             g.finish = "error"
-            g.event.set()
+            d.wake.append(g)
+        return d
 
-    def _complete(self, plan: _Plan, outputs: _Outputs) -> None:
+    def _complete(self, plan: _Plan, outputs: _Outputs) -> _Delivery:
+        d = _Delivery()
         stats = self.stats
         stats.iterations += 1
         it = iter(outputs)
@@ -476,27 +539,28 @@ class Scheduler:
             stats.batch_size.observe(rows)
             stats.tokens["decode"] += rows
             self._last_rows = rows
-            self._finish_decode(plan, logits[0], hn, cn)
+            self._finish_decode(plan, logits[0], hn, cn, d)
         if plan.prefill is not None:
             logits, hn, cn, dt = next(it)
             stats.model_call.observe(dt)
             stats.batch_size.observe(len(plan.prefill.slots))
             stats.tokens["prefill"] += plan.prefill_len * len(plan.prefill.slots)
-            self._finish_prefill(plan, logits, hn, cn)
+            self._finish_prefill(plan, logits, hn, cn, d)
         stats.queue_depth = self.queued
+        return d
 
     def _finish_decode(
-        self, plan: _Plan, logits: np.ndarray, hn: np.ndarray, cn: np.ndarray
+        self, plan: _Plan, logits: np.ndarray, hn: np.ndarray, cn: np.ndarray, d: _Delivery
     ) -> None:
         assert plan.decode is not None
         gens, steps = plan.gens, plan.steps
         ng = len(gens)
-        live = [not g.cancelled for g in gens] + [not w.cancelled for w in steps]
-        if all(live):
+        cancelled = any(g.cancelled for g in gens) or any(w.cancelled for w in steps)
+        if not cancelled:
             plan.decode.write_back(self.pool, hn, cn)
             self.pool.set_logits(plan.decode.slots, logits)
         else:
-            keep = np.asarray(live)
+            keep = np.asarray([not g.cancelled for g in gens] + [not w.cancelled for w in steps])
             plan.decode.write_back(self.pool, hn, cn, keep)
             self.pool.set_logits(plan.decode.slots[keep], logits[keep])
         if ng:
@@ -509,17 +573,18 @@ class Scheduler:
                 g.fed += 1
                 if g.done_after_feed:
                     g.finish = "stop" if g.stop_cut >= 0 else "length"
-                    g.event.set()
+                    d.wake.append(g)
                 else:
                     to_sample.append(g)
                     rows.append(i)
             if to_sample:
                 tokens = self._sample(to_sample, logits[rows] if len(rows) < ng else logits[:ng])
                 chunk = self.stream_chunk_tokens
+                wake = d.wake
                 for g, t in zip(to_sample, tokens.tolist(), strict=True):
                     g.accept(t)
                     if (len(g.tokens) + g.phase) % chunk == 0 or g.done_after_feed:
-                        g.event.set()
+                        wake.append(g)
         for j, w in enumerate(steps):
             if w.cancelled:
                 continue
@@ -530,11 +595,10 @@ class Scheduler:
                 result = np.concatenate(w.chunks) if len(w.chunks) > 1 else w.chunks[0]
             else:
                 result = row[None, :].copy()
-            if not w.future.done():
-                w.future.set_result(result)
+            d.results.append((w.future, result))
 
     def _finish_prefill(
-        self, plan: _Plan, logits: np.ndarray, hn: np.ndarray, cn: np.ndarray
+        self, plan: _Plan, logits: np.ndarray, hn: np.ndarray, cn: np.ndarray, d: _Delivery
     ) -> None:
         assert plan.prefill is not None
         group = plan.prefill_work
@@ -552,8 +616,7 @@ class Scheduler:
                 self._prefill.remove(w)
                 self.pool.set_logits(np.array([w.slot]), logits[-1, i][None, :])
                 result = np.concatenate(w.chunks) if w.want_all else logits[-1, i][None, :].copy()
-                if not w.future.done():
-                    w.future.set_result(result)
+                d.results.append((w.future, result))
             elif w.remaining == 1:
                 # The last token goes with the decode batch.
                 self._prefill.remove(w)
@@ -568,5 +631,5 @@ class Scheduler:
         top_p = np.fromiter((g.top_p for g in gens), np.float64, n)
         # One draw per sampled row from the request's own generator: reproducible whatever the
         # batch around it.
-        u = np.fromiter((g.rng.random() if g.temperature > 0 else 0.0 for g in gens), np.float64, n)
+        u = np.fromiter((g.uniform() if g.temperature > 0 else 0.0 for g in gens), np.float64, n)
         return sample(logits, temps, top_k, top_p, u)

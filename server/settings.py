@@ -78,8 +78,8 @@ class Settings:
         default=128,
     )
     inline_max_rows: int = _doc(
-        "Model calls of at most this many rows (batch x time) run on the event loop thread; "
-        "bigger ones run in the model thread so gRPC I/O goes on meanwhile.",
+        "A request of at most this many tokens that finds the engine idle runs at once on the "
+        "event loop thread instead of hopping to the engine thread and back.",
         default=4,
     )
     stream_chunk_tokens: int = _doc(
@@ -89,8 +89,8 @@ class Settings:
     )
     pipeline_min_rows: int = _doc(
         "With at least twice this many generations running, split them into two halves whose "
-        "model calls alternate, overlapping one half's Python work with the other's model "
-        "call; 0 = never split (e.g. on a GPU, which prefers one big batch).",
+        "model calls alternate, so one half's Python work overlaps the other's model call; "
+        "0 = never split (e.g. on a GPU, which prefers one big batch).",
         default=16,
     )
     max_prompt_tokens: int = _doc("Most tokens one Step or Generate prompt may feed.", default=4096)

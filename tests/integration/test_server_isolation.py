@@ -34,8 +34,13 @@ def _stream_requests(chunks: list[list[int]], sid: str, gate: threading.Event):
         gate.clear()
 
 
-def test_many_interleaved_sessions_match_in_process(start_server, stub_for, reference: Reference):
-    srv = start_server(max_batch_size=16, prefill_chunk_tokens=5, inline_max_rows=2)
+@pytest.mark.parametrize("pipeline", [0, 2])
+def test_many_interleaved_sessions_match_in_process(
+    start_server, stub_for, reference: Reference, pipeline: int
+):
+    srv = start_server(
+        max_batch_size=16, prefill_chunk_tokens=5, inline_max_rows=2, pipeline_min_rows=pipeline
+    )
     stub = stub_for(srv)
     seed = random.SystemRandom().randrange(2**32)
     rng = random.Random(seed)
@@ -125,6 +130,26 @@ def test_greedy_generate_equals_in_process(shared_server, stub_for, reference: R
         assert msgs[-1].generated_tokens == 120
         assert msgs[0].prompt_tokens == len(prompt_ids)
         assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+
+
+def test_pipelined_greedy_generations_equal_in_process(start_server, stub_for, reference):
+    srv = start_server(pipeline_min_rows=2, stream_chunk_tokens=3)
+    stub = stub_for(srv)
+    prompts = [("the time", 90), ("a", 40), ("qu", 150), ("it was", 60), ("z", 5), ("so", 110)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(
+            pool.map(
+                lambda pm: [
+                    t
+                    for m in stub.Generate(pb.GenerateRequest(prompt=pm[0], max_tokens=pm[1]))
+                    for t in m.token_ids
+                ],
+                prompts,
+            )
+        )
+    for (prompt, n), ids in zip(prompts, outs, strict=True):
+        assert ids == reference.greedy([VOCAB_INDEX[c] for c in prompt], n)
+    assert srv.on_loop(lambda: srv.app.scheduler_stats.split_plans) > 0
 
 
 def test_generate_continues_session_and_leaves_state_after_text(
