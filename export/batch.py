@@ -309,8 +309,8 @@ def _worker_command(checkpoint: Path, tmp: Path, options: Any) -> list[str]:
     ]
     if options.int8:
         cmd.append("--int8")
-        if not options.per_channel:
-            cmd.append("--int8-per-tensor")
+        if options.per_channel:
+            cmd.append("--int8-per-channel")
     if not options.measure_speed:
         cmd.append("--no-speed")
     if options.corpus is not None:

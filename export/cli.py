@@ -94,9 +94,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="torch/ORT threads for parity and figures (default 1)",
     )
     p.add_argument(
-        "--int8-per-tensor",
+        "--int8-per-channel",
         action="store_true",
-        help="int8: one scale per weight tensor instead of per output channel",
+        help="int8: one weight scale per output channel instead of per tensor",
     )
     p.add_argument("--no-speed", action="store_true", help="skip the int8 speed-up measurement")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
@@ -153,7 +153,7 @@ def _options(args: argparse.Namespace) -> Any:
         int8_tolerance=args.int8_tolerance,
         threads=args.threads,
         measure_speed=not args.no_speed,
-        per_channel=not args.int8_per_tensor,
+        per_channel=args.int8_per_channel,
     )
 
 

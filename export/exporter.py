@@ -58,7 +58,7 @@ class ExportOptions:
     int8_tolerance: float = DEFAULT_PPL_TOLERANCE  # relative perplexity increase
     threads: int = 1  # torch and ORT threads for parity and figures
     measure_speed: bool = True  # int8 speed-up table (takes a few seconds)
-    per_channel: bool = True  # int8 weight quantisation granularity
+    per_channel: bool = False  # int8 weight scales per output channel (default: per tensor)
 
     def key(self) -> dict[str, Any]:
         """The options that change what is written (the batch pipeline's idempotence key)."""
@@ -250,7 +250,8 @@ def build_artifacts(checkpoint: str | Path, options: ExportOptions | None = None
             )
         }
         | {"parameters": int(sum(p.numel() for p in torch_model.parameters()))},
-        "training": config["training"],
+        "training": dict(config["training"]),
+        "train_config": ckpt.train_config,  # the run's settings, for the record (not metadata)
         "parity": parity.to_dict(),
         "fp32": {"sha256": sha256_bytes(fp32), "size_bytes": len(fp32)},
         "int8": None,
