@@ -71,9 +71,11 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
     log "installing ${missing[*]} with apt"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        buildah podman runc debootstrap >/dev/null
+    apt_log=$(mktemp "${TMPDIR:-/tmp}/lstm-serve-ct-apt.XXXXXX")
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends buildah podman runc debootstrap; } >"$apt_log" 2>&1 ||
+        { cat "$apt_log" >&2; rm -f "$apt_log"; die "apt could not install ${missing[*]}"; }
+    rm -f "$apt_log"
 fi
 record tools_s "$(since "$t")"
 
@@ -378,7 +380,10 @@ t=$(now)
 prom_dir=$CACHE/prometheus
 if [ ! -x "$prom_dir/usr/bin/prometheus" ] || [ ! -x "$prom_dir/usr/bin/promtool" ]; then
     mkdir -p "$WORK/deb"
-    (cd "$WORK/deb" && apt-get download prometheus) >"$WORK/apt-download.log" 2>&1 ||
+    # A fresh machine may have no package lists yet.
+    { (cd "$WORK/deb" && apt-get download prometheus) ||
+        { apt-get update -qq && (cd "$WORK/deb" && apt-get download prometheus); }; } \
+        >"$WORK/apt-download.log" 2>&1 ||
         { cat "$WORK/apt-download.log" >&2; die "apt-get download prometheus failed"; }
     rm -rf "$prom_dir"
     dpkg-deb -x "$WORK"/deb/prometheus_*.deb "$prom_dir"
