@@ -21,6 +21,7 @@ Steps (:func:`build_artifacts`; nothing touches the output paths until all of th
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -223,6 +224,7 @@ def build_artifacts(checkpoint: str | Path, options: ExportOptions | None = None
     parity = check_parity(
         session_forward(fp32_sess),
         torch_forward(torch_model, options.threads),
+        reference64=torch_forward(copy.deepcopy(torch_model).double(), options.threads),
         num_layers=L,
         hidden_size=H,
         vocab_size=V,
@@ -252,7 +254,7 @@ def build_artifacts(checkpoint: str | Path, options: ExportOptions | None = None
         | {"parameters": int(sum(p.numel() for p in torch_model.parameters()))},
         "training": dict(config["training"]),
         "train_config": ckpt.train_config,  # the run's settings, for the record (not metadata)
-        "parity": parity.to_dict(),
+        "parity": {"reference": "PyTorch CharLSTM, float32"} | parity.to_dict(),
         "fp32": {"sha256": sha256_bytes(fp32), "size_bytes": len(fp32)},
         "int8": None,
         "perplexity": None,

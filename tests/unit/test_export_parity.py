@@ -6,6 +6,7 @@ random tokens and states on each run (the seed is in the failure message).
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -131,8 +132,13 @@ def test_wrong_gate_mapping_fails_the_export_and_leaves_no_file(
     real = exporter.checkpoint_weights
     monkeypatch.setattr(exporter, "checkpoint_weights", lambda m: _swap_gates(real(m)))
     out = tmp_path / "out" / "model.onnx"
-    with pytest.raises(ExportError, match=r"parity FAILED \(tolerance 0.0001\): shape T=1 B=1"):
+    with pytest.raises(
+        ExportError, match=r"parity FAILED \(tolerance 0.0001\): shape T=1 B=1"
+    ) as e:
         exporter.export_checkpoint(ckpt, out, exporter.ExportOptions(int8=True))
+    # The float64 diagnosis must not excuse a real mapping error as rounding.
+    assert "vs float64 there: ONNX" in str(e.value)
+    assert "--tolerance decides" not in str(e.value)
     assert not out.exists()
     assert not exporter.int8_path_for(out).exists()
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
@@ -192,6 +198,32 @@ def test_chaining_check_catches_a_model_that_forgets_state(tmp_path: Path) -> No
     assert good.passed, good.failures()
     assert good.to_dict()["failures"] == []
     json.dumps(good.to_dict())  # the report goes into manifests: it must be JSON
+
+
+def test_failed_shapes_are_measured_against_float64(tmp_path: Path) -> None:
+    model = random_model("torch", "onehot", 1, 16, scale=0.2)
+    art = exporter.build_artifacts(save_checkpoint(tmp_path / "ck.pt", model))
+    # Demanding 1e-12 fails on float32 rounding alone; the report then says how far ONNX and
+    # PyTorch float32 each are from float64 on that input (both tiny here, neither zero).
+    report = check_parity(
+        session_forward(cpu_session(art.fp32)),
+        torch_forward(model),
+        num_layers=1,
+        hidden_size=16,
+        vocab_size=28,
+        T_values=(35,),
+        B_values=(32,),
+        chain_cases=(),
+        tolerance=1e-12,
+        reference64=torch_forward(copy.deepcopy(model).double()),
+    )
+    assert not report.passed
+    assert "vs float64 there: ONNX" in report.summary()
+    (case,) = report.to_dict()["vs_float64_on_failures"]
+    assert (case["T"], case["B"]) == (35, 32)
+    for name in ("logits", "hn", "cn"):
+        assert 0 < case["outputs"][name]["candidate"] < 1e-4
+        assert 0 < case["outputs"][name]["reference"] < 1e-4
 
 
 def test_parity_uses_fresh_inputs_each_run(tmp_path: Path) -> None:
