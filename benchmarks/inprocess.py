@@ -199,3 +199,65 @@ def torch_decode(
         "rows": rows,
         "rows_onednn_off": rows_native,
     }
+
+
+def paired_b1(model: ModelUnderTest, threads: int, seconds: float, rounds: int) -> dict[str, Any]:
+    """ORT vs PyTorch at B=1, alternated round by round (the p4 ratio).
+
+    Each round times ORT, PyTorch eager (oneDNN on, the default) and PyTorch with oneDNN off
+    back to back for ``seconds`` each; the ratio is taken within each round and the median
+    round reported, so load that comes and goes on a shared machine hits both sides alike.
+    """
+    try:
+        import torch
+
+        from training.model import CharLSTM, ModelConfig
+    except ImportError as e:
+        raise SectionSkipped(f"torch or training/ not importable: {e}") from None
+    torch.set_num_threads(threads)
+    sess = ort_session(model.path, threads)
+    L, H, V = model.num_layers, model.hidden_size, model.vocab_size
+    feeds = {
+        "tokens": np.random.default_rng().integers(0, V, size=(1, 1), dtype=np.int64),
+        "h0": np.zeros((L, 1, H), np.float32),
+        "c0": np.zeros((L, 1, H), np.float32),
+    }
+
+    def ort_step() -> None:
+        _, feeds["h0"], feeds["c0"] = sess.run(None, feeds)
+
+    net = CharLSTM(
+        ModelConfig(
+            vocab_size=V,
+            hidden_size=H,
+            num_layers=L,
+            cell="torch",
+            input_mode="embedding" if model.input_mode == "embedding" else "onehot",
+            embedding_dim=model.embedding_dim,
+        )
+    ).eval()
+    tok = torch.randint(0, V, (1, 1))
+    state = [net.begin_state(1)]
+
+    def torch_step() -> None:
+        _, state[0] = net(tok, state[0])
+
+    def tps(samples: np.ndarray) -> float:
+        return float(samples.size / (samples.sum() / 1e9))
+
+    per_round = []
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(rounds):
+            o = tps(_time_loop(ort_step, seconds, 20, 10))
+            t = tps(_time_loop(torch_step, seconds, 20, 10))
+            with torch.backends.mkldnn.flags(enabled=False):
+                n = tps(_time_loop(torch_step, seconds, 20, 10))
+            per_round.append({"ort": o, "torch": t, "torch_onednn_off": n})
+    return {
+        "rounds": per_round,
+        "ort_vs_torch": float(np.median([r["ort"] / r["torch"] for r in per_round])),
+        "ort_vs_torch_onednn_off": float(
+            np.median([r["ort"] / r["torch_onednn_off"] for r in per_round])
+        ),
+    }

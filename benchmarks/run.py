@@ -69,6 +69,8 @@ class Profile:
         cuda = provider == "cuda"
         self.batches = [1, 8, 32, 64, 128, 256] + ([512, 1024, 2048, 4096] if cuda else [])
         self.inproc_seconds = 0.05 if quick else 2.0
+        self.paired_seconds = 0.05 if quick else 0.5
+        self.paired_rounds = 1 if quick else 7
         self.gen_conc = [1, 64] if quick else [1, 8, 32, 64, 128]
         self.streams = [1, 16] if quick else [1, 16, 64]
         self.nobatch_gen = [64] if quick else [1, 8, 32, 64, 128]
@@ -227,13 +229,23 @@ def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
     ) -> Any:
         out: dict[str, Any] = {"server_flags": flags}
         V = model.vocab_size
+
+        def point(srv: sb.ServerProcess, mode: str, c: int) -> dict[str, Any]:
+            # The summary's points get their in-process baseline measured right before them
+            # (the server idle meanwhile), so p1 and p2 compare like with like in time.
+            adjacent = None
+            if tag == "fp32" and (mode, c) in (("generate", 64), ("stream", 1)):
+                from . import inprocess
+
+                adjacent = inprocess.ort_decode(model, [c], r.threads, prof.inproc_seconds)
+            row = sb.drive(srv, spec(mode, c), V, prof_file(tag, mode, c))
+            if adjacent is not None:
+                row["inprocess_adjacent"] = adjacent["rows"][0]
+            return row
+
         with sb.running_server(model_path, extra=flags, source=args.server_src) as srv:
-            out["generate"] = [
-                sb.drive(srv, spec("generate", c), V, prof_file(tag, "generate", c)) for c in gens
-            ]
-            out["stream"] = [
-                sb.drive(srv, spec("stream", c), V, prof_file(tag, "stream", c)) for c in streams
-            ]
+            out["generate"] = [point(srv, "generate", c) for c in gens]
+            out["stream"] = [point(srv, "stream", c) for c in streams]
         return out
 
     main: dict[str, Any] = {}
@@ -318,27 +330,36 @@ def summarise(r: Runner) -> tuple[dict[str, Any], dict[str, str]]:
         if value is None:
             reasons[key] = r.reason(*why_sections)
 
+    # p1 and p2 use the in-process baseline measured right before the server point when there
+    # is one (see _server_sections), else section 1's.
+    base64 = (gen64 or {}).get("inprocess_adjacent") or ort64
+    base1 = (st1 or {}).get("inprocess_adjacent") or ort1
     put(
         "p1_generate64_vs_inprocess",
-        ratio(gen64 and gen64["tokens_per_s"], ort64 and ort64["tokens_per_s"]),
+        ratio(gen64 and gen64["tokens_per_s"], base64 and base64["tokens_per_s"]),
         "generate",
         "inprocess_ort",
     )
     overhead = None
-    if st1 and ort1 and st1["rtt"]["p50_ms"] is not None:
-        overhead = st1["rtt"]["p50_ms"] - ort1["p50_ms"]
+    if st1 and base1 and st1["rtt"]["p50_ms"] is not None:
+        overhead = st1["rtt"]["p50_ms"] - base1["p50_ms"]
     put("p2_step_overhead_ms_p50", overhead, "stream", "inprocess_ort")
     put("p2_step_rtt_ms_p99", st1 and st1["rtt"]["p99_ms"], "stream")
     put("step_stream16_steps_per_s", st16 and st16["steps_per_s"], "stream")
+    # p4 from the rounds that alternate the two engines (robust to load that comes and goes);
+    # the sections' own B=1 rows, measured minutes apart, are the fallback.
+    paired = s.get("torch_eager", {}).get("paired_b1") or {}
     put(
         "p4_ort_vs_torch_b1",
-        ratio(ort1 and ort1["tokens_per_s"], torch1 and torch1["tokens_per_s"]),
+        paired.get("ort_vs_torch")
+        or ratio(ort1 and ort1["tokens_per_s"], torch1 and torch1["tokens_per_s"]),
         "inprocess_ort",
         "torch_eager",
     )
     put(
         "p4_ort_vs_torch_onednn_off_b1",
-        ratio(ort1 and ort1["tokens_per_s"], torch1_native and torch1_native["tokens_per_s"]),
+        paired.get("ort_vs_torch_onednn_off")
+        or ratio(ort1 and ort1["tokens_per_s"], torch1_native and torch1_native["tokens_per_s"]),
         "inprocess_ort",
         "torch_eager",
     )
@@ -568,13 +589,17 @@ def main(argv: list[str] | None = None) -> int:
                 iobinding=args.iobinding,
             ),
         )
-        r.section(
-            "torch_eager",
-            2,
-            lambda: inprocess.torch_decode(
+
+        def torch_eager() -> dict[str, Any]:
+            out = inprocess.torch_decode(
                 model, [b for b in prof.batches if b <= 256], r.threads, prof.inproc_seconds
-            ),
-        )
+            )
+            out["paired_b1"] = inprocess.paired_b1(
+                model, r.threads, prof.paired_seconds, prof.paired_rounds
+            )
+            return out
+
+        r.section("torch_eager", 2, torch_eager)
         _server_sections(r, model)
 
         def training() -> dict[str, Any]:
