@@ -89,6 +89,10 @@ CTR=lstm-serve-$TAG
 # remove it at exit only if this run created it.
 VAR_LIB_CONTAINERS_EXISTED=0
 [ -e /var/lib/containers ] && VAR_LIB_CONTAINERS_EXISTED=1
+# Every container here uses the host's network, so no bridge, netns or firewall rule is made;
+# the cleanup fails the run if one appears anyway (podman's default network would make one).
+BRIDGE_EXISTED=0
+ip link show cni-podman0 >/dev/null 2>&1 && BRIDGE_EXISTED=1
 REF_PID=""
 PROM_PID=""
 PASSED=0
@@ -117,6 +121,10 @@ cleanup() {
     findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | xargs -r -n1 umount -l 2>/dev/null
     rm -rf "$WORK"
     [ "$VAR_LIB_CONTAINERS_EXISTED" -eq 0 ] && rm -rf /var/lib/containers
+    if [ "$BRIDGE_EXISTED" -eq 0 ] && ip link show cni-podman0 >/dev/null 2>&1; then
+        log "FAIL: this run created podman's bridge network (cni-podman0): use --network host"
+        rc=1
+    fi
     if [ "$rc" -eq 0 ] && [ "$PASSED" -eq 1 ]; then
         record cleanup_s "$(since "$t_clean")"
         record wall_s "$(since "$T_START")"
@@ -275,7 +283,8 @@ import server
 model = pathlib.Path(server.__file__).parent / "model_repo/timemachine/1/model.onnx"
 if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != sys.argv[1]:
     sys.exit(f"the bundled model in the image ({model}) is not the repository'"'"'s")' \
-    "$model_sha" 2>>"$WORK/podman.log" || die "the image's contents are wrong (see above)"
+    "$model_sha" >"$WORK/contents.log" 2>&1 ||
+    { grep -v systemd "$WORK/contents.log" >&2; die "the image's contents are wrong (above)"; }
 
 # --- 5. reference: the same requests against a local server on the same bundled model -----------
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
@@ -351,6 +360,19 @@ if grep -E '\[E:onnxruntime|Traceback' "$WORK/out/container-start.log" >&2; then
     die "the container's log holds errors (above)"
 fi
 
+# LSTM_SERVE_HOST=0.0.0.0: the server must answer on a non-loopback address too.
+host_ip=$(ip -4 -o addr show scope global 2>/dev/null | awk '{ split($4, a, "/"); print a[1]; exit }')
+if [ -n "$host_ip" ]; then
+    "$VENV/bin/lstm-client" health --timeout 5 --target "$host_ip:$port" >/dev/null ||
+        die "the container does not answer on $host_ip:$port (not bound to 0.0.0.0?)"
+    "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5).read()' \
+        "http://$host_ip:$metrics_port/metrics" ||
+        die "the container's metrics do not answer on $host_ip:$metrics_port"
+    log "bind: gRPC and metrics answer on $host_ip (0.0.0.0 inside the container)"
+else
+    log "bind: no non-loopback IPv4 address here; 0.0.0.0 not checked"
+fi
+
 # --- 8. metrics ----------------------------------------------------------------------------------
 "$PY" - "$metrics_port" >"$WORK/out/metrics.txt" <<'PYEOF' || die "metrics scrape failed"
 import sys, urllib.request
@@ -358,20 +380,23 @@ with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=1
     assert r.status == 200, r.status
     sys.stdout.write(r.read().decode())
 PYEOF
-"$PY" - "$WORK/out/metrics.txt" <<'PYEOF' || die "the container's metrics are not what the server exports"
+"$PY" - "$WORK/out/metrics.txt" "$SHORT_TOKENS" <<'PYEOF' || die "the container's metrics are not what the server exports"
 import sys
 from prometheus_client.parser import text_string_to_metric_families
-families = {f.name: f for f in text_string_to_metric_families(open(sys.argv[1]).read())}
-ours = sorted(n for n in families if n.startswith("lstm_serve_"))
-assert ours, f"no lstm_serve_* metrics in {sorted(families)[:20]}"
-# The Generate above must have been counted somewhere: some lstm_serve_ counter is positive.
-counted = [
-    s for n in ours if families[n].type == "counter" for s in families[n].samples
-    if s.name.endswith("_total") and s.value > 0
-]
-assert counted, "no lstm_serve_ counter moved after a Generate"
-print(f"{len(ours)} lstm_serve_ metric families, {len(counted)} non-zero counter samples",
-      file=sys.stderr)
+samples = {}
+for family in text_string_to_metric_families(open(sys.argv[1]).read()):
+    for s in family.samples:
+        samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+def value(name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+# One health check and one greedy Generate have been served; the model runs on the CPU here.
+assert value("lstm_serve_requests_total", method="Generate", code="OK") >= 1, "Generate not counted"
+decoded = value("lstm_serve_tokens_processed_total", phase="decode")
+assert decoded >= int(sys.argv[2]) - 1, f"decode tokens {decoded} < the {sys.argv[2]} generated"
+info = [k for k in samples if k[0] == "lstm_serve_model_info"]
+assert info and ("provider", "CPUExecutionProvider") in info[0][1], info
+print(f"metrics: {len({k[0] for k in samples})} series names, Generate OK counted, "
+      f"{decoded:.0f} decode tokens, provider CPUExecutionProvider", file=sys.stderr)
 PYEOF
 
 # --- 9. Prometheus with deploy/prometheus.yml scrapes the container ------------------------------
