@@ -219,7 +219,7 @@ class Scheduler:
         prefill_chunk_tokens: int = 128,
         inline_max_rows: int = 4,
         stream_chunk_tokens: int = 16,
-        pipeline_min_rows: int = 16,
+        pipeline_min_rows: int = 0,
         stats: SchedulerStats | None = None,
     ) -> None:
         self.runtime = runtime
