@@ -181,9 +181,29 @@ def machine() -> dict[str, Any]:
                 mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
     except OSError:
         pass
+    info: dict[str, str] = {}
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model", "cpu MHz", "cache size") and key not in info:
+                info[key] = val.strip()
+            elif key == "flags" and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
     return {
         "cores": os.cpu_count(),
         "cpu_model": cpu_model(),
+        # "AMD EPYC" alone says little on a VM: family/model identify the generation (family 25
+        # model 1 is Zen 3), and the SIMD flags decide which ORT/oneDNN kernels run.
+        "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "cpu_mhz": info.get("cpu MHz"),
+        "cache": info.get("cache size"),
+        "simd": sorted(
+            f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma")
+        ),
         "memory_gib": mem_gib,
         "platform": platform.platform(),
     }
