@@ -278,9 +278,16 @@ class DataPlane:
         try:
             want_all = output == OUTPUT_ALL
             # An idle scheduler runs a tiny step right here: no queue, no wake-ups.
-            logits = self.scheduler.run_now(session.slot, ids, want_all=want_all)
+            logits = None
+            if len(ids) > 1 or self.in_flight <= 1:
+                # Alone (or a short prompt): run at once if the engine is idle.
+                logits = self.scheduler.run_now(session.slot, ids, want_all=want_all)
+            else:
+                # Other requests are open: batch with the steps arriving in this loop tick.
+                work = self.scheduler.submit_inline(session.slot, ids, want_all=want_all)
             if logits is None:
-                work = self.scheduler.submit(session.slot, ids, want_all=want_all)
+                if work is None:
+                    work = self.scheduler.submit(session.slot, ids, want_all=want_all)
                 logits = await work.future
         except BaseException:
             self._restore(session, snap, work)

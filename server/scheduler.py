@@ -21,8 +21,11 @@ Contract (what callers may rely on):
   least ``2 * pipeline_min_rows`` generations running they are split into two halves that
   alternate, so the engine completes one half (Python, holding the GIL) while the other half's
   model call runs; a work item is never in two plans at once.
-* When the engine is idle, a request of at most ``inline_max_rows`` tokens runs at once on the
-  caller's thread (:meth:`Scheduler.run_now`): two thread hops would cost more than the call.
+* When the engine is idle (no generation, no queued work), client-driven steps never leave the
+  event loop thread: one-token steps arriving in the same loop tick run as one batch at the end
+  of the tick (:meth:`Scheduler.submit_inline`, up to ``inline_max_rows`` rows), and a short
+  multi-token step runs at once (:meth:`Scheduler.run_now`). Two thread hand-offs per step cost
+  more than the model call at these sizes.
 * Work cancelled with :meth:`Scheduler.abandon` is dropped at the next iteration, and if its model
   call was in flight its outputs are not written back; ``abandon`` also puts the slot back as the
   caller's snapshot says, under the lock, so no later write can overwrite it.
@@ -240,6 +243,7 @@ class Scheduler:
         self._phase = 0
         self._last_rows = 0
         self._running = False  # the engine holds a plan
+        self._tick: list[StepWork] = []  # steps batched on the event loop this tick
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -322,6 +326,56 @@ class Scheduler:
         finally:
             self.lock.release()
         return logits[:, 0].copy() if want_all else logits[-1:, 0].copy()
+
+    def submit_inline(
+        self, slot: int, tokens: np.ndarray, *, want_all: bool = False
+    ) -> StepWork | None:
+        """Queue a one-token step to run on this (event loop) thread at the end of the current
+        loop tick, in one batch with every other step that arrives in the same tick.
+
+        For client-driven steps with no generation running: batching them this way costs no
+        thread hand-off. Await ``work.future`` as with :meth:`submit`. None when the engine is
+        busy or the tick's batch is full (``inline_max_rows``): then :meth:`submit`.
+        """
+        if (
+            len(tokens) != 1
+            or len(self._tick) >= self.inline_max_rows
+            or self._running
+            or self._has_work()
+        ):
+            return None
+        assert self._loop is not None, "start() first"
+        work = StepWork(slot, tokens, want_all, self._loop.create_future())
+        self._tick.append(work)
+        if len(self._tick) == 1:
+            self._loop.call_soon(self._flush_tick)
+        return work
+
+    def _flush_tick(self) -> None:
+        steps = [w for w in self._tick if not w.cancelled]
+        self._tick = []
+        if not steps:
+            return
+        with self._cond:
+            if self._running or self._has_work():
+                # The engine got work meanwhile: it takes these too (same batch semantics).
+                self._decode.extend(steps)
+                self._cond.notify()
+                return
+            now = time.perf_counter()
+            for w in steps:
+                self.stats.queue_wait.observe(now - w.enqueued)
+                w.enqueued = -1.0
+            n = len(steps)
+            slots = np.fromiter((w.slot for w in steps), np.intp, n)
+            tokens = np.fromiter((int(w.tokens[0]) for w in steps), np.int64, n).reshape(1, -1)
+            plan = _Plan(Batch.assemble(self.pool, slots, tokens), [], steps, None, [], 0)
+            try:
+                delivery = self._complete(plan, self._run(plan))
+            except Exception as e:
+                log.exception("model call failed")
+                delivery = self._fail(plan, e)
+        self._deliver(delivery)
 
     def add_generation(self, gen: Generation, logits: np.ndarray) -> None:
         """Sample ``gen``'s first token from ``logits[V]`` and add it to the running set."""
@@ -414,6 +468,8 @@ class Scheduler:
                 finally:
                     self._running = bool(inflight)
             assert self._loop is not None
+            if not (delivery.results or delivery.errors or delivery.wake):
+                continue  # nothing for the event loop: do not wake it
             try:
                 self._loop.call_soon_threadsafe(self._deliver, delivery)
             except RuntimeError:  # the loop is closed: shutting down

@@ -34,10 +34,12 @@ def _stream_requests(chunks: list[list[int]], sid: str, gate: threading.Event):
         gate.clear()
 
 
-@pytest.mark.parametrize("pipeline", [0, 2])
+@pytest.mark.parametrize(("pipeline", "n_gens"), [(0, 4), (2, 4), (0, 0)])
 def test_many_interleaved_sessions_match_in_process(
-    start_server, stub_for, reference: Reference, pipeline: int
+    start_server, stub_for, reference: Reference, pipeline: int, n_gens: int
 ):
+    # With generations running the engine thread batches everything; without them steps are
+    # batched on the event loop thread (per loop tick) or run at once.
     srv = start_server(
         max_batch_size=16, prefill_chunk_tokens=5, inline_max_rows=2, pipeline_min_rows=pipeline
     )
@@ -79,7 +81,7 @@ def test_many_interleaved_sessions_match_in_process(
                 gate.set()
 
     # Generations on other sessions keep the decode batch busy meanwhile.
-    gen_sids = [stub.CreateSession(pb.CreateSessionRequest()).session_id for _ in range(4)]
+    gen_sids = [stub.CreateSession(pb.CreateSessionRequest()).session_id for _ in range(n_gens)]
     with ThreadPoolExecutor(n_sessions + 4) as pool:
         gens = [
             pool.submit(
