@@ -125,6 +125,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument(
+        "--window", type=float, default=None, help="seconds measured per server load point"
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra lstm-serve flag for every server started (repeatable), e.g. "
+        "--server-arg=--inline-max-rows=0, for A/B runs of engine settings",
+    )
+    p.add_argument(
         "--server-src",
         type=Path,
         default=None,
@@ -150,6 +161,8 @@ class Runner:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.prof = Profile(args.quick, args.provider)
+        if args.window:
+            self.prof.duration = args.window
         self.sections: dict[str, Any] = {}
         self.threads = args.threads or common.server_intra_op_threads()
 
@@ -212,6 +225,7 @@ def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
         args.provider,
         "--max-new-tokens",
         str(max(4096, prof.max_tokens)),
+        *args.server_arg,
     ]
 
     def spec(mode: str, c: int) -> sb.LoadSpec:
