@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import time
 from collections.abc import Callable
 
@@ -33,7 +32,6 @@ from .settings import Settings
 
 log = logging.getLogger("lstm_serve")
 
-SWITCH_INTERVAL_S = 0.0005
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -71,10 +69,6 @@ class App:
         """Bind the ports and begin loading the model (see :meth:`ready`)."""
         s = self.settings
         resolve_model(s.model)  # a missing model is reported before anything listens
-        # Two busy Python threads (event loop, engine) share the GIL: a thread that wants it
-        # back, e.g. the engine after a model call, waits up to the switch interval (5 ms by
-        # default) while the other runs Python. Bound that wait.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         server = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)]
         )

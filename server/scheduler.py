@@ -30,7 +30,8 @@ Contract (what callers may rely on):
   call was in flight its outputs are not written back; ``abandon`` also puts the slot back as the
   caller's snapshot says, under the lock, so no later write can overwrite it.
 * A generation's tokens accumulate in its list; its ``event`` is set on the first token, when it
-  finishes, and otherwise every ``stream_chunk_tokens`` tokens; the consumer then takes
+  finishes, and otherwise every ``max(stream_chunk_tokens, running generations)`` tokens (at most
+  ``MAX_STREAM_CHUNK``): about one message per iteration in all. The consumer then takes
   everything new. Python gRPC costs tens of microseconds per message, so a message per token
   would dominate; generations get different phases so their messages spread over iterations.
 """
@@ -55,6 +56,8 @@ from .runtime import ModelRuntime
 from .sampling import sample
 
 log = logging.getLogger(__name__)
+
+MAX_STREAM_CHUNK = 64  # tokens; bounds the gap between a generation's messages
 
 
 class StepWork:
@@ -384,7 +387,7 @@ class Scheduler:
         gen.event.set()
         with self._cond:
             self._phase += 1
-            gen.phase = self._phase % self.stream_chunk_tokens
+            gen.phase = self._phase
             self._gens.append(gen)
             self._cond.notify()
 
@@ -635,7 +638,10 @@ class Scheduler:
                     rows.append(i)
             if to_sample:
                 tokens = self._sample(to_sample, logits[rows] if len(rows) < ng else logits[:ng])
-                chunk = self.stream_chunk_tokens
+                # About one message per iteration in all: with many generations running each
+                # one's chunk grows (up to MAX_STREAM_CHUNK), since every message costs the
+                # event loop tens of microseconds whatever its size.
+                chunk = min(MAX_STREAM_CHUNK, max(self.stream_chunk_tokens, ng))
                 wake = d.wake
                 for g, t in zip(to_sample, tokens.tolist(), strict=True):
                     g.accept(t)

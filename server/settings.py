@@ -83,8 +83,9 @@ class Settings:
         default=4,
     )
     stream_chunk_tokens: int = _doc(
-        "Generate streams send a message every this many tokens (the first token and the end "
-        "at once; a slow reader gets more per message); 1 = every token.",
+        "Generate streams send a message at least every this many tokens (the first token and "
+        "the end at once); with many generations running the chunk grows to the number running "
+        "(at most 64), about one message per iteration in all; a slow reader gets more.",
         default=16,
     )
     pipeline_min_rows: int = _doc(
