@@ -31,20 +31,29 @@ def sample(
       token-id order: the chosen id is the first whose cumulative mass exceeds ``u * total``.
     """
     V = logits.shape[1]
-    out = np.argmax(logits, axis=1)
-    s = np.flatnonzero(temperature > 0)
-    if s.size == 0:
-        return out
+    # Few numpy calls on the common paths: at small batch sizes each call's fixed cost is what
+    # matters, not the arithmetic.
+    if temperature.all():
+        out = None
+        s: slice | np.ndarray = slice(None)
+    else:
+        out = np.argmax(logits, axis=1)
+        s = np.flatnonzero(temperature > 0)
+        if s.size == 0:
+            return out
     x = logits[s].astype(np.float64)
     x /= temperature[s, None]
     x -= x.max(axis=1, keepdims=True)
     p = np.exp(x)
     k = top_k[s]
     tp = top_p[s]
-    use_k = (k > 0) & (k < V)
-    use_p = (tp > 0) & (tp < 1)
-    filt = use_k | use_p
-    if filt.any():
+    if k.any() or tp.any():
+        use_k = (k > 0) & (k < V)
+        use_p = (tp > 0) & (tp < 1)
+        filt = use_k | use_p
+    else:
+        filt = None
+    if filt is not None and filt.any():
         # Only rows that filter pay for the sort.
         rows = np.flatnonzero(filt)
         pr = p[rows]
@@ -64,5 +73,8 @@ def sample(
     idx = (cdf <= (uniforms[s] * cdf[:, -1])[:, None]).sum(axis=1)
     # u * total can round up to total: never step past the last token that may be chosen.
     last = V - 1 - np.argmax(p[:, ::-1] > 0, axis=1)
-    out[s] = np.minimum(idx, last)
+    chosen = np.minimum(idx, last)
+    if out is None:
+        return chosen.astype(np.int64, copy=False)
+    out[s] = chosen
     return out.astype(np.int64, copy=False)
