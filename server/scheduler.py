@@ -223,7 +223,7 @@ class Scheduler:
         max_queue_delay_s: float = 0.0002,
         max_queue_size: int = 4096,
         prefill_chunk_tokens: int = 128,
-        inline_max_rows: int = 4,
+        inline_max_rows: int = 16,
         stream_chunk_tokens: int = 16,
         pipeline_min_rows: int = 0,
         stats: SchedulerStats | None = None,

@@ -78,9 +78,10 @@ class Settings:
         default=128,
     )
     inline_max_rows: int = _doc(
-        "A request of at most this many tokens that finds the engine idle runs at once on the "
-        "event loop thread instead of hopping to the engine thread and back.",
-        default=4,
+        "While no generation runs, steps stay on the event loop thread: one-token steps arriving "
+        "in the same loop tick run as one batch of up to this many rows, and a step of at most "
+        "this many tokens runs at once; 0 = always use the engine thread.",
+        default=16,
     )
     stream_chunk_tokens: int = _doc(
         "Generate streams send a message at least every this many tokens (the first token and "
