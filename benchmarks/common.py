@@ -246,4 +246,5 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
         tmp = f.name
+    os.chmod(tmp, 0o644)  # NamedTemporaryFile makes it 0600; a results file is for reading
     os.replace(tmp, path)

@@ -99,6 +99,12 @@ def latency(result: dict[str, Any], path: Path) -> bool:
         c = [r["concurrency"] for r in stream]
         b.plot(c, [r["rtt"]["p50_ms"] for r in stream], "o-", label="round trip p50")
         b.plot(c, [r["rtt"]["p99_ms"] for r in stream], "o--", label="round trip p99")
+        floor = _rows(s, "stream", "grpc_floor_rows")
+        if floor:
+            cf = [r["concurrency"] for r in floor]
+            b.plot(
+                cf, [r["rtt"]["p50_ms"] for r in floor], "k:", label="p50, null server (gRPC floor)"
+            )
         nb = _rows(s, "no_batching", "stream")
         if nb:
             cn = [r["concurrency"] for r in nb]
@@ -144,3 +150,17 @@ def write_all(result: dict[str, Any], out: Path) -> list[str]:
         if fn(result, out / name):
             written.append(name)
     return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.plots RESULTS.json``: redraw the plots beside the file."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0] if args else "benchmarks/results/results.json")
+    print(", ".join(write_all(json.loads(path.read_text(encoding="utf-8")), path.parent)))
+
+
+if __name__ == "__main__":
+    main()
