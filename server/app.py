@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -69,6 +70,10 @@ class App:
         """Bind the ports and begin loading the model (see :meth:`ready`)."""
         s = self.settings
         resolve_model(s.model)  # a missing model is reported before anything listens
+        if s.gil_switch_interval_us > 0:
+            # Process-wide: ORT releases the GIL for the model call, and the engine thread must
+            # get it back at once when the call returns, not after the event loop's 5 ms slice.
+            sys.setswitchinterval(s.gil_switch_interval_us / 1e6)
         server = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)]
         )
@@ -118,6 +123,7 @@ class App:
             inline_max_rows=s.inline_max_rows,
             stream_chunk_tokens=s.stream_chunk_tokens,
             pipeline_min_rows=s.pipeline_min_rows,
+            prefill_fold_min_rows=s.prefill_fold_min_rows,
             stats=self.scheduler_stats,
         )
         limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)

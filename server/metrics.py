@@ -110,6 +110,7 @@ class SchedulerStats:
     tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     iterations: int = 0
     split_plans: int = 0  # plans that took half the generations (pipelining)
+    folded_rows: int = 0  # prompt tokens fed as rows of a decode call (folding)
     queue_depth: int = 0
 
 

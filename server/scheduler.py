@@ -8,6 +8,11 @@ Contract (what callers may rely on):
   one group of prompts cut to the same chunk length (``min(remaining, prefill_chunk_tokens)``),
   so a long prompt advances a chunk per iteration and never stalls running generations for more
   than one chunk.
+* Folding: with at least ``prefill_fold_min_rows`` generations running, prompts skip the prefill
+  call and advance one token per iteration as extra rows of the decode call. A prompt token then
+  costs one more row of a large batch (about 20 µs for the bundled model on this CPU) instead of a
+  step of a batch-of-one sequence (about 55 µs), and the decode batch never waits behind a long
+  prefill call; the price is time to first token, about one iteration per prompt token.
 * Generations join the running set when their prompt is done and leave it when they finish or
   are cancelled; membership may change at every iteration (state lives in the pool, not in the
   batch: see :mod:`server.batch`).
@@ -196,6 +201,7 @@ class _Plan:
     prefill_work: list[StepWork]
     prefill_len: int
     split: bool = False
+    folded: list[StepWork] = field(default_factory=list)  # prompts riding the decode call
 
 
 @dataclass
@@ -226,6 +232,7 @@ class Scheduler:
         inline_max_rows: int = 16,
         stream_chunk_tokens: int = 16,
         pipeline_min_rows: int = 0,
+        prefill_fold_min_rows: int = 0,
         stats: SchedulerStats | None = None,
     ) -> None:
         self.runtime = runtime
@@ -237,6 +244,7 @@ class Scheduler:
         self.inline_max_rows = inline_max_rows
         self.stream_chunk_tokens = max(1, stream_chunk_tokens)
         self.pipeline_min_rows = pipeline_min_rows
+        self.prefill_fold_min_rows = prefill_fold_min_rows
         self.stats = stats if stats is not None else SchedulerStats()
         self.lock = threading.Lock()
         self._cond = threading.Condition(self.lock)
@@ -518,13 +526,28 @@ class Scheduler:
             self._gens = [g for g in self._gens if id(g) not in chosen] + gens
         for g in gens:
             g.inflight = True
+        if self._prefill:
+            self._prefill = [w for w in self._prefill if not w.cancelled]
+        waiting = [w for w in self._prefill if not w.inflight]
+        folded: list[StepWork] = []
+        if (
+            waiting
+            and self.prefill_fold_min_rows > 0
+            and len(self._gens) >= self.prefill_fold_min_rows
+        ):
+            folded = waiting[: max(0, budget - len(steps) - len(gens))]
+            waiting = waiting[len(folded) :]
+            for w in folded:
+                w.inflight = True
         waits = [now - w.enqueued for w in steps if w.enqueued > 0]
+        waits += [now - w.enqueued for w in folded if w.enqueued > 0]
         decode = None
-        if steps or gens:
-            n = len(gens) + len(steps)
-            slots = np.fromiter([g.slot for g in gens] + [w.slot for w in steps], np.intp, n)
+        if steps or gens or folded:
+            rows = [*steps, *folded]
+            n = len(gens) + len(rows)
+            slots = np.fromiter([g.slot for g in gens] + [w.slot for w in rows], np.intp, n)
             tokens = np.fromiter(
-                [g.next_token for g in gens] + [int(w.tokens[w.pos]) for w in steps],
+                [g.next_token for g in gens] + [int(w.tokens[w.pos]) for w in rows],
                 np.int64,
                 n,
             ).reshape(1, -1)
@@ -532,9 +555,6 @@ class Scheduler:
         prefill = None
         group: list[StepWork] = []
         chunk = 0
-        if self._prefill:
-            self._prefill = [w for w in self._prefill if not w.cancelled]
-        waiting = [w for w in self._prefill if not w.inflight]
         if waiting:
             chunk = min(waiting[0].remaining, self.prefill_chunk_tokens)
             group = [w for w in waiting if min(w.remaining, self.prefill_chunk_tokens) == chunk][
@@ -546,9 +566,7 @@ class Scheduler:
             slots = np.fromiter((w.slot for w in group), np.intp, len(group))
             tokens = np.stack([w.tokens[w.pos : w.pos + chunk] for w in group], axis=1)
             prefill = Batch.assemble(self.pool, slots, tokens)
-        for w in steps:
-            w.enqueued = -1.0
-        for w in group:
+        for w in [*steps, *folded, *group]:
             w.enqueued = -1.0
         if len(waits) > 8:
             self.stats.queue_wait.observe_many(np.asarray(waits))
@@ -558,7 +576,7 @@ class Scheduler:
         self.stats.queue_depth = self.queued
         if decode is None and prefill is None:
             return None
-        return _Plan(decode, gens, steps, prefill, group, chunk, halved)
+        return _Plan(decode, gens, steps, prefill, group, chunk, halved, folded)
 
     def _run(self, plan: _Plan) -> _Outputs:
         # Without the lock: touches nothing but the plan's own arrays and ORT.
@@ -574,7 +592,7 @@ class Scheduler:
     def _fail(self, plan: _Plan, error: Exception) -> _Delivery:
         d = _Delivery()
         err = RuntimeError(f"model call failed: {type(error).__name__}")
-        for w in [*plan.steps, *plan.prefill_work]:
+        for w in [*plan.steps, *plan.prefill_work, *plan.folded]:
             w.inflight = False
             d.errors.append((w.future, err))
             if w in self._prefill:
@@ -596,7 +614,9 @@ class Scheduler:
             rows = len(plan.decode.slots)
             stats.model_call.observe(dt)
             stats.batch_size.observe(rows)
-            stats.tokens["decode"] += rows
+            stats.tokens["decode"] += rows - len(plan.folded)
+            stats.tokens["prefill"] += len(plan.folded)
+            stats.folded_rows += len(plan.folded)
             self._last_rows = rows
             self._finish_decode(plan, logits[0], hn, cn, d)
         if plan.prefill is not None:
@@ -612,14 +632,20 @@ class Scheduler:
         self, plan: _Plan, logits: np.ndarray, hn: np.ndarray, cn: np.ndarray, d: _Delivery
     ) -> None:
         assert plan.decode is not None
-        gens, steps = plan.gens, plan.steps
+        gens, steps, folded = plan.gens, plan.steps, plan.folded
         ng = len(gens)
-        cancelled = any(g.cancelled for g in gens) or any(w.cancelled for w in steps)
+        cancelled = (
+            any(g.cancelled for g in gens)
+            or any(w.cancelled for w in steps)
+            or any(w.cancelled for w in folded)
+        )
         if not cancelled:
             plan.decode.write_back(self.pool, hn, cn)
             self.pool.set_logits(plan.decode.slots, logits)
         else:
-            keep = np.asarray([not g.cancelled for g in gens] + [not w.cancelled for w in steps])
+            keep = np.asarray(
+                [not g.cancelled for g in gens] + [not w.cancelled for w in [*steps, *folded]]
+            )
             plan.decode.write_back(self.pool, hn, cn, keep)
             self.pool.set_logits(plan.decode.slots[keep], logits[keep])
         if ng:
@@ -658,6 +684,19 @@ class Scheduler:
             else:
                 result = row[None, :].copy()
             d.results.append((w.future, result))
+        base = ng + len(steps)
+        for j, w in enumerate(folded):
+            w.inflight = False
+            if w.cancelled:
+                continue
+            row = logits[base + j]
+            w.pos += 1
+            if w.want_all:
+                w.chunks.append(row[None, :].copy())
+            if w.remaining == 0:
+                self._prefill.remove(w)
+                result = np.concatenate(w.chunks) if w.want_all else row[None, :].copy()
+                d.results.append((w.future, result))
 
     def _finish_prefill(
         self, plan: _Plan, logits: np.ndarray, hn: np.ndarray, cn: np.ndarray, d: _Delivery

@@ -127,3 +127,30 @@ def test_table_and_plots(quick_run: tuple[subprocess.CompletedProcess[str], dict
     for name in plots:
         head = (Path(data["_out"]) / name).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_gil_handoff_benchmark_runs_and_writes_every_row(tmp_path: Path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gil_handoff",
+            "--rounds",
+            "1",
+            "--calls",
+            "5",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "beside busy thread" in proc.stdout
+    data = json.loads((tmp_path / "gil_handoff.json").read_text())
+    rows = {(r["switch_interval_us"], r["batch"]): r for r in data["rows"]}
+    assert set(rows) == {(us, b) for us in (5000, 1000, 200) for b in (1, 64)}
+    for r in rows.values():
+        assert r["alone_ms"] > 0 and r["busy_ms"] > 0

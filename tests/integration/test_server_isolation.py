@@ -34,14 +34,21 @@ def _stream_requests(chunks: list[list[int]], sid: str, gate: threading.Event):
         gate.clear()
 
 
-@pytest.mark.parametrize(("pipeline", "n_gens"), [(0, 4), (2, 4), (0, 0)])
+@pytest.mark.parametrize(
+    ("pipeline", "n_gens", "fold"), [(0, 4, 0), (2, 4, 0), (0, 4, 2), (2, 4, 2), (0, 0, 0)]
+)
 def test_many_interleaved_sessions_match_in_process(
-    start_server, stub_for, reference: Reference, pipeline: int, n_gens: int
+    start_server, stub_for, reference: Reference, pipeline: int, n_gens: int, fold: int
 ):
-    # With generations running the engine thread batches everything; without them steps are
-    # batched on the event loop thread (per loop tick) or run at once.
+    # With generations running the engine thread batches everything (with ``fold``, multi-token
+    # steps ride the decode call a token at a time); without them steps are batched on the event
+    # loop thread (per loop tick) or run at once.
     srv = start_server(
-        max_batch_size=16, prefill_chunk_tokens=5, inline_max_rows=2, pipeline_min_rows=pipeline
+        max_batch_size=16,
+        prefill_chunk_tokens=5,
+        inline_max_rows=2,
+        pipeline_min_rows=pipeline,
+        prefill_fold_min_rows=fold,
     )
     stub = stub_for(srv)
     seed = random.SystemRandom().randrange(2**32)
@@ -102,6 +109,10 @@ def test_many_interleaved_sessions_match_in_process(
     stats = srv.on_loop(lambda: srv.app.scheduler_stats)
     assert stats.batch_size.counts[1:].sum() > 0, "no model call ever batched two sessions"
     assert stats.tokens["prefill"] > 0 and stats.tokens["decode"] > 0
+    if fold:
+        assert stats.folded_rows > 0, "no prompt token was folded into a decode call"
+    else:
+        assert stats.folded_rows == 0
     for i, (_, chunks) in enumerate(plans):
         state = reference.zeros()
         for chunk, got in zip(chunks, results[i], strict=True):

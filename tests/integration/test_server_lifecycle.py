@@ -328,3 +328,15 @@ def test_sigterm_drains_in_flight_generate_and_exits_zero(model_path: Path, tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_server_sets_the_gil_switch_interval_and_zero_leaves_it(start_server):
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        start_server(gil_switch_interval_us=0)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        start_server(gil_switch_interval_us=300)
+        assert sys.getswitchinterval() == pytest.approx(0.0003)
+    finally:
+        sys.setswitchinterval(before)
