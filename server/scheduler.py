@@ -12,7 +12,8 @@ Contract (what callers may rely on):
   call and advance one token per iteration as extra rows of the decode call. A prompt token then
   costs one more row of a large batch (about 20 µs for the bundled model on this CPU) instead of a
   step of a batch-of-one sequence (about 55 µs), and the decode batch never waits behind a long
-  prefill call; the price is time to first token, about one iteration per prompt token.
+  prefill call; the price is time to first token, about one iteration per prompt token. 0 (the
+  default) never folds: in closed-loop load it measured no faster (server/README.md).
 * Generations join the running set when their prompt is done and leave it when they finish or
   are cancelled; membership may change at every iteration (state lives in the pool, not in the
   batch: see :mod:`server.batch`).
