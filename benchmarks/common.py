@@ -248,3 +248,47 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         tmp = f.name
     os.chmod(tmp, 0o644)  # NamedTemporaryFile makes it 0600; a results file is for reading
     os.replace(tmp, path)
+
+
+# One row of the result tables, shared by the stdout table (run.py) and the Markdown (report.py).
+# Latencies in ms; cpu columns in cores (client: the busiest load-generator process).
+INPROC_HEAD = ["B", "tokens/s", "p50 ms", "p99 ms"]
+GENERATE_HEAD = [
+    "conc",
+    "tokens/s",
+    "ITL p50",
+    "ITL p99",
+    "TTFT p50",
+    "TTFT p99",
+    "client",
+    "server",
+]
+STREAM_HEAD = ["streams", "steps/s", "RTT p50", "RTT p99", "client", "server"]
+
+
+def inproc_cells(r: dict[str, Any]) -> list[Any]:
+    return [r["batch"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"]]
+
+
+def generate_cells(r: dict[str, Any]) -> list[Any]:
+    return [
+        r["concurrency"],
+        r["tokens_per_s"],
+        r["itl"]["p50_ms"],
+        r["itl"]["p99_ms"],
+        r["ttft"]["p50_ms"],
+        r["ttft"]["p99_ms"],
+        max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
+        r["server_cpu_cores"],
+    ]
+
+
+def stream_cells(r: dict[str, Any]) -> list[Any]:
+    return [
+        r["concurrency"],
+        r["steps_per_s"],
+        r["rtt"]["p50_ms"],
+        r["rtt"]["p99_ms"],
+        max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
+        r["server_cpu_cores"],
+    ]

@@ -11,6 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .common import (
+    GENERATE_HEAD,
+    INPROC_HEAD,
+    STREAM_HEAD,
+    generate_cells,
+    inproc_cells,
+    stream_cells,
+)
+
 
 def _f(v: Any, nd: int = 2) -> str:
     if v is None:
@@ -57,12 +66,9 @@ def render(result: dict[str, Any]) -> str:
             f"{t['target'] if t else ''} | {verdict} |"
         )
 
-    def inproc(key: str, sub: str = "rows") -> list[list[Any]]:
-        return [[r["batch"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"]] for r in s[key][sub]]
-
     if "rows" in s.get("inprocess_ort", {}):
         parts += ["", "**1. In-process ONNX Runtime, T=1** (tokens/s; ms per call)", ""]
-        parts.append(_table(["B", "tokens/s", "p50 ms", "p99 ms"], inproc("inprocess_ort")))
+        parts.append(_table(INPROC_HEAD, [inproc_cells(r) for r in s["inprocess_ort"]["rows"]]))
     te = s.get("torch_eager", {})
     if "rows" in te:
         parts += ["", "**2. PyTorch eager, T=1**: default (oneDNN) | oneDNN off", ""]
@@ -79,38 +85,12 @@ def render(result: dict[str, Any]) -> str:
             )
 
     def gen(rows: list[dict[str, Any]]) -> str:
-        return _table(
-            ["conc", "tokens/s", "ITL p50", "ITL p99", "TTFT p50", "TTFT p99", "client", "server"],
-            [
-                [
-                    r["concurrency"],
-                    r["tokens_per_s"],
-                    r["itl"]["p50_ms"],
-                    r["itl"]["p99_ms"],
-                    r["ttft"]["p50_ms"],
-                    r["ttft"]["p99_ms"],
-                    max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
-                    r["server_cpu_cores"],
-                ]
-                for r in rows
-            ],
-        )
+        return _table(GENERATE_HEAD, [generate_cells(r) for r in rows])
 
     def stream(rows: list[dict[str, Any]]) -> str:
         return _table(
-            ["streams", "steps/s", "RTT p50", "RTT p99", "client", "server", "server µs/step"],
-            [
-                [
-                    r["concurrency"],
-                    r["steps_per_s"],
-                    r["rtt"]["p50_ms"],
-                    r["rtt"]["p99_ms"],
-                    max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
-                    r["server_cpu_cores"],
-                    r["server_cpu_cores"] / r["steps_per_s"] * 1e6,
-                ]
-                for r in rows
-            ],
+            [*STREAM_HEAD, "server µs/step"],
+            [[*stream_cells(r), r["server_cpu_cores"] / r["steps_per_s"] * 1e6] for r in rows],
         )
 
     note = " (ms; client/server in cores)"

@@ -463,55 +463,22 @@ def print_table(result: dict[str, Any]) -> None:
         if "skipped" in sec:
             print(f"\n## {title}: skipped ({sec['skipped']})")
             continue
-        table(
-            title,
-            ["B", "tokens/s", "p50 ms", "p99 ms"],
-            [[r["batch"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"]] for r in sec["rows"]],
-        )
+        table(title, common.INPROC_HEAD, [common.inproc_cells(r) for r in sec["rows"]])
         if sec.get("rows_onednn_off"):
             table(
                 title + ", oneDNN off (native kernels)",
-                ["B", "tokens/s", "p50 ms", "p99 ms"],
-                [
-                    [r["batch"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"]]
-                    for r in sec["rows_onednn_off"]
-                ],
+                common.INPROC_HEAD,
+                [common.inproc_cells(r) for r in sec["rows_onednn_off"]],
             )
 
     def gen_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
-        return [
-            [
-                r["concurrency"],
-                r["tokens_per_s"],
-                r["itl"]["p50_ms"],
-                r["itl"]["p99_ms"],
-                r["ttft"]["p50_ms"],
-                r["ttft"]["p99_ms"],
-                max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
-                r["server_cpu_cores"],
-                sum(r["errors"].values()),
-            ]
-            for r in rows
-        ]
+        return [[*common.generate_cells(r), sum(r["errors"].values())] for r in rows]
 
     def stream_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
-        return [
-            [
-                r["concurrency"],
-                r["steps_per_s"],
-                r["rtt"]["p50_ms"],
-                r["rtt"]["p99_ms"],
-                max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
-                r["server_cpu_cores"],
-                sum(r["errors"].values()),
-            ]
-            for r in rows
-        ]
+        return [[*common.stream_cells(r), sum(r["errors"].values())] for r in rows]
 
-    # Latencies in ms; cpu columns in cores (client: the busiest load-generator process).
-    gh = ["conc", "tokens/s", "ITL p50", "ITL p99", "TTFT p50", "TTFT p99", "client", "server"]
-    gh.append("errs")
-    sh = ["streams", "steps/s", "RTT p50", "RTT p99", "client", "server", "errs"]
+    gh = [*common.GENERATE_HEAD, "errs"]
+    sh = [*common.STREAM_HEAD, "errs"]
     for key, title, sub in (
         ("generate", "3. server Generate", None),
         ("stream", "4. server StepStream steps", None),
