@@ -674,30 +674,26 @@ class Scheduler:
                     g.accept(t)
                     if (len(g.tokens) + g.phase) % chunk == 0 or g.done_after_feed:
                         wake.append(g)
-        for j, w in enumerate(steps):
+        # Steps have one token left; a folded prompt may have more, and then waits for the next
+        # decode call.
+        folded_from = ng + len(steps)
+        for i, w in enumerate([*steps, *folded], start=ng):
+            w.inflight = False
             if w.cancelled:
                 continue
-            row = logits[ng + j]
+            row = logits[i]
             w.pos += 1
             if w.want_all:
                 w.chunks.append(row[None, :].copy())
+            if w.remaining:
+                continue
+            if i >= folded_from:
+                self._prefill.remove(w)
+            if w.want_all:
                 result = np.concatenate(w.chunks) if len(w.chunks) > 1 else w.chunks[0]
             else:
                 result = row[None, :].copy()
             d.results.append((w.future, result))
-        base = ng + len(steps)
-        for j, w in enumerate(folded):
-            w.inflight = False
-            if w.cancelled:
-                continue
-            row = logits[base + j]
-            w.pos += 1
-            if w.want_all:
-                w.chunks.append(row[None, :].copy())
-            if w.remaining == 0:
-                self._prefill.remove(w)
-                result = np.concatenate(w.chunks) if w.want_all else row[None, :].copy()
-                d.results.append((w.future, result))
 
     def _finish_prefill(
         self, plan: _Plan, logits: np.ndarray, hn: np.ndarray, cn: np.ndarray, d: _Delivery
