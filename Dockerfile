@@ -30,12 +30,13 @@ RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
     fi
 
 # --- builder: a wheel of lstm-serve (pure Python; the bundled model rides along as package data).
+# Only the layers the server stands on go in: contract/ and protos/ below server/ (import-linter
+# keeps server/ from importing training/ or export/, which need torch and onnx).
 FROM python-base AS builder
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
+COPY contract ./contract
 COPY protos ./protos
-COPY export ./export
-COPY training ./training
 COPY server ./server
 RUN --mount=type=secret,id=ca_bundle \
     if [ -f /run/secrets/ca_bundle ]; then \

@@ -8,7 +8,7 @@ STAMP_ALL := $(VENV)/.installed-all
 STAMP_SERVE := $(VENV)/.installed-serve
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: install install-serve serve test lint typecheck unit protos bench bench-quick container-test clean
+.PHONY: install install-serve serve test lint imports typecheck unit protos bench bench-quick container-test clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -33,10 +33,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Import-layer contracts ([tool.importlinter] in pyproject.toml).
+imports: install
+	$(BIN)/lint-imports --no-cache
+
 typecheck: install
 	$(BIN)/mypy
 
-test: install lint typecheck
+test: install lint imports typecheck
 	$(BIN)/pytest -q
 
 protos: install

@@ -10,15 +10,18 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from contract.files import write_atomic
+from contract.model import state_bytes
+from contract.repository import MODEL_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL = ROOT / "server" / "model_repo" / "timemachine" / "1" / "model.onnx"
+BUNDLED_MODEL = ROOT / "server" / "model_repo" / "timemachine" / "1" / MODEL_FILE
 # The shape of the fallback model when the bundled one is missing: the bundled model's (two
 # layers of 256 hidden units over the 28-token character vocabulary; it uses a 32-wide
 # embedding where this one is one-hot, which changes only the first layer's input width).
@@ -66,8 +69,7 @@ class ModelUnderTest:
 
     @property
     def state_bytes(self) -> int:
-        """Raw recurrent state per session: h and c, L x H float32 each."""
-        return 2 * self.num_layers * self.hidden_size * 4
+        return state_bytes(self.num_layers, self.hidden_size)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,7 +78,7 @@ class ModelUnderTest:
 
 
 def _spec(path: Path) -> tuple[int, int, int, str, int]:
-    from export.contract import validate
+    from contract.model import validate
 
     spec = validate(path)
     mode = str(spec.config.get("input_mode", "onehot"))
@@ -239,15 +241,7 @@ def git_commit(tree: Path) -> str | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        tmp = f.name
-    os.chmod(tmp, 0o644)  # NamedTemporaryFile makes it 0600; a results file is for reading
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 # One row of the result tables, shared by the stdout table (run.py) and the Markdown (report.py).

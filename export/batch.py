@@ -45,13 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import ExportError, library_versions, one_line, sha256_file, utc_now, write_atomic
+from contract.files import sha256_file, write_atomic
+from contract.repository import INT8_FILE, MANIFEST, MODEL_FILE
 
-MANIFEST = "manifest.json"
+from .common import ExportError, library_versions, one_line, utc_now
+
 MANIFEST_FORMAT = "lstm-serve-model-repo"
 MANIFEST_VERSION = 1
-MODEL_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 _TMP_PREFIX = ".tmp-"
 _REPORT = ".report.json"  # a worker's report and stderr, removed before the folder is renamed
@@ -269,9 +269,9 @@ def _last_good(entry: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _export_into(checkpoint: str, tmp_dir: str, options: Any) -> dict[str, Any]:
     """Export one checkpoint into ``tmp_dir``; never raises (errors come back as one line)."""
+    from contract.model import ContractError
     from training.checkpoint import CheckpointError
 
-    from .contract import ContractError
     from .exporter import build_artifacts
 
     try:

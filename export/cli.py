@@ -22,21 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from contract.args import positive_int
+
 from .common import ExportError, one_line
 from .parity import DEFAULT_TOLERANCE
 from .quantize import DEFAULT_PPL_TOLERANCE
 
 PROG = "lstm-export"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -89,7 +81,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="torch/ORT threads for parity and figures (default 1)",
     )
@@ -128,7 +120,7 @@ def _batch_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="the model repository directory")
     p.add_argument(
-        "--jobs", type=_positive_int, default=1, help="parallel export processes (default 1)"
+        "--jobs", type=positive_int, default=1, help="parallel export processes (default 1)"
     )
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None)
@@ -277,7 +269,7 @@ _EXTRA_PACKAGES = {"torch", "onnx", "onnxruntime", "tqdm", "numpy"}
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from .contract import ContractError
+    from contract.model import ContractError
 
     try:
         code = _run_batch(argv[1:]) if argv and argv[0] == "batch" else _run_single(argv)

@@ -1,25 +1,22 @@
 """Held-out perplexity of an exported model, computed with ONNX Runtime through the contract.
 
 The text goes through exactly what the server does: the model's own metadata
-(:class:`export.contract.ModelSpec`) normalises and encodes it, and the model runs with
+(:class:`contract.model.ModelSpec`) normalises and encodes it, and the model runs with
 explicit state. Torch-free, so the same figure can be computed wherever ORT runs.
 
-Validation split (the training issue's rule): normalise the whole corpus with the model's
-``preprocess`` rule, then the last ``val_fraction`` of its characters (default 10%) is the
-validation text: ``text[int(len(text) * (1 - val_fraction)):]``.
+The held-out text and the geometry are the contract's (:mod:`contract.text`), the same as
+training's evaluation, so the two perplexities are comparable.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import ExportError, one_line, sha256_bytes
-from .contract import (
+from contract.model import (
     INPUT_C0,
     INPUT_H0,
     INPUT_TOKENS,
@@ -27,34 +24,10 @@ from .contract import (
     OUTPUT_HN,
     OUTPUT_LOGITS,
     ModelSpec,
-    preprocess,
 )
+from contract.text import EVAL_BATCH, EVAL_STEPS, CorpusError, eval_rows
 
-DEFAULT_VAL_FRACTION = 0.1
-
-
-def read_corpus(path: str | Path) -> tuple[str, str]:
-    """Return ``(text, sha256 of the raw bytes)``; raises :class:`ExportError` if unusable."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ExportError(f"cannot read corpus {path}: {e.strerror or one_line(e)}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ExportError(f"corpus {path} is not UTF-8 text (byte {e.start})") from None
-    if not text.strip():
-        raise ExportError(f"corpus {path} is empty")
-    return text, sha256_bytes(raw)
-
-
-def validation_text(text: str, rule: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
-    """The held-out tail of the normalised corpus (see the module docstring for the rule)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ExportError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    norm = preprocess(text, rule)
-    return norm[int(len(norm) * (1.0 - val_fraction)) :]
+from .common import ExportError
 
 
 @dataclass(frozen=True)
@@ -80,22 +53,22 @@ def perplexity(
     spec: ModelSpec,
     text: str,
     *,
-    batch_size: int = 32,
-    num_steps: int = 35,
+    batch_size: int = EVAL_BATCH,
+    num_steps: int = EVAL_STEPS,
     normalize: bool = False,
 ) -> Perplexity:
     """exp(mean next-token cross-entropy) of ``text`` under the model in ``session``.
 
-    The token stream is cut into ``batch_size`` contiguous rows (the book's sequential
-    partitioning) and read ``num_steps`` at a time with the state carried across windows, so
-    every prediction after the first window has the full history of its row. Raises
+    The token stream is cut into ``batch_size`` contiguous rows (:func:`contract.text.eval_rows`,
+    the book's sequential partitioning) and read ``num_steps`` at a time with the state carried
+    across windows, so every prediction has the full history of its row. Raises
     :class:`ExportError` when the text is too short for one token per row.
     """
     ids = np.asarray(spec.encode(text, normalize=normalize), dtype=np.int64)
-    if len(ids) < 2:
-        raise ExportError(f"validation text too short for perplexity ({len(ids)} tokens)")
-    rows = min(batch_size, len(ids) - 1)
-    per_row = (len(ids) - 1) // rows
+    try:
+        rows, per_row = eval_rows(len(ids), batch_size)
+    except CorpusError as e:
+        raise ExportError(f"validation {e}") from None
     X = ids[: rows * per_row].reshape(rows, per_row).T.copy()  # [time, rows]
     Y = ids[1 : rows * per_row + 1].reshape(rows, per_row).T
     L, H = spec.num_layers, spec.hidden_size

@@ -10,7 +10,7 @@ Steps (:func:`build_artifacts`; nothing touches the output paths until all of th
 3. build the graph with :func:`export.graph.build_model` (``onnx.checker`` full check inside),
    with the metadata the contract asks for plus provenance (checkpoint SHA-256, training
    metrics, library versions, creation time);
-4. check the bytes against the contract (:func:`export.contract.validate`);
+4. check the bytes against the contract (:func:`contract.model.validate`);
 5. parity: ORT vs the PyTorch model at every T in {1, 7, 35, 100} x B in {1, 3, 32, 512}, plus
    chaining (:mod:`export.parity`); a failure raises :class:`ExportError`;
 6. optionally the int8 variant (:mod:`export.quantize`) and, given a corpus, held-out perplexity
@@ -33,16 +33,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .common import (
-    ExportError,
-    library_versions,
-    sha256_bytes,
-    sha256_file,
-    utc_now,
-    write_atomic,
+from contract.files import sha256_bytes, sha256_file, write_atomic
+from contract.model import META_CONFIG, ContractError, ModelSpec, validate
+from contract.text import (
+    DEFAULT_VAL_FRACTION,
+    PREPROCESS_RULES,
+    CorpusError,
+    read_corpus,
+    validation_text,
 )
-from .contract import META_CONFIG, PREPROCESS_RULES, ContractError, ModelSpec, validate
-from .evaluate import DEFAULT_VAL_FRACTION, perplexity, read_corpus, validation_text
+
+from .common import ExportError, library_versions, utc_now
+from .evaluate import perplexity
 from .graph import NumpyLayer, NumpyWeights, build_model
 from .parity import DEFAULT_TOLERANCE, check_parity, cpu_session, session_forward, torch_forward
 from .quantize import DEFAULT_PPL_TOLERANCE, compare_perplexity, measure_speed, quantize_int8
@@ -201,7 +203,7 @@ def build_artifacts(checkpoint: str | Path, options: ExportOptions | None = None
             f"{checkpoint}: not a PyTorch checkpoint (no zip archive: truncated, corrupt or "
             "a different kind of file)"
         )
-    corpus = read_corpus(options.corpus) if options.corpus is not None else None  # fail early
+    corpus = _read_corpus(options.corpus) if options.corpus is not None else None  # fail early
     from training.checkpoint import load  # torch: imported only once there is work for it
 
     ckpt = load(checkpoint)  # raises CheckpointError with a one-line reason
@@ -336,7 +338,10 @@ def _perplexity_report(
     if frac is None:
         frac = _finite_or_none((ckpt.train_config or {}).get("val_fraction"))
     frac = frac or DEFAULT_VAL_FRACTION
-    val = validation_text(text, spec.preprocess, frac)
+    try:
+        val = validation_text(text, spec.preprocess, frac)
+    except CorpusError as e:
+        raise ExportError(str(e)) from None
     fp = perplexity(fp32_sess, spec, val)
     out: dict[str, Any] = {
         "corpus": str(options.corpus),
@@ -386,3 +391,10 @@ def export_checkpoint(
     if report_out is not None:
         write_atomic(report_out, (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+def _read_corpus(path: str | Path) -> tuple[str, str]:
+    try:
+        return read_corpus(path)
+    except CorpusError as e:
+        raise ExportError(str(e)) from None

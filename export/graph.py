@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .contract import (
+from contract.model import (
     INPUT_C0,
     INPUT_H0,
     INPUT_TOKENS,

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import INPUT_C0, INPUT_H0, INPUT_TOKENS, OUTPUT_CN, OUTPUT_HN, OUTPUT_LOGITS
+from contract.model import INPUT_C0, INPUT_H0, INPUT_TOKENS, OUTPUT_CN, OUTPUT_HN, OUTPUT_LOGITS
 
 PARITY_T = (1, 7, 35, 100)
 PARITY_B = (1, 3, 32, 512)

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from contract.model import INPUT_C0, INPUT_H0, INPUT_TOKENS, META_CONFIG, OUTPUT_LOGITS
+
 from .common import ExportError, one_line
-from .contract import INPUT_C0, INPUT_H0, INPUT_TOKENS, META_CONFIG, OUTPUT_LOGITS
 from .evaluate import Perplexity
 
 QUANTIZED_LSTM_OP = "DynamicQuantizeLSTM"

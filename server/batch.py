@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract.model import state_bytes
+
 
 @dataclass(frozen=True)
 class SlotSnapshot:
@@ -53,7 +55,7 @@ class StatePool:
 
     @property
     def state_bytes_per_slot(self) -> int:
-        return 2 * self.num_layers * self.hidden_size * 4
+        return state_bytes(self.num_layers, self.hidden_size)
 
     def alloc(self) -> int:
         """A zeroed slot. Raises :class:`MemoryError` when every slot is taken."""

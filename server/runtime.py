@@ -9,15 +9,13 @@ and the provider reported everywhere (log line, metric label, GetModelInfo) is t
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from export.contract import (
+from contract.model import (
     INPUT_C0,
     INPUT_H0,
     INPUT_TOKENS,
@@ -28,13 +26,12 @@ from export.contract import (
     ModelSpec,
     validate,
 )
+from contract.repository import MODEL_FILE, ModelLocation, RepositoryError, resolve
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-MODEL_FILE = "model.onnx"
-_VERSION = re.compile(r"^\d+$")
 # ORT severities: 0 verbose .. 3 error, 4 fatal. Probing CUDA logs "errors" that are not ours.
 _ORT_QUIET = 4
 _ORT_WARNING = 2
@@ -42,13 +39,6 @@ _ORT_WARNING = 2
 
 class ModelLoadError(RuntimeError):
     """The model cannot be found, loaded or validated, or the provider is unusable."""
-
-
-@dataclass(frozen=True)
-class ModelLocation:
-    path: Path
-    name: str
-    version: str
 
 
 def bundled_model_path() -> Path:
@@ -60,41 +50,18 @@ def bundled_model_path() -> Path:
 def resolve_model(spec: str) -> ModelLocation:
     """Turn the ``--model`` setting into a file plus a name and version.
 
-    Accepts a file (``…/NAME/VERSION/model.onnx`` names itself; any other file is named by its
-    stem, version ``1``), a version folder holding ``model.onnx``, a model folder whose numeric
-    subfolders are versions (highest wins), or a repository holding exactly one model folder.
-    Empty means the bundled model. Raises :class:`ModelLoadError` with a one-line reason.
+    The layout rules are :func:`contract.repository.resolve`'s; empty means the bundled model.
+    Raises :class:`ModelLoadError` with a one-line reason.
     """
     path = Path(spec).expanduser() if spec else bundled_model_path()
-    if not path.exists():
-        if not spec:
-            raise ModelLoadError(
-                f"the bundled model is missing ({path}); pass --model PATH or build it with "
-                "lstm-export"
-            )
-        raise ModelLoadError(f"model not found: {path}")
-    if path.is_dir():
-        if (path / MODEL_FILE).is_file():
-            path = path / MODEL_FILE
-        else:
-            versions = sorted(
-                (p for p in path.iterdir() if p.is_dir() and _VERSION.match(p.name)),
-                key=lambda p: int(p.name),
-            )
-            if not versions:
-                models = [p for p in path.iterdir() if p.is_dir()]
-                if len(models) == 1:
-                    return resolve_model(str(models[0]))
-                raise ModelLoadError(
-                    f"{path} holds no {MODEL_FILE}, no numeric version folders and not exactly "
-                    "one model folder"
-                )
-            path = versions[-1] / MODEL_FILE
-            if not path.is_file():
-                raise ModelLoadError(f"model not found: {path}")
-    if _VERSION.match(path.parent.name) and path.name == MODEL_FILE:
-        return ModelLocation(path, path.parent.parent.name, path.parent.name)
-    return ModelLocation(path, path.stem, "1")
+    if not spec and not path.exists():
+        raise ModelLoadError(
+            f"the bundled model is missing ({path}); pass --model PATH or build it with lstm-export"
+        )
+    try:
+        return resolve(path)
+    except RepositoryError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _session_options(threads: int, severity: int) -> ort.SessionOptions:

@@ -8,7 +8,7 @@ Layout of the dict saved with ``torch.save``::
     train_config    dict of the training run's settings (free-form, JSON-able)
     vocab           list[str], index = token id
     unk_id          int
-    preprocess      name of the text rule in export.contract.PREPROCESS_RULES
+    preprocess      name of the text rule in contract.text.PREPROCESS_RULES
     state_dict      the model's state dict
     optimizer       the optimizer's state dict (or None)
     epoch           epochs completed
@@ -21,13 +21,13 @@ Loading uses ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from contract.files import open_atomic
 
 from .model import CharLSTM, ModelConfig
 
@@ -81,18 +81,8 @@ class Checkpoint:
 
 def save(ckpt: Checkpoint, path: str | Path) -> None:
     """Write atomically: a crash mid-write never leaves a truncated file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_atomic(path) as f:
+        torch.save(ckpt.to_dict(), f)
 
 
 def load(path: str | Path) -> Checkpoint:

@@ -20,6 +20,8 @@ import sys
 from dataclasses import asdict, fields, replace
 from typing import NoReturn
 
+from contract.args import positive_int
+
 PROG = "lstm-train"
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -30,16 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _float(s: str) -> float:
@@ -98,7 +90,7 @@ _MODEL_FIELDS = {
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from export.contract import PREPROCESS_RULES
+    from contract.text import PREPROCESS_RULES
 
     from .config import DEVICES, OPTIMIZERS, SAMPLERS, SCHEDULES, TrainConfig
     from .data import CORPUS_ENV
@@ -119,14 +111,14 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     a("--out", metavar="DIR", help=f"output folder (default {d.out_dir})")
     a("--cell", choices=("scratch", "torch"), help=f"LSTM implementation (default {d.cell})")
-    a("--hidden", type=_positive_int, metavar="N", help=f"hidden units (default {d.hidden_size})")
-    a("--layers", type=_positive_int, metavar="N", help=f"LSTM layers (default {d.num_layers})")
+    a("--hidden", type=positive_int, metavar="N", help=f"hidden units (default {d.hidden_size})")
+    a("--layers", type=positive_int, metavar="N", help=f"LSTM layers (default {d.num_layers})")
     a("--input", choices=("onehot", "embedding"), help=f"input encoding (default {d.input_mode})")
-    a("--embedding-dim", type=_positive_int, metavar="N", help=f"(default {d.embedding_dim})")
+    a("--embedding-dim", type=positive_int, metavar="N", help=f"(default {d.embedding_dim})")
     a("--dropout", type=_float, metavar="P", help="training-time dropout (default 0)")
-    a("--epochs", type=_positive_int, metavar="N", help=f"total epochs (default {d.epochs})")
-    a("--batch-size", type=_positive_int, metavar="N", help=f"(default {d.batch_size})")
-    a("--num-steps", type=_positive_int, metavar="N", help=f"BPTT window (default {d.num_steps})")
+    a("--epochs", type=positive_int, metavar="N", help=f"total epochs (default {d.epochs})")
+    a("--batch-size", type=positive_int, metavar="N", help=f"(default {d.batch_size})")
+    a("--num-steps", type=positive_int, metavar="N", help=f"BPTT window (default {d.num_steps})")
     a("--lr", type=_float, help=f"learning rate (default {d.lr:g})")
     a("--optimizer", choices=OPTIMIZERS, help=f"(default {d.optimizer})")
     a("--weight-decay", type=_float, metavar="X", help=f"(default {d.weight_decay:g})")
@@ -141,7 +133,7 @@ def _train_parser() -> argparse.ArgumentParser:
     a("--sampler", choices=SAMPLERS, help=f"minibatch scheme (default {d.sampler})")
     a(
         "--max-tokens",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="train on the first N tokens only (the book: 10000; default: all)",
     )
@@ -153,13 +145,13 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     a("--preprocess", choices=sorted(PREPROCESS_RULES), help=f"text rule (default {d.preprocess})")
     a("--seed", type=int, help=f"(default {d.seed})")
-    a("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")
+    a("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's)")
     a("--device", choices=DEVICES, help=f"(default {d.device}; auto = cuda when available)")
-    a("--eval-every", type=_positive_int, metavar="N", help="epochs between held-out evals")
-    a("--sample-every", type=_positive_int, metavar="N", help=f"(default {d.sample_every})")
+    a("--eval-every", type=positive_int, metavar="N", help="epochs between held-out evals")
+    a("--sample-every", type=positive_int, metavar="N", help=f"(default {d.sample_every})")
     a("--prefix", metavar="TEXT", help=f"sample prefix (default {d.sample_prefix!r})")
     a("--sample-chars", type=int, metavar="N", help=f"(default {d.sample_chars})")
-    a("--save-every", type=_positive_int, metavar="N", help="epochs between last.pt writes")
+    a("--save-every", type=positive_int, metavar="N", help="epochs between last.pt writes")
     a("--max-minutes", type=_float, metavar="M", help="stop after the epoch that crosses M min")
     a(
         "--progress",
@@ -180,7 +172,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-chars", type=int, default=50, metavar="N")
     p.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N")
     return p
 
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from export.contract import DEFAULT_PREPROCESS
+from contract.text import DEFAULT_PREPROCESS
 
 if TYPE_CHECKING:
     from .model import ModelConfig
@@ -15,8 +15,6 @@ SAMPLERS = ("sequential", "random")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("cpu", "cuda", "auto")
-EVAL_BATCH = 32  # fixed evaluation geometry: comparable across runs and with export.evaluate
-EVAL_STEPS = 35
 
 
 class TrainError(ValueError):

@@ -2,13 +2,14 @@
 
 Follows d2l's "Text Preprocessing" and "Language Models" sections:
 
-* the whole text is normalised with one rule from :mod:`export.contract` (the book's
+* the whole text is normalised with one rule from :mod:`contract.text` (the book's
   ``re.sub('[^A-Za-z]+', ' ', text).lower()`` by default), so the server later normalises
   prompts exactly as training did;
-* one token per character; the vocabulary puts ``<unk>`` at id 0 and the other tokens after it,
-  most frequent first (ties broken by the character, so the order is deterministic);
+* one token per character; the vocabulary (:class:`contract.text.Vocab`) puts ``<unk>`` at id 0
+  and the other tokens after it, most frequent first (ties broken by the character);
 * the held-out validation text is the *tail* of the normalised corpus:
-  ``norm[int(len(norm) * (1 - val_fraction)):]`` (the same rule as ``export.evaluate``);
+  ``norm[int(len(norm) * (1 - val_fraction)):]`` (:func:`contract.text.split_text`, which export
+  uses too);
 * ``max_tokens`` keeps only the first N tokens of the training part, like the old
   ``d2l.load_data_time_machine(..., max_tokens=10000)`` that the book's LSTM figures come from;
 * minibatches are time-major ``X, Y`` of shape ``[num_steps, batch_size]`` (``Y`` is ``X``
@@ -22,17 +23,25 @@ user cache directory, downloaded from the book's URL on first use and verified b
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from export.contract import DEFAULT_PREPROCESS, PREPROCESS_RULES, UNK_TOKEN, preprocess
+from contract.files import atomic_path, sha1_file
+from contract.text import (
+    DEFAULT_PREPROCESS,
+    PREPROCESS_RULES,
+    CorpusError,
+    Vocab,
+    build_vocab,
+    preprocess,
+    read_corpus,
+    split_text,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -48,8 +57,18 @@ CACHE_ENV = "LSTM_SERVE_CACHE"  # overrides the cache directory (tests, read-onl
 SAMPLERS = ("sequential", "random")  # the same tuple as training.config.SAMPLERS
 
 
-class DataError(ValueError):
-    """The corpus cannot be used (missing, unreadable, empty, too short, bad checksum...)."""
+# The corpus cannot be used (missing, unreadable, empty, too short, bad checksum...): one error
+# type for the contract's corpus reading and split and for this module's download.
+DataError = CorpusError
+__all__ = [
+    "DataError",
+    "Vocab",
+    "build_vocab",
+    "load_corpus",
+    "read_corpus",
+    "resolve_corpus",
+    "split_text",
+]
 
 
 # --- corpus files ------------------------------------------------------------------------------
@@ -61,14 +80,6 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "lstm-serve"
-
-
-def sha1_file(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_sha1(path: str | Path, expected: str) -> None:
@@ -91,21 +102,17 @@ def download(url: str, dest: Path, sha1: str, *, timeout: float = 60.0) -> Path:
             return dest
         except DataError:
             pass
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
-            while chunk := resp.read(1 << 16):
-                f.write(chunk)
-    except OSError as e:  # URLError, timeouts and HTTP errors all derive from OSError
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot download {url}: {getattr(e, 'reason', None) or e}") from None
-    try:
-        verify_sha1(tmp, sha1)
-    except DataError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"downloaded file from {url} is corrupt: {e}") from None
-    os.replace(tmp, dest)
+    with atomic_path(dest, suffix=".part") as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
+                while chunk := resp.read(1 << 16):
+                    f.write(chunk)
+        except OSError as e:  # URLError, timeouts and HTTP errors all derive from OSError
+            raise DataError(f"cannot download {url}: {getattr(e, 'reason', None) or e}") from None
+        try:
+            verify_sha1(tmp, sha1)
+        except DataError as e:
+            raise DataError(f"downloaded file from {url} is corrupt: {e}") from None
     return dest
 
 
@@ -122,77 +129,6 @@ def resolve_corpus(path: str | Path | None = None, *, allow_download: bool = Tru
     if cached.is_file() or allow_download:
         return download(BOOK_URL, cached, BOOK_SHA1)
     raise DataError(f"no corpus: pass --corpus PATH or set {CORPUS_ENV}")
-
-
-def read_corpus(path: str | Path) -> tuple[str, str]:
-    """Return ``(text, sha256 of the raw bytes)``; :class:`DataError` if missing/empty/not UTF-8."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"corpus {path} is a directory, not a text file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"corpus not found: {path}") from None
-    except OSError as e:
-        raise DataError(f"cannot read corpus {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"corpus {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-    if not text.strip():
-        raise DataError(f"corpus {path} is empty")
-    return text, hashlib.sha256(raw).hexdigest()
-
-
-# --- vocabulary and split ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """Token list, index = id. ``<unk>`` is id 0; characters not in the list map to it."""
-
-    tokens: tuple[str, ...]
-    unk_id: int = 0
-
-    def __post_init__(self) -> None:
-        if len(set(self.tokens)) != len(self.tokens):
-            raise ValueError("vocabulary tokens must be unique")
-        if not 0 <= self.unk_id < len(self.tokens) or self.tokens[self.unk_id] != UNK_TOKEN:
-            raise ValueError(f"vocabulary must hold {UNK_TOKEN!r} at unk_id={self.unk_id}")
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def index(self) -> dict[str, int]:
-        return {t: i for i, t in enumerate(self.tokens)}
-
-    def encode(self, text: str) -> list[int]:
-        index = self.index
-        return [index.get(ch, self.unk_id) for ch in text]
-
-    def decode(self, ids: Any) -> str:
-        """Ids (a list or a tensor) to text; ``<unk>`` becomes nothing."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        return "".join(self.tokens[i] for i in ids if i != self.unk_id)
-
-
-def build_vocab(text: str) -> Vocab:
-    """``<unk>`` then every character of ``text``, most frequent first, ties by character."""
-    counts = Counter(text)
-    counts.pop(UNK_TOKEN, None)
-    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return Vocab((UNK_TOKEN, *(tok for tok, _ in ordered)), unk_id=0)
-
-
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """``(train, val)``: val is the last ``val_fraction`` of ``text`` (0 gives an empty val)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if val_fraction == 0.0:
-        return text, ""
-    cut = int(len(text) * (1.0 - val_fraction))
-    return text[:cut], text[cut:]
 
 
 # --- minibatches -------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -39,10 +38,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export.contract import DEFAULT_PREPROCESS, preprocess
+from contract.files import atomic_path, write_atomic
+from contract.text import DEFAULT_PREPROCESS, EVAL_BATCH, EVAL_STEPS, eval_rows, preprocess
 
 from .checkpoint import Checkpoint, save
-from .config import EVAL_BATCH, EVAL_STEPS, TrainConfig, TrainError
+from .config import TrainConfig, TrainError
 from .data import DataError, Vocab, load_corpus, min_tokens
 from .model import CharLSTM, State
 
@@ -66,8 +66,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = model.output.weight.device
-    rows = min(batch_size, len(ids) - 1)
-    per_row = (len(ids) - 1) // rows
+    rows, per_row = eval_rows(len(ids), batch_size)
     X = ids[: rows * per_row].view(rows, per_row).T.to(device)
     Y = ids[1 : rows * per_row + 1].view(rows, per_row).T.to(device)
     state = model.begin_state(rows)
@@ -171,15 +170,7 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def plot_perplexity(metrics: dict[str, Any], path: Path, title: str = "") -> None:
@@ -203,14 +194,11 @@ def plot_perplexity(metrics: dict[str, Any], path: Path, title: str = "") -> Non
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _show_progress(cfg: TrainConfig) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from export.contract import validate
+from contract.model import validate
 from tests.export_support import random_model, save_checkpoint
 
 _SCRIPT = Path(sys.executable).with_name("lstm-export")
@@ -84,7 +84,7 @@ def test_single_export_errors_are_one_line(checkpoints: Path, tmp_path: Path) ->
 
     proc = run(str(checkpoints / "embed.pt"), "--out", str(out), "--corpus", str(tmp_path / "no"))
     assert proc.returncode == 1
-    assert_one_line_error(proc, "cannot read corpus")
+    assert_one_line_error(proc, "corpus not found")
     assert not out.exists()
 
     proc = run(str(checkpoints / "embed.pt"))

@@ -1,6 +1,7 @@
 import pytest
 
-from export.contract import ContractError, parse_metadata, preprocess
+from contract.model import ContractError, parse_metadata
+from contract.text import preprocess
 
 
 def test_d2l_rule_collapses_non_letters_and_lowercases():

@@ -1,4 +1,4 @@
-"""export.contract.validate: accepts contract-following files, rejects others by name.
+"""contract.model.validate: accepts contract-following files, rejects others by name.
 
 Bad models are built here with onnx.helper: a minimal graph (Gather for logits, Identity for
 the states) whose inputs, outputs, types and metadata each test bends in one way.
@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.contract import ContractError, ModelSpec, validate
+from contract.model import ContractError, ModelSpec, validate
 from export.graph import random_model
 
 VOCAB = ["<unk>", " ", "a", "b", "c"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.contract import UNK_TOKEN, preprocess
+from contract.text import UNK_TOKEN, preprocess
 from training import data as D
 
 

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import torch
 
+from contract.files import sha256_file
+from contract.model import validate
 from export.batch import MANIFEST, Result, discover, load_manifest, model_name, run_batch
-from export.common import ExportError, sha256_file
-from export.contract import validate
+from export.common import ExportError
 from export.exporter import ExportOptions
 from tests.export_support import random_model, save_checkpoint
 

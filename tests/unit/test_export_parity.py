@@ -16,9 +16,9 @@ import onnx
 import pytest
 import torch
 
+from contract.model import validate
 from export import exporter
 from export.common import ExportError
-from export.contract import validate
 from export.graph import NumpyWeights
 from export.parity import (
     CHAIN_CASES,

@@ -1,4 +1,4 @@
-"""The ONNX contract between export and server, and the text rules both sides share.
+"""The ONNX contract between export and server: names, metadata, validation, state size.
 
 Torch-free and onnx-free on purpose: the server imports this module, and the server's runtime
 has neither. Export writes models with these names and keys; the server reads them back with
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import json
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import ContractError
+from .text import PREPROCESS_RULES, preprocess
 
 INPUT_TOKENS = "tokens"
 INPUT_H0 = "h0"
@@ -41,41 +43,9 @@ _ORT_INT64 = "tensor(int64)"
 _ORT_FLOAT = "tensor(float)"
 
 
-class ContractError(ValueError):
-    """A model file does not follow the contract; the message says what and where."""
-
-
-# --- text rules -------------------------------------------------------------------------------
-# Training normalises the corpus with one of these rules and records its name in the checkpoint
-# and the model's metadata, so the server normalises prompts exactly as training did.
-
-
-def _d2l_letters_lower(text: str) -> str:
-    # The d2l book's rule: every run of non-letters becomes one space, then lower case.
-    return re.sub("[^A-Za-z]+", " ", text).lower()
-
-
-def _identity(text: str) -> str:
-    return text
-
-
-PREPROCESS_RULES: dict[str, Callable[[str], str]] = {
-    "d2l_letters_lower": _d2l_letters_lower,
-    "none": _identity,
-}
-DEFAULT_PREPROCESS = "d2l_letters_lower"
-UNK_TOKEN = "<unk>"
-
-
-def preprocess(text: str, rule: str = DEFAULT_PREPROCESS) -> str:
-    """Apply the named text rule. Raises :class:`ContractError` for an unknown rule name."""
-    try:
-        fn = PREPROCESS_RULES[rule]
-    except KeyError:
-        raise ContractError(
-            f"unknown preprocess rule {rule!r}; known: {sorted(PREPROCESS_RULES)}"
-        ) from None
-    return fn(text)
+def state_bytes(num_layers: int, hidden_size: int) -> int:
+    """Raw bytes of one session's recurrent state (h, c): two float32 arrays of ``[L, H]``."""
+    return 2 * num_layers * hidden_size * 4
 
 
 # --- the parsed model description ---------------------------------------------------------------
@@ -99,8 +69,7 @@ class ModelSpec:
 
     @property
     def state_bytes_per_session(self) -> int:
-        """Raw bytes of one session's (h, c): two float32 arrays of ``[L, H]``."""
-        return 2 * self.num_layers * self.hidden_size * 4
+        return state_bytes(self.num_layers, self.hidden_size)
 
     def normalize(self, text: str) -> str:
         return preprocess(text, self.preprocess)
