@@ -41,9 +41,6 @@ def server_available() -> str | None:
         from protos.lstmserve.v1 import lstm_serve_pb2_grpc  # noqa: F401
     except Exception as e:
         return f"generated protos not importable: {e}"
-    src = (ROOT / "server" / "cli.py").read_text(encoding="utf-8")
-    if "not yet implemented" in src:
-        return "server not implemented yet (server/cli.py is the placeholder)"
     return None
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import time
 from collections.abc import Callable
 
@@ -24,9 +23,9 @@ from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
 from .batch import StatePool
 from .dataplane import DataPlane, Limits
+from .engine import Engine
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
 from .runtime import ModelRuntime, resolve_model
-from .scheduler import Scheduler
 from .servicer import SERVICE_NAME, LstmServeServicer
 from .sessions import SessionStore
 from .settings import Settings
@@ -60,7 +59,7 @@ class App:
         self.metrics_port: int | None = None
         self.runtime: ModelRuntime | None = None
         self.plane: DataPlane | None = None
-        self.scheduler: Scheduler | None = None
+        self.engine: Engine | None = None
         self.store: SessionStore | None = None
         self._load: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -70,10 +69,6 @@ class App:
         """Bind the ports and begin loading the model (see :meth:`ready`)."""
         s = self.settings
         resolve_model(s.model)  # a missing model is reported before anything listens
-        if s.gil_switch_interval_us > 0:
-            # Process-wide: ORT releases the GIL for the model call, and the engine thread must
-            # get it back at once when the call returns, not after the event loop's 5 ms slice.
-            sys.setswitchinterval(s.gil_switch_interval_us / 1e6)
         server = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)]
         )
@@ -113,7 +108,8 @@ class App:
             eviction=s.eviction,
             clock=self.clock,
         )
-        scheduler = Scheduler(
+        plane: DataPlane | None = None
+        engine = Engine(
             runtime,
             pool,
             max_batch_size=s.max_batch_size,
@@ -122,13 +118,12 @@ class App:
             prefill_chunk_tokens=s.prefill_chunk_tokens,
             inline_max_rows=s.inline_max_rows,
             stream_chunk_tokens=s.stream_chunk_tokens,
-            pipeline_min_rows=s.pipeline_min_rows,
-            prefill_fold_min_rows=s.prefill_fold_min_rows,
             stats=self.scheduler_stats,
+            open_requests=lambda: plane.in_flight if plane is not None else 1,
         )
         limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)
-        plane = DataPlane(runtime, store, scheduler, limits)
-        scheduler.start()
+        plane = DataPlane(runtime, store, engine, limits)
+        engine.start()
         if s.metrics_port >= 0:
             self.metrics = PrometheusMetrics(
                 requests=self.requests,
@@ -140,7 +135,7 @@ class App:
                 registry=self.registry,
             )
             self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
-        self.runtime, self.store, self.scheduler, self.plane = runtime, store, scheduler, plane
+        self.runtime, self.store, self.engine, self.plane = runtime, store, engine, plane
         self._sweeper = loop.create_task(self._sweep(store))
         self.servicer.plane = plane
         await self._set_health(SERVING)
@@ -178,8 +173,8 @@ class App:
             await self.server.stop(0.5 if clean else 0)
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self.scheduler is not None:
-            await self.scheduler.stop()
+        if self.engine is not None:
+            await self.engine.stop()
         if self.metrics is not None:
             self.metrics.stop_http()
         self._stopped.set()

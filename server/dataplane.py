@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .batch import SlotSnapshot
-from .errors import InvalidArgument, NotFound, Unavailable
+from .engine import Engine, Generation, StepWork
+from .errors import InvalidArgument, Unavailable
 from .runtime import ModelRuntime
-from .scheduler import Generation, Scheduler, StepWork
 from .sessions import Session, SessionStore
 
 MAX_STOPS = 8
@@ -96,15 +96,19 @@ OUTPUT_TOP_K = "top_k"
 
 
 class DataPlane:
-    """Session lifecycle, Step, streams and Generate over a scheduler and a session store."""
+    """Session lifecycle, Step, streams and Generate over an engine and a session store.
+
+    The store owns sessions (ids, slots, busy flags); the engine owns their state and decides
+    how each step runs. ``in_flight`` counts open requests (streams between messages included).
+    """
 
     def __init__(
-        self, runtime: ModelRuntime, store: SessionStore, scheduler: Scheduler, limits: Limits
+        self, runtime: ModelRuntime, store: SessionStore, engine: Engine, limits: Limits
     ) -> None:
         self.runtime = runtime
         self.spec = runtime.spec
         self.store = store
-        self.scheduler = scheduler
+        self.engine = engine
         self.limits = limits
         self.draining = False
         self.in_flight = 0
@@ -123,7 +127,8 @@ class DataPlane:
         self.in_flight += 1
         self._idle.clear()
 
-    def _exit(self) -> None:
+    def request_done(self) -> None:
+        """A request (or stream) that entered is over."""
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
@@ -161,9 +166,9 @@ class DataPlane:
             created_unix_s=session.created_wall,
             last_used_unix_s=session.last_used_wall(),
             idle_timeout_s=session.idle_timeout_s,
-            state_bytes=self.store.pool.state_bytes_per_slot,
+            state_bytes=self.engine.state_bytes_per_slot,
             busy=session.busy,
-            has_next_distribution=bool(self.store.pool.has_logits[session.slot]),
+            has_next_distribution=self.engine.has_next(session.slot),
         )
 
     def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo:
@@ -173,7 +178,7 @@ class DataPlane:
         try:
             return self._info(self.store.create(idle_timeout_s or None))
         finally:
-            self._exit()
+            self.request_done()
 
     def close_session(self, session_id: str) -> None:
         self._check_id(session_id)
@@ -181,18 +186,18 @@ class DataPlane:
         try:
             self.store.close(session_id)
         finally:
-            self._exit()
+            self.request_done()
 
     def reset_session(self, session_id: str) -> None:
         self._check_id(session_id)
         self._enter()
         try:
             session = self.store.acquire(session_id)
-            self.store.pool.reset(session.slot)
+            self.engine.reset(session.slot)
             session.steps = 0
             self.store.release(session)
         finally:
-            self._exit()
+            self.request_done()
 
     def get_session(self, session_id: str) -> SessionInfo:
         self._check_id(session_id)
@@ -200,7 +205,7 @@ class DataPlane:
         try:
             return self._info(self.store.get(session_id))
         finally:
-            self._exit()
+            self.request_done()
 
     @staticmethod
     def _check_id(session_id: str) -> None:
@@ -243,6 +248,14 @@ class DataPlane:
             )
         return ids
 
+    def check_step(
+        self, text: str, token_ids: Sequence[int], output: str, top_k: int
+    ) -> np.ndarray:
+        """Validate a step's input and output choice; its ids. Raises InvalidArgument."""
+        ids = self.encode(text, token_ids)
+        self._check_output(output, top_k)
+        return ids
+
     def _check_output(self, output: str, top_k: int) -> None:
         if output not in (OUTPUT_LAST, OUTPUT_ALL, OUTPUT_TOP_K):
             raise InvalidArgument(f"unknown output {output!r}")
@@ -262,33 +275,26 @@ class DataPlane:
     ) -> StepResult:
         """Feed input to an existing session; returns the requested view of the logits."""
         self._check_id(session_id)
-        ids = self.encode(text, token_ids)
-        self._check_output(output, top_k)
+        ids = self.check_step(text, token_ids, output, top_k)
         self._enter()
         try:
             session = self.store.acquire(session_id)
-            return await self._step(session, ids, output, top_k)
+            return await self.run_step(session, ids, output, top_k)
         finally:
-            self._exit()
+            self.request_done()
 
-    async def _step(self, session: Session, ids: np.ndarray, output: str, top_k: int) -> StepResult:
-        # The caller holds the session (busy); this releases it.
-        snap = self.store.pool.snapshot(session.slot)
+    async def run_step(
+        self, session: Session, ids: np.ndarray, output: str, top_k: int
+    ) -> StepResult:
+        """Feed checked ``ids`` to a session the caller holds (busy); releases it.
+
+        On failure or cancellation the session's state is put back as it was.
+        """
+        snap = self.engine.snapshot(session.slot)
         work = None
         try:
-            want_all = output == OUTPUT_ALL
-            # An idle scheduler runs a tiny step right here: no queue, no wake-ups.
-            logits = None
-            if len(ids) > 1 or self.in_flight <= 1:
-                # Alone (or a short prompt): run at once if the engine is idle.
-                logits = self.scheduler.run_now(session.slot, ids, want_all=want_all)
-            else:
-                # Other requests are open: batch with the steps arriving in this loop tick.
-                work = self.scheduler.submit_inline(session.slot, ids, want_all=want_all)
-            if logits is None:
-                if work is None:
-                    work = self.scheduler.submit(session.slot, ids, want_all=want_all)
-                logits = await work.future
+            work = self.engine.submit_step(session.slot, ids, want_all=output == OUTPUT_ALL)
+            logits = await work.future
         except BaseException:
             self._restore(session, snap, work)
             raise
@@ -310,7 +316,7 @@ class DataPlane:
     ) -> None:
         # Cancel the work and put the state back in one step under the engine's lock, so an
         # iteration in flight cannot write over the restored state.
-        self.scheduler.abandon(item, session.slot, snap)
+        self.engine.abandon(item, session.slot, snap)
         self.store.release(session)
 
     def _top_k(self, logits: np.ndarray, k: int) -> list[tuple[int, str, float]]:
@@ -329,7 +335,7 @@ class DataPlane:
                 return StepStream(self, session, owned=False)
             return StepStream(self, self.store.create(ephemeral=True), owned=True)
         except BaseException:
-            self._exit()
+            self.request_done()
             raise
 
     # --- generation ------------------------------------------------------------------------------
@@ -372,18 +378,18 @@ class DataPlane:
         ok = False
         try:
             if owned:
-                session = self.store.create(ephemeral=True)
-                session.busy = True
+                session = self.store.create(ephemeral=True, held=True)
             else:
                 session = self.store.acquire(session_id)
-                snap = self.store.pool.snapshot(session.slot)
+                snap = self.engine.snapshot(session.slot)
             prompt_tokens = 0 if ids is None else len(ids)
+            logits: np.ndarray | None
             if ids is not None:
-                item = self.scheduler.submit(session.slot, ids)
+                item = self.engine.submit_step(session.slot, ids)
                 logits = (await item.future)[-1]
-            elif self.store.pool.has_logits[session.slot]:
-                logits = self.store.pool.logits[session.slot].copy()
             else:
+                logits = self.engine.next_logits(session.slot)
+            if logits is None:
                 raise InvalidArgument(
                     "prompt is empty and the session has no next-token distribution yet "
                     "(feed it text first)"
@@ -400,10 +406,15 @@ class DataPlane:
                 table=self._table,
             )
             item = gen
-            self.scheduler.add_generation(gen, logits)
-            hold = max((len(s) for s in params.stop), default=1) - 1
-            async for chunk in self._drain(gen, session, prompt_tokens, hold):
-                if chunk.finish_reason is not None:
+            self.engine.start_generation(gen, logits)
+            first = True
+            while True:
+                await gen.event.wait()
+                gen.event.clear()
+                delta = gen.drain()
+                if delta is None:
+                    continue
+                if delta.finish is not None:
                     # Release before the last message: a client that reacts to it at once must
                     # find the session free.
                     session.steps += prompt_tokens + gen.fed
@@ -412,62 +423,26 @@ class DataPlane:
                     else:
                         self.store.release(session)
                     ok = True
-                yield chunk
+                yield GenerateChunk(
+                    session_id=session.id if first else "",
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    generated_tokens=delta.generated,
+                    prompt_tokens=prompt_tokens if first else 0,
+                    finish_reason=delta.finish,
+                )
+                first = False
+                if delta.finish is not None:
+                    return
         finally:
             if not ok:
                 if session is not None and not owned and snap is not None:
                     self._restore(session, snap, item)
                 else:
-                    self.scheduler.abandon(item)
+                    self.engine.abandon(item)
                     if session is not None:
                         self.store.end(session, "disconnected")
-            self._exit()
-
-    async def _drain(
-        self, gen: Generation, session: Session, prompt_tokens: int, hold: int
-    ) -> AsyncIterator[GenerateChunk]:
-        table = self._table
-        sent = 0  # tokens already sent
-        first = True
-        while True:
-            await gen.event.wait()
-            gen.event.clear()
-            if gen.error is not None:
-                raise gen.error
-            n = len(gen.tokens)
-            finish = gen.finish
-            if finish is None and hold:
-                # Keep back enough text to contain a partial stop string.
-                tail = 0
-                while n > sent and tail < hold:
-                    n -= 1
-                    tail += len(table[gen.tokens[n]])
-            new = gen.tokens[sent:n]
-            text = "".join([table[t] for t in new])
-            if finish == "stop":
-                # Drop the stop string (and any token that only partly precedes it).
-                done_chars = len("".join([table[t] for t in gen.tokens[:sent]]))
-                keep_chars = gen.stop_cut - done_chars
-                text = text[:keep_chars]
-                k, acc = 0, 0
-                while k < len(new) and acc + len(table[new[k]]) <= keep_chars:
-                    acc += len(table[new[k]])
-                    k += 1
-                new = new[:k]
-            if not new and finish is None:
-                continue
-            sent = n
-            yield GenerateChunk(
-                session_id=session.id if first else "",
-                text=text,
-                token_ids=new,
-                generated_tokens=sent,
-                prompt_tokens=prompt_tokens if first else 0,
-                finish_reason=finish,
-            )
-            first = False
-            if finish is not None:
-                return
+            self.request_done()
 
 
 class StepStream:
@@ -492,17 +467,10 @@ class StepStream:
         top_k: int = 0,
     ) -> StepResult:
         plane = self.plane
-        ids = plane.encode(text, token_ids)
-        plane._check_output(output, top_k)
-        if self.owned:
-            session = self.session
-            if session.slot < 0:
-                raise NotFound(f"session {session.id} was ended")
-            session.busy = True
-            plane.store.touch(session)
-        else:
-            session = plane.store.acquire(self.session.id)
-        return await plane._step(session, ids, output, top_k)
+        ids = plane.check_step(text, token_ids, output, top_k)
+        store = plane.store
+        session = store.hold(self.session) if self.owned else store.acquire(self.session.id)
+        return await plane.run_step(session, ids, output, top_k)
 
     def close(self, reason: str = "closed") -> None:
         """End the stream; frees an owned session (``reason``: closed or disconnected)."""
@@ -511,4 +479,4 @@ class StepStream:
         self.closed = True
         if self.owned:
             self.plane.store.end(self.session, reason)
-        self.plane._exit()
+        self.plane.request_done()

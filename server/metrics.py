@@ -102,15 +102,12 @@ class RequestStats:
 
 @dataclass
 class SchedulerStats:
-    """What the scheduler measures per model call."""
+    """What the engine measures per model call."""
 
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     queue_wait: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     model_call: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
-    iterations: int = 0
-    split_plans: int = 0  # plans that took half the generations (pipelining)
-    folded_rows: int = 0  # prompt tokens fed as rows of a decode call (folding)
     queue_depth: int = 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .batch import StatePool
@@ -55,7 +55,6 @@ class SessionStats:
     """Counters the metrics layer reads."""
 
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(END_REASONS, 0))
-    created: int = 0
 
 
 class SessionStore:
@@ -88,15 +87,17 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self) -> Iterator[Session]:
-        return iter(list(self._sessions.values()))
-
     @property
     def state_bytes(self) -> int:
         return len(self._sessions) * self.pool.state_bytes_per_slot
 
-    def create(self, idle_timeout_s: float | None = None, *, ephemeral: bool = False) -> Session:
-        """A new session with zero state. ``idle_timeout_s`` is capped at the store's default."""
+    def create(
+        self, idle_timeout_s: float | None = None, *, ephemeral: bool = False, held: bool = False
+    ) -> Session:
+        """A new session with zero state. ``idle_timeout_s`` is capped at the store's default.
+
+        ``held``: the caller holds it (busy) from the start, as :meth:`acquire` would.
+        """
         self.expire_idle()
         if len(self._sessions) >= self.max_sessions and not self._evict_one():
             raise ResourceExhausted(
@@ -110,8 +111,8 @@ class SessionStore:
         now = self.clock()
         sid = secrets.token_hex(16)
         session = Session(sid, slot, now, self.wall_clock(), timeout, ephemeral)
+        session.busy = held
         self._sessions[sid] = session
-        self.stats.created += 1
         return session
 
     def _evict_one(self) -> bool:
@@ -138,6 +139,17 @@ class SessionStore:
         session = self.get(sid)
         if session.busy:
             raise Busy(f"session {sid} is busy with another request (one at a time per session)")
+        session.busy = True
+        self.touch(session)
+        return session
+
+    def hold(self, session: Session) -> Session:
+        """Mark a session its owner holds (an ephemeral stream session) busy for one request.
+
+        Raises :class:`NotFound` when it has been ended meanwhile.
+        """
+        if self._sessions.get(session.id) is not session:
+            raise NotFound(f"session {session.id} was ended")
         session.busy = True
         self.touch(session)
         return session

@@ -89,28 +89,6 @@ class Settings:
         "(at most 64), about one message per iteration in all; a slow reader gets more.",
         default=16,
     )
-    pipeline_min_rows: int = _doc(
-        "With at least twice this many generations running, split them into two halves whose "
-        "model calls alternate, so one half's Python work overlaps the other's model call; "
-        "0 = never split. Off by default: on a 2-core machine the extra thread hand-offs cost "
-        "more CPU than the overlap saves.",
-        default=0,
-    )
-    prefill_fold_min_rows: int = _doc(
-        "With at least this many generations running, prompts advance one token per iteration "
-        "as extra rows of the decode call instead of in prefill calls of their own: more "
-        "throughput (a row of a large batch costs less than a step of a small one), at the cost "
-        "of time to first token (about one iteration per prompt token); 0 = never fold (the "
-        "default: in closed-loop load it measured no faster, see server/README.md).",
-        default=0,
-    )
-    gil_switch_interval_us: int = _doc(
-        "Python's GIL switch interval for the server process, in microseconds (Python's default "
-        "is 5000). The engine thread needs the GIL back each time ONNX Runtime returns; with "
-        "the default the event loop thread may keep it for up to 5 ms. 0 = leave Python's (the "
-        "default: 200 measured no faster end to end, see server/README.md).",
-        default=0,
-    )
     max_prompt_tokens: int = _doc("Most tokens one Step or Generate prompt may feed.", default=4096)
     max_new_tokens: int = _doc("Most tokens one Generate call may ask for.", default=4096)
     drain_grace_s: float = _doc(
@@ -149,9 +127,6 @@ class Settings:
         for name in (
             "intra_op_threads",
             "inline_max_rows",
-            "pipeline_min_rows",
-            "prefill_fold_min_rows",
-            "gil_switch_interval_us",
         ):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
@@ -162,9 +137,6 @@ class Settings:
             if not getattr(self, name) >= 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         return self
-
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes).validate()
 
 
 def _convert(f: dataclasses.Field[Any], raw: str, source: str) -> Any:

@@ -34,22 +34,13 @@ def _stream_requests(chunks: list[list[int]], sid: str, gate: threading.Event):
         gate.clear()
 
 
-@pytest.mark.parametrize(
-    ("pipeline", "n_gens", "fold"), [(0, 4, 0), (2, 4, 0), (0, 4, 2), (2, 4, 2), (0, 0, 0)]
-)
+@pytest.mark.parametrize("n_gens", [4, 0])
 def test_many_interleaved_sessions_match_in_process(
-    start_server, stub_for, reference: Reference, pipeline: int, n_gens: int, fold: int
+    start_server, stub_for, reference: Reference, n_gens: int
 ):
-    # With generations running the engine thread batches everything (with ``fold``, multi-token
-    # steps ride the decode call a token at a time); without them steps are batched on the event
-    # loop thread (per loop tick) or run at once.
-    srv = start_server(
-        max_batch_size=16,
-        prefill_chunk_tokens=5,
-        inline_max_rows=2,
-        pipeline_min_rows=pipeline,
-        prefill_fold_min_rows=fold,
-    )
+    # With generations running the engine thread batches everything; without them steps are
+    # batched on the event loop thread (per loop tick) or run at once.
+    srv = start_server(max_batch_size=16, prefill_chunk_tokens=5, inline_max_rows=2)
     stub = stub_for(srv)
     seed = random.SystemRandom().randrange(2**32)
     rng = random.Random(seed)
@@ -109,10 +100,6 @@ def test_many_interleaved_sessions_match_in_process(
     stats = srv.on_loop(lambda: srv.app.scheduler_stats)
     assert stats.batch_size.counts[1:].sum() > 0, "no model call ever batched two sessions"
     assert stats.tokens["prefill"] > 0 and stats.tokens["decode"] > 0
-    if fold:
-        assert stats.folded_rows > 0, "no prompt token was folded into a decode call"
-    else:
-        assert stats.folded_rows == 0
     for i, (_, chunks) in enumerate(plans):
         state = reference.zeros()
         for chunk, got in zip(chunks, results[i], strict=True):
@@ -143,26 +130,6 @@ def test_greedy_generate_equals_in_process(shared_server, stub_for, reference: R
         assert msgs[-1].generated_tokens == 120
         assert msgs[0].prompt_tokens == len(prompt_ids)
         assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
-
-
-def test_pipelined_greedy_generations_equal_in_process(start_server, stub_for, reference):
-    srv = start_server(pipeline_min_rows=2, stream_chunk_tokens=3)
-    stub = stub_for(srv)
-    prompts = [("the time", 90), ("a", 40), ("qu", 150), ("it was", 60), ("z", 5), ("so", 110)]
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        outs = list(
-            pool.map(
-                lambda pm: [
-                    t
-                    for m in stub.Generate(pb.GenerateRequest(prompt=pm[0], max_tokens=pm[1]))
-                    for t in m.token_ids
-                ],
-                prompts,
-            )
-        )
-    for (prompt, n), ids in zip(prompts, outs, strict=True):
-        assert ids == reference.greedy([VOCAB_INDEX[c] for c in prompt], n)
-    assert srv.on_loop(lambda: srv.app.scheduler_stats.split_plans) > 0
 
 
 def test_generate_continues_session_and_leaves_state_after_text(

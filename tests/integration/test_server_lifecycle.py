@@ -125,7 +125,7 @@ def test_cancelled_generate_stops_and_restores_the_session(start_server, stub_fo
     _wait(lambda: decoded() > 50, what="generation running")
     call.cancel()
     _wait(
-        lambda: srv.on_loop(lambda: srv.app.scheduler.running_generations) == 0,
+        lambda: srv.on_loop(lambda: srv.app.engine.running_generations) == 0,
         what="generation dropped",
     )
     before = decoded()
@@ -146,7 +146,7 @@ def test_deadline_exceeded_generate_frees_ephemeral_session(start_server, stub_f
         list(stub.Generate(pb.GenerateRequest(prompt="abc", max_tokens=100000), timeout=0.3))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait(lambda: srv.on_loop(lambda: len(srv.app.store)) == 0, what="cleanup")
-    assert srv.on_loop(lambda: srv.app.scheduler.running_generations) == 0
+    assert srv.on_loop(lambda: srv.app.engine.running_generations) == 0
     assert srv.on_loop(lambda: srv.app.store.stats.ended["disconnected"]) == 1
 
 
@@ -328,15 +328,3 @@ def test_sigterm_drains_in_flight_generate_and_exits_zero(model_path: Path, tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def test_server_sets_the_gil_switch_interval_and_zero_leaves_it(start_server):
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.004)
-        start_server(gil_switch_interval_us=0)
-        assert sys.getswitchinterval() == pytest.approx(0.004)
-        start_server(gil_switch_interval_us=300)
-        assert sys.getswitchinterval() == pytest.approx(0.0003)
-    finally:
-        sys.setswitchinterval(before)

@@ -11,7 +11,7 @@ def test_importing_every_server_module_pulls_in_neither_torch_nor_onnx():
         "import sys\n"
         "import server.app, server.batch, server.cli, server.client, server.dataplane\n"
         "import server.errors, server.metrics, server.runtime, server.sampling\n"
-        "import server.scheduler, server.servicer, server.sessions, server.settings\n"
+        "import server.engine, server.servicer, server.sessions, server.settings\n"
         "import contract.model, contract.text, contract.repository, contract.files\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx'))\n"
         "print(','.join(bad))\n"

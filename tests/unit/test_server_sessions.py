@@ -58,12 +58,14 @@ def test_refuse_when_full_and_lru_evicts_least_recent_idle():
     with pytest.raises(ResourceExhausted, match="max_sessions=2"):
         store.create()
     lru, clock = make(3, "lru")
-    a, b, _ = lru.create(), lru.create(), lru.create()
+    a, b, c = lru.create(), lru.create(), lru.create()
     clock.t = 1
     lru.touch(a)
     lru.acquire(b.id)  # busy: never evicted
     d = lru.create()
-    assert {s.id for s in lru} == {a.id, b.id, d.id}
+    assert len(lru) == 3 and all(lru.get(s.id) is s for s in (a, b, d))
+    with pytest.raises(NotFound):
+        lru.get(c.id)
     assert lru.stats.ended["evicted"] == 1
     lru.acquire(a.id)
     lru.acquire(d.id)
