@@ -20,13 +20,17 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from contract.args import positive_int
+from contract.repository import MANIFEST
 
 from .common import ExportError, one_line
 from .parity import DEFAULT_TOLERANCE
 from .quantize import DEFAULT_PPL_TOLERANCE
+
+if TYPE_CHECKING:
+    from .exporter import ExportOptions
 
 PROG = "lstm-export"
 
@@ -94,7 +98,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
 
 
-def _single_parser() -> argparse.ArgumentParser:
+def single_parser() -> argparse.ArgumentParser:
+    """The parser of the single form, ``lstm-export CHECKPOINT --out MODEL.onnx ...``."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Export a training checkpoint to an ONNX model (see also: "
@@ -107,7 +112,8 @@ def _single_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _batch_parser() -> argparse.ArgumentParser:
+def batch_parser() -> argparse.ArgumentParser:
+    """The parser of ``lstm-export batch ...`` (after the word ``batch``)."""
     p = argparse.ArgumentParser(
         prog=f"{PROG} batch",
         description="Export many checkpoints into a model repository "
@@ -134,7 +140,8 @@ def _batch_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(args: argparse.Namespace) -> Any:
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    """The export options of parsed arguments (the inverse of ``ExportOptions.worker_args``)."""
     from .exporter import ExportOptions
 
     return ExportOptions(
@@ -192,10 +199,12 @@ def _print_single(report: dict[str, Any]) -> None:
 
 
 def _run_single(argv: Sequence[str]) -> int:
-    args = _single_parser().parse_args(argv)
+    args = single_parser().parse_args(argv)
     from .exporter import export_checkpoint
 
-    report = export_checkpoint(args.checkpoint, args.out, _options(args), report_out=args.report)
+    report = export_checkpoint(
+        args.checkpoint, args.out, options_from_args(args), report_out=args.report
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -204,10 +213,10 @@ def _run_single(argv: Sequence[str]) -> int:
 
 
 def _run_batch(argv: Sequence[str]) -> int:
-    args = _batch_parser().parse_args(argv)
+    args = batch_parser().parse_args(argv)
     from tqdm import tqdm
 
-    from .batch import Result, run_batch
+    from .repository import Result, run_batch
 
     def on_result(r: Result) -> None:
         if r.status != "ok":
@@ -224,7 +233,7 @@ def _run_batch(argv: Sequence[str]) -> int:
         summary = run_batch(
             args.checkpoints,
             args.out,
-            _options(args),
+            options_from_args(args),
             jobs=args.jobs,
             progress=args.progress,
             on_result=on_result,
@@ -242,7 +251,7 @@ def _run_batch(argv: Sequence[str]) -> int:
             print(
                 f"{total} checkpoint(s): {counts['exported']} exported, "
                 f"{counts['unchanged']} unchanged, {counts['failed']} failed; "
-                f"manifest {summary.repo / 'manifest.json'}"
+                f"manifest {summary.repo / MANIFEST}"
             )
     return 0 if summary.ok else 1
 

@@ -1,4 +1,4 @@
-"""Small pieces shared by the exporter, the batch pipeline and the CLI (no torch, no onnx)."""
+"""Small pieces shared by the exporter, the repository pipeline and the CLI (no torch, no onnx)."""
 
 from __future__ import annotations
 

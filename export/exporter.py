@@ -73,6 +73,33 @@ class ExportOptions:
             "per_channel": self.per_channel if self.int8 else None,
         }
 
+    def worker_args(self) -> list[str]:
+        """The ``lstm-export`` flags that give back exactly these options.
+
+        The batch pipeline's worker processes are single ``lstm-export`` runs started with
+        these. Floats are written with ``repr`` so they parse back to the same value; a test
+        parses the result with the real parser, so a field left out here fails it.
+        """
+        args = [
+            "--tolerance",
+            repr(self.tolerance),
+            "--int8-tolerance",
+            repr(self.int8_tolerance),
+            "--threads",
+            str(self.threads),
+        ]
+        if self.int8:
+            args.append("--int8")
+        if self.per_channel:
+            args.append("--int8-per-channel")
+        if not self.measure_speed:
+            args.append("--no-speed")
+        if self.corpus is not None:
+            args += ["--corpus", str(self.corpus)]
+        if self.val_fraction is not None:
+            args += ["--val-fraction", repr(self.val_fraction)]
+        return args
+
 
 @dataclass
 class Artifacts:

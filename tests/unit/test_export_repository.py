@@ -1,4 +1,4 @@
-"""The batch pipeline: repository layout, manifest, idempotence, per-model failures, interrupts."""
+"""The model repository: layout, manifest, idempotence, per-model failures, interrupts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ import torch
 
 from contract.files import sha256_file
 from contract.model import validate
-from export.batch import MANIFEST, Result, discover, load_manifest, model_name, run_batch
+from contract.repository import MANIFEST
 from export.common import ExportError
 from export.exporter import ExportOptions
+from export.repository import (
+    ManifestEntry,
+    Result,
+    discover,
+    load_manifest,
+    model_name,
+    run_batch,
+)
 from tests.export_support import random_model, save_checkpoint
 
 FAST = ExportOptions(measure_speed=False)
@@ -132,6 +140,9 @@ def test_batch_exports_good_fails_bad_and_writes_the_manifest(tmp_path: Path) ->
         assert re.search(pattern, e["error"]), e["error"]
         assert not (repo / name).exists()  # no folder, no partial file for a failed model
     assert sorted(p.name for p in repo.iterdir()) == [".lock", "alpha", "beta", MANIFEST]
+    # The typed manifest reads back to exactly the bytes on disk.
+    on_disk = (repo / MANIFEST).read_text()
+    assert json.dumps(load_manifest(repo).to_dict(), indent=2) + "\n" == on_disk
 
 
 def test_batch_is_idempotent_and_reexports_changes(tmp_path: Path) -> None:
@@ -155,22 +166,23 @@ def test_batch_is_idempotent_and_reexports_changes(tmp_path: Path) -> None:
     _good(ck, "a.pt", seed=7)  # retrained: new bytes under the same name
     changed = run_batch(str(ck), repo, FAST)
     assert {r.name: r.action for r in changed.results} == {"a": "exported", "b": "unchanged"}
-    models = load_manifest(repo)["models"]
-    assert models["a"]["version"] == 2 and models["a"]["source"]["sha256"] == sha256_file(a)
+    models = load_manifest(repo).models
+    assert models["a"].version == 2 and models["a"].source.sha256 == sha256_file(a)
     assert (repo / "a" / "2" / "model.onnx").is_file()
     assert model_a.is_file()  # earlier versions stay
 
     (repo / "b" / "1" / "model.onnx").write_bytes(b"tampered")
     healed = run_batch(str(ck), repo, FAST)
     assert {r.name: r.action for r in healed.results} == {"a": "unchanged", "b": "exported"}
-    assert load_manifest(repo)["models"]["b"]["version"] == 2
+    assert load_manifest(repo).models["b"].version == 2
 
     with_int8 = run_batch(str(ck), repo, ExportOptions(int8=True, measure_speed=False))
     assert [r.action for r in with_int8.results] == ["exported", "exported"]
-    entry = load_manifest(repo)["models"]["a"]
-    assert set(entry["outputs"]) == {"fp32", "int8"}
-    assert entry["outputs"]["int8"]["path"] == "a/3/model.int8.onnx"
-    assert entry["int8"]["ops"] and "DynamicQuantizeLSTM" in entry["int8"]["ops"]
+    entry = load_manifest(repo).models["a"]
+    assert set(entry.outputs) == {"fp32", "int8"}
+    assert entry.outputs["int8"].path == "a/3/model.int8.onnx"
+    assert entry.int8 is not None
+    assert entry.int8["ops"] and "DynamicQuantizeLSTM" in entry.int8["ops"]
 
 
 def test_failed_checkpoint_is_not_retried_until_it_changes(tmp_path: Path) -> None:
@@ -198,10 +210,10 @@ def test_failure_after_success_keeps_the_last_good_version(tmp_path: Path) -> No
     a.write_bytes(a.read_bytes()[:100])  # a broken re-save
     summary = run_batch(str(ck), repo, FAST)
     assert not summary.ok
-    entry = load_manifest(repo)["models"]["a"]
-    assert entry["status"] == "failed"
-    assert entry["previous"]["version"] == 1
-    assert entry["previous"]["outputs"]["fp32"]["path"] == "a/1/model.onnx"
+    entry = load_manifest(repo).models["a"]
+    assert entry.status == "failed"
+    assert entry.previous is not None and entry.previous.version == 1
+    assert entry.previous.outputs["fp32"].path == "a/1/model.onnx"
     assert (repo / "a" / "1" / "model.onnx").is_file()
 
 
@@ -216,8 +228,8 @@ def test_interrupt_leaves_no_partial_model_or_manifest(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         run_batch(str(ck), repo, FAST, on_result=interrupt_after_first)
-    models = load_manifest(repo)["models"]  # parses: never half-written
-    assert list(models) == ["m0"] and models["m0"]["status"] == "ok"
+    models = load_manifest(repo).models  # parses: never half-written
+    assert list(models) == ["m0"] and models["m0"].status == "ok"
     leftovers = [p for p in repo.rglob("*") if p.name.startswith(".") and p.name != ".lock"]
     assert leftovers == []
     assert sorted(p.name for p in repo.iterdir()) == [".lock", "m0", MANIFEST]
@@ -259,3 +271,114 @@ def test_summary_json_shape(tmp_path: Path) -> None:
     d: dict[str, Any] = json.loads(json.dumps(summary.to_dict()))
     assert d["ok"] is True and d["counts"] == {"exported": 1, "unchanged": 0, "failed": 0}
     assert d["results"][0]["name"] == "a" and d["results"][0]["version"] == 1
+
+
+# A manifest as format_version 1 has always been written (key order included): an ok entry with
+# int8, a failed entry that keeps its last good version, and one that never had one.
+_FORMAT_V1: dict[str, Any] = {
+    "format": "lstm-serve-model-repo",
+    "format_version": 1,
+    "models": {
+        "a": {
+            "name": "a",
+            "status": "ok",
+            "error": None,
+            "source": {"path": "/abs/runs/a.pt", "sha256": "11" * 32, "size_bytes": 9990559},
+            "options": {
+                "int8": True,
+                "perplexity": True,
+                "val_fraction": None,
+                "int8_tolerance": 0.02,
+                "per_channel": False,
+                "corpus_sha256": "22" * 32,
+            },
+            "exporter": {"lstm_serve": "0.1.0", "onnx": "1.23.2", "onnxruntime": None},
+            "version": 2,
+            "outputs": {
+                "fp32": {"path": "a/2/model.onnx", "sha256": "33" * 32, "size_bytes": 3327462},
+                "int8": {"path": "a/2/model.int8.onnx", "sha256": "44" * 32, "size_bytes": 8682},
+            },
+            "model": {"cell": "torch", "num_layers": 2, "parameters": 831388},
+            "training": {"epoch": 9, "best_val_ppl": 4.085, "corpus_sha256": None},
+            "parity": {"passed": True, "tolerance": 0.0001, "T": [1, 7], "failures": []},
+            "perplexity": {"fp32": {"perplexity": 4.0648}, "int8_vs_fp32": None},
+            "int8": {"size_bytes": 8682, "ops": ["DynamicQuantizeLSTM"], "speed": None},
+            "exported_at": "2026-11-25T03:02:11+00:00",
+            "seconds": 22.5,
+        },
+        "b": {
+            "name": "b",
+            "status": "failed",
+            "error": "not a PyTorch checkpoint (no zip archive: truncated, corrupt or a different "
+            "kind of file)",
+            "source": {"path": "/abs/runs/b.pt", "sha256": "55" * 32, "size_bytes": 100},
+            "options": {"int8": False, "perplexity": False, "val_fraction": 0.2},
+            "exporter": {"lstm_serve": "0.1.0"},
+            "version": None,
+            "outputs": {},
+            "attempted_at": "2026-11-25T03:05:00+00:00",
+            "previous": {
+                "version": 1,
+                "outputs": {
+                    "fp32": {"path": "b/1/model.onnx", "sha256": "66" * 32, "size_bytes": 1234}
+                },
+                "source": {"path": "/abs/runs/b.pt", "sha256": "77" * 32, "size_bytes": 999},
+                "exported_at": "2026-11-24T01:00:00+00:00",
+            },
+        },
+        "c": {
+            "name": "c",
+            "status": "failed",
+            "error": "cannot read checkpoint: Permission denied",
+            "source": {"path": "/abs/runs/c.pt", "sha256": None, "size_bytes": None},
+            "options": {},
+            "exporter": {},
+            "version": None,
+            "outputs": {},
+            "attempted_at": "2026-11-25T03:05:01+00:00",
+            "previous": None,
+        },
+    },
+    "updated_at": "2026-11-25T03:10:00+00:00",
+}
+
+
+def test_manifest_format_v1_loads_typed_and_saves_byte_for_byte(tmp_path: Path) -> None:
+    text = json.dumps(_FORMAT_V1, indent=2) + "\n"
+    (tmp_path / MANIFEST).write_text(text)
+    manifest = load_manifest(tmp_path)
+    a, b, c = (manifest.models[n] for n in "abc")
+    assert a.status == "ok" and a.version == 2 and a.outputs["int8"].size_bytes == 8682
+    assert a.source.sha256 == "11" * 32 and a.seconds == 22.5
+    assert b.previous is not None and b.previous.outputs["fp32"].path == "b/1/model.onnx"
+    assert c.previous is None and c.source.sha256 is None
+    assert json.dumps(manifest.to_dict(), indent=2) + "\n" == text
+    # A failure after a failure keeps the last good version; after a success, that success.
+    assert ManifestEntry.failed("b", b.source, {}, {}, "again", b).previous == b.previous
+    prev = ManifestEntry.failed("a", a.source, {}, {}, "broken", a).previous
+    assert prev is not None and (prev.version, prev.outputs) == (2, a.outputs)
+    assert prev.exported_at == a.exported_at
+
+
+@pytest.mark.parametrize(
+    ("models", "needle"),
+    [
+        ({"a": "not an object"}, "expected an object"),
+        ({"a": {"name": "a"}}, "missing status"),
+        ({"a": {**_FORMAT_V1["models"]["a"], "status": "maybe"}}, "unknown status 'maybe'"),
+        ({"a": {**_FORMAT_V1["models"]["a"], "version": None}}, "needs an integer version"),
+        ({"a": {**_FORMAT_V1["models"]["b"], "previous": {"version": 1}}}, "missing outputs"),
+    ],
+)
+def test_malformed_manifest_entry_is_refused_and_left_alone(
+    tmp_path: Path, models: dict[str, Any], needle: str
+) -> None:
+    ck = tmp_path / "ck"
+    _good(ck, "a.pt")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    text = json.dumps(dict(_FORMAT_V1, models=models))
+    (repo / MANIFEST).write_text(text)
+    with pytest.raises(ExportError, match=f"entry 'a' is not a manifest entry .*{needle}"):
+        run_batch(str(ck), repo, FAST)
+    assert (repo / MANIFEST).read_text() == text
