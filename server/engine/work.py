@@ -169,9 +169,14 @@ class Generation:
         """
         if self.error is not None:
             raise self.error
+        finish = self.finish
+        if finish is None and self.stop.cut >= 0:
+            # A stop string is complete but its last token is still being fed: holding back
+            # `hold` characters is not enough now (the whole stop string must go), so release
+            # nothing until the generation finishes and the cut below applies.
+            return None
         table = self.table
         n = len(self.tokens)
-        finish = self.finish
         sent = self.sent
         hold = self.stop.hold
         if finish is None and hold:

@@ -342,28 +342,35 @@ def test_messages_come_about_once_per_iteration_in_chunks(loop):
     assert MAX_STREAM_CHUNK == 64
 
 
-@pytest.mark.parametrize("stop", ["b c", "c", " c d", "zz"])
-def test_stop_strings_across_chunk_boundaries(loop, stop):
+@pytest.mark.parametrize(
+    ("stop", "other"), [("b c", "zz"), ("c", "qq"), (" c d", "never"), ("zz", "qq")]
+)
+def test_stop_strings_across_chunk_boundaries(loop, stop, other):
     # The model writes "a b c d a b c d ..."; messages are drained every iteration, so a stop
     # string spanning several tokens always crosses a drain boundary.
     model = FakeModel(script=[2, 3, 4, 3, 5, 3, 1, 3])
     planner, pool = make(stream_chunk_tokens=1)
     slot = pool.alloc()
-    g = gen(slot, max_tokens=24, stops=[stop, "never"])
+    g = gen(slot, max_tokens=24, stops=[stop, other])
     planner.start_generation(g, np.eye(V, dtype=np.float32)[1])
     texts, ids = [], []
-    while g.finish is None:
+    finish = None
+    while finish is None:
         plan = planner.schedule()
         assert plan is not None
         run(planner, model, plan)
+        # Drained after every iteration, also the one in which the stop string completes
+        # (the generation then ends only after its last token has been fed).
         delta = g.drain()
         if delta is not None:
             texts.append(delta.text)
             ids.extend(delta.token_ids)
-            # What was sent can never be taken back: no stop string may start in it unless it
-            # is complete within the text the model wrote before it.
-            sent = "".join(texts)
-            assert stop not in sent
+            finish = delta.finish
+            # What was sent can never be taken back: it must be a prefix of the final text.
+            full = "".join(TABLE[t] for t in g.tokens)
+            want = full[: full.index(stop)] if stop in full else full
+            assert want.startswith("".join(texts)), (texts, full)
+    assert finish == g.finish
     full = "".join(TABLE[t] for t in g.tokens)
     if stop in full:
         assert g.finish == "stop"
