@@ -1,24 +1,88 @@
-"""Render a ``results.json`` as the Markdown tables ``benchmarks/README.md`` records.
+"""The one place a ``results.json`` becomes tables: Markdown for the README, plain text for a run.
 
-``python -m benchmarks.report benchmarks/results/results.json`` prints them, so the README's
-figures are copied from the run's own file, never typed in by hand.
+``python -m benchmarks.report benchmarks/results/results.json`` prints the Markdown that
+``benchmarks/README.md`` records, so the README's figures are copied from the run's own file,
+never typed in by hand; ``--text`` prints the plain-text form ``python -m benchmarks.run`` ends
+with. Both come from one list of :class:`Part`; only the layout differs.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import (
-    GENERATE_HEAD,
-    INPROC_HEAD,
-    STREAM_HEAD,
-    generate_cells,
-    inproc_cells,
-    stream_cells,
-)
+# --- rows: which figures each table shows ------------------------------------------------------
+# Latencies in ms; cpu columns in cores (client: the busiest load-generator process).
+INPROC_HEAD = ["B", "tokens/s", "p50 ms", "p99 ms"]
+GENERATE_HEAD = [
+    "conc",
+    "tokens/s",
+    "ITL p50",
+    "ITL p99",
+    "TTFT p50",
+    "TTFT p99",
+    "client",
+    "server",
+]
+STREAM_HEAD = ["streams", "steps/s", "RTT p50", "RTT p99", "client", "server", "server µs/step"]
+
+
+def inproc_cells(r: dict[str, Any]) -> list[Any]:
+    return [r["batch"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"]]
+
+
+def generate_cells(r: dict[str, Any]) -> list[Any]:
+    return [
+        r["concurrency"],
+        r["tokens_per_s"],
+        r["itl"]["p50_ms"],
+        r["itl"]["p99_ms"],
+        r["ttft"]["p50_ms"],
+        r["ttft"]["p99_ms"],
+        max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
+        r["server_cpu_cores"],
+    ]
+
+
+def stream_cells(r: dict[str, Any]) -> list[Any]:
+    return [
+        r["concurrency"],
+        r["steps_per_s"],
+        r["rtt"]["p50_ms"],
+        r["rtt"]["p99_ms"],
+        max(x or 0 for x in r["client_cpu_fraction_per_proc"]),
+        r["server_cpu_cores"],
+        # The server's CPU per step: what one step costs it, whatever the load generator managed.
+        r["server_cpu_cores"] / r["steps_per_s"] * 1e6 if r["steps_per_s"] else None,
+    ]
+
+
+# --- parts: what the report says, in order -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    head: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of the report: a title with a note after it, then a table or a paragraph.
+
+    Text may carry Markdown emphasis (backticks, ``**``); the plain-text layout drops it.
+    ``markdown_title`` False: the part sits under the README's own heading, so Markdown shows
+    no title for it (plain text still does).
+    """
+
+    title: str = ""
+    note: str = ""
+    body: Table | str = ""
+    markdown_title: bool = True
+    key: str = field(default="", compare=False)
 
 
 def _f(v: Any, nd: int = 2) -> str:
@@ -29,16 +93,11 @@ def _f(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def render(result: dict[str, Any]) -> str:
+def parts(result: dict[str, Any]) -> list[Part]:
+    """The report of one run, section by section; sections without figures are left out."""
     meta, s = result["meta"], result["sections"]
     m, v, mc = meta["model"], meta["versions"], meta["machine"]
-    parts = [
+    run = [
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']} (wall {meta['wall_s']:.0f} s); mode {meta['mode']}",
         f"- machine: {mc['cores']} cores, {mc['cpu_model']} (family/model "
@@ -50,110 +109,182 @@ def render(result: dict[str, Any]) -> str:
         f"server `{meta.get('server_commit')}`; ORT intra-op / torch threads {meta['threads']}",
         f"- load average (1, 5, 15 min) before {meta['load_average_before']}, "
         f"after {meta['load_average_after']}",
-        "",
-        "| figure | value | target | verdict |",
-        "|---|---|---|---|",
     ]
+    out = [
+        Part("lstm-serve benchmark", body="\n".join(run), markdown_title=False),
+        Part("summary", body=_summary_table(result), markdown_title=False, key="summary"),
+    ]
+
+    if "rows" in s.get("inprocess_ort", {}):
+        rows = [inproc_cells(r) for r in s["inprocess_ort"]["rows"]]
+        out.append(
+            Part(
+                "1. In-process ONNX Runtime, T=1",
+                " (tokens/s; ms per call)",
+                Table(INPROC_HEAD, rows),
+            )
+        )
+    te = s.get("torch_eager", {})
+    if "rows" in te:
+        rows = [
+            [a["batch"], a["tokens_per_s"], a["p50_ms"], b["tokens_per_s"], b["p50_ms"]]
+            for a, b in zip(te["rows"], te["rows_onednn_off"], strict=True)
+        ]
+        head = ["B", "tokens/s", "p50 ms", "tokens/s (off)", "p50 ms (off)"]
+        out.append(
+            Part("2. PyTorch eager, T=1", ": default (oneDNN) | oneDNN off", Table(head, rows))
+        )
+        pb = te.get("paired_b1")
+        if pb:
+            out.append(
+                Part(
+                    body=f"Alternating B=1 rounds ({len(pb['rounds'])}): ORT / PyTorch = "
+                    f"{pb['ort_vs_torch']:.2f} (oneDNN off: {pb['ort_vs_torch_onednn_off']:.2f})."
+                )
+            )
+
+    note = " (ms; client/server in cores)"
+    if "rows" in s.get("generate", {}):
+        out.append(Part("3. Server Generate", note, _generate(s["generate"]["rows"])))
+    if "rows" in s.get("stream", {}):
+        out.append(Part("4. Server StepStream steps", note, _stream(s["stream"]["rows"])))
+        if s["stream"].get("grpc_floor_rows"):
+            floor = _stream(s["stream"]["grpc_floor_rows"])
+            out.append(Part("4b. gRPC floor: null server, same load", body=floor))
+    nb = s.get("no_batching", {})
+    if "generate" in nb:
+        out.append(Part("5. Max batch 1: Generate", body=_generate(nb["generate"])))
+        out.append(Part("5. Max batch 1: StepStream", body=_stream(nb["stream"])))
+    i8 = s.get("int8", {})
+    if "generate" in i8:
+        out.append(Part("6. int8 model: Generate", body=_generate(i8["generate"])))
+        if i8.get("stream"):
+            out.append(Part("6. int8 model: StepStream", body=_stream(i8["stream"])))
+    mem = s.get("memory", {})
+    if "ratio" in mem:
+        out.append(
+            Part(
+                "7. Memory",
+                f": {mem['sessions']:,} sessions; RSS {mem['rss_base_bytes'] / 2**20:.1f}"
+                f" MiB → {mem['rss_after_create_bytes'] / 2**20:.1f} MiB created → "
+                f"{mem['rss_after_one_step_each_bytes'] / 2**20:.1f} MiB stepped once each: "
+                f"+{mem['growth_bytes'] / 2**20:.1f} MiB for {mem['raw_state_bytes'] / 2**20:.1f}"
+                f" MiB of raw state = **{mem['ratio']:.2f}** ({mem['bytes_per_session']:.0f} "
+                f"B/session for {mem['state_bytes_per_session']} B of state).",
+            )
+        )
+    tr = s.get("training", {})
+    if "rows" in tr:
+        rows = [
+            [
+                r["variant"],
+                r["tokens_per_s"],
+                r["tokens_per_s_median_round"],
+                ", ".join(f"{x:,.0f}" for x in r["tokens_per_s_per_round"]),
+            ]
+            for r in tr["rows"]
+        ]
+        head = ["variant", "tokens/s", "median round", "tokens/s per round"]
+        out.append(
+            Part(
+                "8. Training throughput",
+                " (tokens/s; fastest round, median round)",
+                Table(head, rows),
+            )
+        )
+    loads = ", ".join(
+        f"{k} {sec.get('load_average_after', ['?'])[0]}"
+        for k, sec in s.items()
+        if "elapsed_s" in sec
+    )
+    out.append(Part(body=f"Per-section load average at its end: {loads}"))
+    return out
+
+
+def _summary_table(result: dict[str, Any]) -> Table:
     targets = {t["key"]: t for t in result["targets"]}
+    rows = []
     for key, val in result["summary"].items():
         t = targets.get(key)
         verdict = ""
         if t is not None:
             verdict = "–" if t["met"] is None else ("met" if t["met"] else "**missed**")
         why = result["summary_reasons"].get(key)
-        parts.append(
-            f"| `{key}` | {_f(val, 3)}{' (' + why + ')' if why else ''} | "
-            f"{t['target'] if t else ''} | {verdict} |"
-        )
+        value = f"{_f(val, 3)}{' (' + why + ')' if why else ''}"
+        rows.append([f"`{key}`", value, t["target"] if t else "", verdict])
+    return Table(["figure", "value", "target", "verdict"], rows)
 
-    if "rows" in s.get("inprocess_ort", {}):
-        parts += ["", "**1. In-process ONNX Runtime, T=1** (tokens/s; ms per call)", ""]
-        parts.append(_table(INPROC_HEAD, [inproc_cells(r) for r in s["inprocess_ort"]["rows"]]))
-    te = s.get("torch_eager", {})
-    if "rows" in te:
-        parts += ["", "**2. PyTorch eager, T=1**: default (oneDNN) | oneDNN off", ""]
-        rows = [
-            [a["batch"], a["tokens_per_s"], a["p50_ms"], b["tokens_per_s"], b["p50_ms"]]
-            for a, b in zip(te["rows"], te["rows_onednn_off"], strict=True)
+
+def _generate(rows: list[dict[str, Any]]) -> Table:
+    return Table(GENERATE_HEAD, [generate_cells(r) for r in rows])
+
+
+def _stream(rows: list[dict[str, Any]]) -> Table:
+    return Table(STREAM_HEAD, [stream_cells(r) for r in rows])
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+def render(result: dict[str, Any]) -> str:
+    """The Markdown the README records: bold titles, pipe tables."""
+    return "\n\n".join(_markdown(p) for p in parts(result))
+
+
+def _markdown(part: Part) -> str:
+    title = f"**{part.title}**{part.note}" if part.title and part.markdown_title else ""
+    if isinstance(part.body, Table):
+        head, rows = part.body.head, part.body.rows
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+        body = "\n".join(lines)
+    else:
+        body = part.body
+    return "\n\n".join(x for x in (title, body) if x)
+
+
+def render_text(result: dict[str, Any]) -> str:
+    """Plain text for a terminal: ``## title`` lines, aligned columns, the summary last (where
+    the end of a run leaves it in view)."""
+    ps = parts(result)
+    ps = [p for p in ps if p.key != "summary"] + [p for p in ps if p.key == "summary"]
+    return "\n\n".join(_text(p) for p in ps)
+
+
+def _plain(s: str) -> str:
+    return s.replace("**", "").replace("`", "")
+
+
+def _text(part: Part) -> str:
+    lines = [f"## {_plain(part.title + part.note)}"] if part.title else []
+    if isinstance(part.body, Table):
+        head, rows = part.body.head, part.body.rows
+        cells = [[_plain(_f(c)) for c in row] for row in rows]
+        widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(head)]
+        # Numbers right-aligned so their digits line up; words and lists left-aligned.
+        right = [
+            all(isinstance(row[i], int | float) or row[i] is None for row in rows)
+            for i in range(len(head))
         ]
-        parts.append(_table(["B", "tokens/s", "p50 ms", "tokens/s (off)", "p50 ms (off)"], rows))
-        pb = te.get("paired_b1")
-        if pb:
-            parts.append(
-                f"\nAlternating B=1 rounds ({len(pb['rounds'])}): ORT / PyTorch = "
-                f"{pb['ort_vs_torch']:.2f} (oneDNN off: {pb['ort_vs_torch_onednn_off']:.2f})."
+        for row in [head, *cells]:
+            lines.append(
+                "  ".join(
+                    c.rjust(w) if r else c.ljust(w)
+                    for c, w, r in zip(row, widths, right, strict=True)
+                ).rstrip()
             )
-
-    def gen(rows: list[dict[str, Any]]) -> str:
-        return _table(GENERATE_HEAD, [generate_cells(r) for r in rows])
-
-    def stream(rows: list[dict[str, Any]]) -> str:
-        return _table(
-            [*STREAM_HEAD, "server µs/step"],
-            [[*stream_cells(r), r["server_cpu_cores"] / r["steps_per_s"] * 1e6] for r in rows],
-        )
-
-    note = " (ms; client/server in cores)"
-    if "rows" in s.get("generate", {}):
-        parts += ["", f"**3. Server Generate**{note}", "", gen(s["generate"]["rows"])]
-    if "rows" in s.get("stream", {}):
-        parts += ["", f"**4. Server StepStream steps**{note}", "", stream(s["stream"]["rows"])]
-        if s["stream"].get("grpc_floor_rows"):
-            parts += ["", "**4b. gRPC floor: null server, same load**", ""]
-            parts.append(stream(s["stream"]["grpc_floor_rows"]))
-    nb = s.get("no_batching", {})
-    if "generate" in nb:
-        parts += ["", "**5. Max batch 1: Generate**", "", gen(nb["generate"])]
-        parts += ["", "**5. Max batch 1: StepStream**", "", stream(nb["stream"])]
-    i8 = s.get("int8", {})
-    if "generate" in i8:
-        parts += ["", "**6. int8 model: Generate**", "", gen(i8["generate"])]
-        if i8.get("stream"):
-            parts += ["", "**6. int8 model: StepStream**", "", stream(i8["stream"])]
-    mem = s.get("memory", {})
-    if "ratio" in mem:
-        parts += [
-            "",
-            f"**7. Memory**: {mem['sessions']:,} sessions; RSS {mem['rss_base_bytes'] / 2**20:.1f}"
-            f" MiB → {mem['rss_after_create_bytes'] / 2**20:.1f} MiB created → "
-            f"{mem['rss_after_one_step_each_bytes'] / 2**20:.1f} MiB stepped once each: "
-            f"+{mem['growth_bytes'] / 2**20:.1f} MiB for {mem['raw_state_bytes'] / 2**20:.1f} MiB"
-            f" of raw state = **{mem['ratio']:.2f}** ({mem['bytes_per_session']:.0f} B/session"
-            f" for {mem['state_bytes_per_session']} B of state).",
-        ]
-    tr = s.get("training", {})
-    if "rows" in tr:
-        parts += ["", "**8. Training throughput** (tokens/s; fastest round, median round)", ""]
-        parts.append(
-            _table(
-                ["variant", "tokens/s", "median round", "tokens/s per round"],
-                [
-                    [
-                        r["variant"],
-                        r["tokens_per_s"],
-                        r["tokens_per_s_median_round"],
-                        ", ".join(f"{x:,.0f}" for x in r["tokens_per_s_per_round"]),
-                    ]
-                    for r in tr["rows"]
-                ],
-            )
-        )
-    parts += [
-        "",
-        "Per-section load average at its end: "
-        + ", ".join(
-            f"{k} {sec.get('load_average_after', ['?'])[0]}"
-            for k, sec in s.items()
-            if "elapsed_s" in sec
-        ),
-    ]
-    return "\n".join(parts)
+    elif part.body:
+        lines.append(_plain(part.body))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0] if args else "benchmarks/results/results.json")
-    print(render(json.loads(path.read_text(encoding="utf-8"))))
+    text = "--text" in args
+    paths = [a for a in args if a != "--text"]
+    path = Path(paths[0] if paths else "benchmarks/results/results.json")
+    result = json.loads(path.read_text(encoding="utf-8"))
+    print(render_text(result) if text else render(result))
 
 
 if __name__ == "__main__":

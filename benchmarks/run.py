@@ -12,14 +12,16 @@ Sections (each one records its figures or ``skipped`` with the reason; nothing i
 8. training throughput of our two cells against the book's own code (d2l).
 
 Writes ``DIR/results.json`` (top-level ``summary`` of ratios, ``summary_reasons`` for any that
-are null), PNG plots beside it, and a table on stdout. ``--quick`` runs every section tiny (the
-test suite uses it to check that everything works, not how fast).
+are null), PNG plots beside it, and on stdout the tables of ``benchmarks.report`` as plain
+text. ``--quick`` runs every section tiny (the test suite uses it to check that everything
+works, not how fast).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import sys
 import tempfile
@@ -28,7 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import common
+from . import common, inprocess, report, training_bench
+from . import server_bench as sb
 from .common import SectionSkipped, ratio
 
 SUMMARY_KEYS = (
@@ -48,7 +51,8 @@ SUMMARY_KEYS = (
     "grpc_floor_stream16_steps_per_s",
     "grpc_floor_rtt_ms_p50",
 )
-# (key, comparison, target) from the issue; checked in full mode only.
+# (key, comparison, target) from the issue. Every run records the verdicts; only a full run's
+# figures are meant to be judged by them (--quick is a smoke test).
 TARGETS = (
     ("p1_generate64_vs_inprocess", ">=", 0.80),
     ("p2_step_overhead_ms_p50", "<=", 0.4),
@@ -157,28 +161,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class Runner:
-    def __init__(self, args: argparse.Namespace) -> None:
+class Context:
+    """What every section reads: the settings, the sizes, the model, and the results so far."""
+
+    def __init__(self, args: argparse.Namespace, model: common.ModelUnderTest) -> None:
         self.args = args
         self.prof = Profile(args.quick, args.provider)
         if args.window:
             self.prof.duration = args.window
+        self.threads: int = args.threads or common.server_intra_op_threads()
+        self.model = model
         self.sections: dict[str, Any] = {}
-        self.threads = args.threads or common.server_intra_op_threads()
+        # Sections 3 and 4 share one fp32 server: section 3's sweep also drives the StepStream
+        # load, and section 4 reports those rows beside the gRPC floor.
+        self.fp32_sweep: dict[str, Any] = {}
 
-    def section(self, key: str, number: int, fn: Callable[[], Any]) -> Any:
-        """Run one section; a SectionSkipped becomes ``{"skipped": reason}``."""
+    @functools.cached_property
+    def server_missing(self) -> str | None:
+        """Why the server cannot start here (None when it can); asked once per run."""
+        return sb.server_available()
+
+    def server_flags(self) -> list[str]:
+        """The flags every server of the run starts with (then the section's own)."""
+        return [
+            "--intra-op-threads",
+            str(self.threads),
+            "--provider",
+            self.args.provider,
+            "--max-new-tokens",
+            str(max(4096, self.prof.max_tokens)),
+            *self.args.server_arg,
+        ]
+
+    def run(self, number: int, key: str, fn: Section) -> None:
+        """Run section ``number``; its result, or ``{"skipped": reason}``, goes under ``key``."""
         if number not in self.args.sections:
             self.sections[key] = {"skipped": f"section {number} not selected (--sections)"}
-            return None
+            return
         print(f"[bench] section {number}: {key} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
-            result = fn()
+            result = fn(self)
         except SectionSkipped as e:
             self.sections[key] = {"skipped": str(e)}
             print(f"[bench]   skipped: {e}", file=sys.stderr, flush=True)
-            return None
+            return
         except Exception as e:
             # One broken section must not lose the others' figures; it is reported as failed,
             # with the error, and its summary keys are null with this as the reason.
@@ -186,13 +213,12 @@ class Runner:
             msg = f"failed: {type(e).__name__}: {first}"
             self.sections[key] = {"skipped": msg, "failed": True}
             print(f"[bench]   {msg}", file=sys.stderr, flush=True)
-            return None
+            return
         result["elapsed_s"] = round(time.perf_counter() - t0, 2)
         # The 1-minute load average as the section ends: on a shared machine, the hint of
         # whether someone else's work ran alongside it.
         result["load_average_after"] = common.load_average()
         self.sections[key] = result
-        return result
 
     def reason(self, *keys: str) -> str:
         for k in keys:
@@ -202,115 +228,155 @@ class Runner:
         return "not measured"
 
 
-def _server_sections(r: Runner, model: common.ModelUnderTest) -> None:
-    from . import server_bench as sb
+Section = Callable[[Context], dict[str, Any]]
 
-    prof, args = r.prof, r.args
-    why = sb.server_available()
-    server_keys = [
-        ("generate", 3),
-        ("stream", 4),
-        ("no_batching", 5),
-        ("int8", 6),
-        ("memory", 7),
-    ]
-    if why is not None:
-        for key, n in server_keys:
-            r.section(key, n, lambda why=why: (_ for _ in ()).throw(SectionSkipped(why)))
-        return
-    common_flags = [
-        "--intra-op-threads",
-        str(r.threads),
-        "--provider",
-        args.provider,
-        "--max-new-tokens",
-        str(max(4096, prof.max_tokens)),
-        *args.server_arg,
-    ]
+# --- the sections ------------------------------------------------------------------------------
 
-    def spec(mode: str, c: int) -> sb.LoadSpec:
-        return sb.LoadSpec(
-            mode, c, prof.duration, prof.warmup, prof.max_tokens, args.client_procs, prof.lead
-        )
 
-    def prof_file(tag: str, mode: str, c: int) -> Path | None:
-        if not args.profile or (mode, c) not in (("generate", 64), ("stream", 1), ("stream", 16)):
-            return None
-        return args.out / "profiles" / f"{tag}-{mode}{c}.txt"
-
-    def sweep(
-        model_path: str, flags: list[str], gens: list[int], streams: list[int], tag: str
-    ) -> Any:
-        out: dict[str, Any] = {"server_flags": flags}
-        V = model.vocab_size
-
-        def point(srv: sb.ServerProcess, mode: str, c: int) -> dict[str, Any]:
-            # The summary's points get their in-process baseline measured right before them
-            # (the server idle meanwhile), so p1 and p2 compare like with like in time.
-            adjacent = None
-            if tag == "fp32" and (mode, c) in (("generate", 64), ("stream", 1)):
-                from . import inprocess
-
-                adjacent = inprocess.ort_decode(model, [c], r.threads, prof.inproc_seconds)
-            row = sb.drive(srv, spec(mode, c), V, prof_file(tag, mode, c))
-            if adjacent is not None:
-                row["inprocess_adjacent"] = adjacent["rows"][0]
-            return row
-
-        with sb.running_server(model_path, extra=flags, source=args.server_src) as srv:
-            out["generate"] = [point(srv, "generate", c) for c in gens]
-            out["stream"] = [point(srv, "stream", c) for c in streams]
-        return out
-
-    main: dict[str, Any] = {}
-
-    def batched() -> dict[str, Any]:
-        main.update(sweep(model.path, common_flags, prof.gen_conc, prof.streams, "fp32"))
-        return {"server_flags": common_flags, "rows": main["generate"]}
-
-    r.section("generate", 3, batched)
-
-    def stream() -> dict[str, Any]:
-        if "stream" not in main:
-            raise SectionSkipped(r.reason("generate"))
-        # The same load against a server that answers at once: gRPC Python's own floor here.
-        with sb.running_null_server(model.vocab_size) as null:
-            floor = [
-                sb.drive(null, spec("stream", c), model.vocab_size, prof_file("null", "stream", c))
-                for c in prof.streams
-            ]
-        return {"rows": main["stream"], "grpc_floor_rows": floor}
-
-    r.section("stream", 4, stream)
-    r.section(
-        "no_batching",
-        5,
-        lambda: sweep(
-            model.path,
-            [*common_flags, "--max-batch-size", "1"],
-            prof.nobatch_gen,
-            prof.nobatch_streams,
-            "nobatch",
-        ),
+def inprocess_ort(ctx: Context) -> dict[str, Any]:
+    p = ctx.prof
+    return inprocess.ort_decode(
+        ctx.model,
+        p.batches,
+        ctx.threads,
+        p.inproc_seconds,
+        provider=ctx.args.provider,
+        iobinding=ctx.args.iobinding,
     )
 
-    def int8() -> dict[str, Any]:
-        if model.int8_path is None:
-            raise SectionSkipped("no int8 model beside the fp32 one and export.quantize unusable")
-        if args.provider == "cuda":
-            raise SectionSkipped("the int8 model's contrib ops are CPU-only")
-        out = sweep(model.int8_path, common_flags, prof.int8_gen, prof.int8_streams, "int8")
-        out["model"] = model.int8_path
-        return out
 
-    r.section("int8", 6, int8)
+def torch_eager(ctx: Context) -> dict[str, Any]:
+    p = ctx.prof
+    batches = [b for b in p.batches if b <= 256]
+    out = inprocess.torch_decode(ctx.model, batches, ctx.threads, p.inproc_seconds)
+    out["paired_b1"] = inprocess.paired_b1(
+        ctx.model, ctx.threads, p.paired_seconds, p.paired_rounds
+    )
+    return out
 
-    def mem() -> dict[str, Any]:
-        flags = [*common_flags, "--max-sessions", str(prof.sessions + prof.warm_sessions)]
-        with sb.running_server(model.path, extra=flags, source=args.server_src) as srv:
-            return sb.memory(srv, model, prof.sessions, prof.warm_sessions)
 
-    r.section("memory", 7, mem)
+def generate(ctx: Context) -> dict[str, Any]:
+    _need_server(ctx)
+    p, flags = ctx.prof, ctx.server_flags()
+    ctx.fp32_sweep = _sweep(ctx, ctx.model.path, flags, p.gen_conc, p.streams, "fp32")
+    return {"server_flags": flags, "rows": ctx.fp32_sweep["generate"]}
+
+
+def stream(ctx: Context) -> dict[str, Any]:
+    _need_server(ctx)
+    if "stream" not in ctx.fp32_sweep:
+        raise SectionSkipped(ctx.reason("generate"))
+    V = ctx.model.vocab_size
+    # The same load against a server that answers at once: gRPC Python's own floor here.
+    with sb.running_null_server(V) as null:
+        floor = [
+            sb.drive(null, _load(ctx, "stream", c), V, _profile_file(ctx, "null", "stream", c))
+            for c in ctx.prof.streams
+        ]
+    return {"rows": ctx.fp32_sweep["stream"], "grpc_floor_rows": floor}
+
+
+def no_batching(ctx: Context) -> dict[str, Any]:
+    _need_server(ctx)
+    p = ctx.prof
+    flags = [*ctx.server_flags(), "--max-batch-size", "1"]
+    return _sweep(ctx, ctx.model.path, flags, p.nobatch_gen, p.nobatch_streams, "nobatch")
+
+
+def int8(ctx: Context) -> dict[str, Any]:
+    _need_server(ctx)
+    if ctx.model.int8_path is None:
+        raise SectionSkipped("no int8 model beside the fp32 one and export.quantize unusable")
+    if ctx.args.provider == "cuda":
+        raise SectionSkipped("the int8 model's contrib ops are CPU-only")
+    p = ctx.prof
+    out = _sweep(ctx, ctx.model.int8_path, ctx.server_flags(), p.int8_gen, p.int8_streams, "int8")
+    out["model"] = ctx.model.int8_path
+    return out
+
+
+def memory(ctx: Context) -> dict[str, Any]:
+    _need_server(ctx)
+    p = ctx.prof
+    flags = [*ctx.server_flags(), "--max-sessions", str(p.sessions + p.warm_sessions)]
+    with sb.running_server(ctx.model.path, extra=flags, source=ctx.args.server_src) as srv:
+        return sb.memory(srv, ctx.model, p.sessions, p.warm_sessions)
+
+
+def training(ctx: Context) -> dict[str, Any]:
+    p = ctx.prof
+    corpus = ctx.args.corpus or _default_corpus()
+    return training_bench.run(corpus, ctx.threads, p.train_windows, p.train_epochs, p.train_rounds)
+
+
+# Section n is SECTIONS[n - 1] (what --sections selects); the keys are results.json's.
+SECTIONS: tuple[tuple[str, Section], ...] = (
+    ("inprocess_ort", inprocess_ort),
+    ("torch_eager", torch_eager),
+    ("generate", generate),
+    ("stream", stream),
+    ("no_batching", no_batching),
+    ("int8", int8),
+    ("memory", memory),
+    ("training", training),
+)
+
+# --- server sweeps -----------------------------------------------------------------------------
+
+# The summary's server points: p1 and p2 divide by an in-process run measured right before them.
+ADJACENT_POINTS = (("generate", 64), ("stream", 1))
+# What --profile samples: the summary's points.
+PROFILED_POINTS = (("generate", 64), ("stream", 1), ("stream", 16))
+
+
+def _need_server(ctx: Context) -> None:
+    if ctx.server_missing is not None:
+        raise SectionSkipped(ctx.server_missing)
+
+
+def _load(ctx: Context, mode: str, concurrency: int) -> sb.LoadSpec:
+    p = ctx.prof
+    return sb.LoadSpec(
+        mode, concurrency, p.duration, p.warmup, p.max_tokens, ctx.args.client_procs, p.lead
+    )
+
+
+def _profile_file(ctx: Context, tag: str, mode: str, concurrency: int) -> Path | None:
+    if not ctx.args.profile or (mode, concurrency) not in PROFILED_POINTS:
+        return None
+    return ctx.args.out / "profiles" / f"{tag}-{mode}{concurrency}.txt"
+
+
+def _sweep(
+    ctx: Context, model_path: str, flags: list[str], gens: list[int], streams: list[int], tag: str
+) -> dict[str, Any]:
+    """One server started with ``flags``: Generate at each concurrency in ``gens``, then
+    StepStream at each in ``streams``; rows under ``"generate"`` and ``"stream"``."""
+    out: dict[str, Any] = {"server_flags": flags}
+    with sb.running_server(model_path, extra=flags, source=ctx.args.server_src) as srv:
+        out["generate"] = [_point(ctx, srv, tag, "generate", c) for c in gens]
+        out["stream"] = [_point(ctx, srv, tag, "stream", c) for c in streams]
+    return out
+
+
+def _point(
+    ctx: Context, srv: sb.ServerProcess, tag: str, mode: str, concurrency: int
+) -> dict[str, Any]:
+    # The summary's points get their in-process baseline measured right before them (the
+    # server idle meanwhile), so p1 and p2 compare like with like in time.
+    adjacent = None
+    if tag == "fp32" and (mode, concurrency) in ADJACENT_POINTS:
+        adjacent = inprocess.ort_decode(
+            ctx.model, [concurrency], ctx.threads, ctx.prof.inproc_seconds
+        )
+    spec = _load(ctx, mode, concurrency)
+    row = sb.drive(srv, spec, ctx.model.vocab_size, _profile_file(ctx, tag, mode, concurrency))
+    if adjacent is not None:
+        row["inprocess_adjacent"] = adjacent["rows"][0]
+    return row
+
+
+# --- the summary -------------------------------------------------------------------------------
 
 
 def _row_at(rows: list[dict[str, Any]] | None, key: str, value: int) -> dict[str, Any] | None:
@@ -320,8 +386,8 @@ def _row_at(rows: list[dict[str, Any]] | None, key: str, value: int) -> dict[str
     return None
 
 
-def summarise(r: Runner) -> tuple[dict[str, Any], dict[str, str]]:
-    s = r.sections
+def summarise(ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
+    s = ctx.sections
     summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)
     reasons: dict[str, str] = {}
 
@@ -342,10 +408,10 @@ def summarise(r: Runner) -> tuple[dict[str, Any], dict[str, str]]:
     def put(key: str, value: float | None, *why_sections: str) -> None:
         summary[key] = value
         if value is None:
-            reasons[key] = r.reason(*why_sections)
+            reasons[key] = ctx.reason(*why_sections)
 
     # p1 and p2 use the in-process baseline measured right before the server point when there
-    # is one (see _server_sections), else section 1's.
+    # is one (see _point), else section 1's.
     base64 = (gen64 or {}).get("inprocess_adjacent") or ort64
     base1 = (st1 or {}).get("inprocess_adjacent") or ort1
     put(
@@ -421,181 +487,15 @@ def check_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(v: Any, nd: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if abs(v) >= 1000:
-            return f"{v:,.0f}"
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def print_table(result: dict[str, Any]) -> None:
-    s = result["sections"]
-    meta = result["meta"]
-    m = meta["model"]
-    print(
-        f"\nlstm-serve benchmark ({meta['mode']}) {meta['date']}  {meta['machine']['cores']} cores "
-        f"{meta['machine']['cpu_model']}\nmodel: {m['source']}  L={m['num_layers']} "
-        f"H={m['hidden_size']} V={m['vocab_size']}  threads={meta['threads']}"
-    )
-
-    def table(title: str, head: list[str], rows: list[list[Any]]) -> None:
-        print(f"\n## {title}")
-        widths = (
-            [
-                max(len(h), *(len(_fmt(c)) for c in col))
-                for h, col in zip(head, zip(*rows, strict=False), strict=False)
-            ]
-            if rows
-            else [len(h) for h in head]
-        )
-        print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=False)))
-        for row in rows:
-            print("  ".join(_fmt(c).rjust(w) for c, w in zip(row, widths, strict=False)))
-
-    for key, title in (
-        ("inprocess_ort", "1. in-process ONNX Runtime, T=1"),
-        ("torch_eager", "2. PyTorch eager nn.LSTM, T=1"),
-    ):
-        sec = s.get(key, {})
-        if "skipped" in sec:
-            print(f"\n## {title}: skipped ({sec['skipped']})")
-            continue
-        table(title, common.INPROC_HEAD, [common.inproc_cells(r) for r in sec["rows"]])
-        if sec.get("rows_onednn_off"):
-            table(
-                title + ", oneDNN off (native kernels)",
-                common.INPROC_HEAD,
-                [common.inproc_cells(r) for r in sec["rows_onednn_off"]],
-            )
-
-    def gen_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
-        return [[*common.generate_cells(r), sum(r["errors"].values())] for r in rows]
-
-    def stream_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
-        return [[*common.stream_cells(r), sum(r["errors"].values())] for r in rows]
-
-    gh = [*common.GENERATE_HEAD, "errs"]
-    sh = [*common.STREAM_HEAD, "errs"]
-    for key, title, sub in (
-        ("generate", "3. server Generate", None),
-        ("stream", "4. server StepStream steps", None),
-        ("no_batching", "5. server, max batch 1", "both"),
-        ("int8", "6. server, int8 model", "both"),
-    ):
-        sec = s.get(key, {})
-        if "skipped" in sec:
-            print(f"\n## {title}: skipped ({sec['skipped']})")
-            continue
-        if sub == "both":
-            if sec.get("generate"):
-                table(title + ": Generate", gh, gen_rows(sec["generate"]))
-            if sec.get("stream"):
-                table(title + ": StepStream", sh, stream_rows(sec["stream"]))
-        elif key == "generate":
-            table(title, gh, gen_rows(sec["rows"]))
-        else:
-            table(title, sh, stream_rows(sec["rows"]))
-            if sec.get("grpc_floor_rows"):
-                table(
-                    "4b. gRPC floor: same load, null server (no model)",
-                    sh,
-                    stream_rows(sec["grpc_floor_rows"]),
-                )
-    mem = s.get("memory", {})
-    if "skipped" in mem:
-        print(f"\n## 7. memory: skipped ({mem['skipped']})")
-    else:
-        print(
-            f"\n## 7. memory: {mem['sessions']} sessions,"
-            f" RSS +{mem['growth_bytes'] / 2**20:.1f} MiB"
-            f" for {mem['raw_state_bytes'] / 2**20:.1f} MiB of raw state: ratio {mem['ratio']:.2f}"
-            f" (after create only: {mem['ratio_after_create']:.2f}),"
-            f" {mem['bytes_per_session']:.0f} B/session"
-        )
-    tr = s.get("training", {})
-    if "skipped" in tr:
-        print(f"\n## 8. training: skipped ({tr['skipped']})")
-    else:
-        table(
-            "8. training throughput",
-            ["variant", "tokens/s"],
-            [[r["variant"], r["tokens_per_s"]] for r in tr["rows"]],
-        )
-    for key in ("generate", "stream", "no_batching", "int8"):
-        sec = s.get(key, {})
-        for sub in ("rows", "generate", "stream", "grpc_floor_rows"):
-            for row in sec.get(sub) or []:
-                prof = row.get("profile")
-                if not isinstance(prof, dict):
-                    continue
-                print(
-                    f"\n## profile: {key}/{sub} at {row['concurrency']} ({prof['samples']} samples)"
-                )
-                print("  threads: " + ", ".join(f"{n} {v}%" for n, v in prof["threads"]))
-                for name, v in prof["leaf"][:10]:
-                    print(f"  {v:5.1f}%  {name}")
-    print("\n## summary")
-    targets = {t["key"]: t for t in result["targets"]}
-    for k, v in result["summary"].items():
-        t = targets.get(k)
-        verdict = ""
-        if t is not None and v is not None:
-            verdict = f"  target {t['target']}: {'met' if t['met'] else 'MISSED'}"
-        why = result["summary_reasons"].get(k, "")
-        print(f"{k:32s} {_fmt(v, 3):>12s}{verdict}{'  (' + why + ')' if why else ''}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    r = Runner(args)
     load_before = common.load_average()
     started = dt.datetime.now(dt.UTC)
     with tempfile.TemporaryDirectory(prefix="lstm-bench-") as tmp:
-        model = common.resolve_model(args.model, Path(tmp))
-        from . import inprocess
-
-        prof = r.prof
-        r.section(
-            "inprocess_ort",
-            1,
-            lambda: inprocess.ort_decode(
-                model,
-                prof.batches,
-                r.threads,
-                prof.inproc_seconds,
-                provider=args.provider,
-                iobinding=args.iobinding,
-            ),
-        )
-
-        def torch_eager() -> dict[str, Any]:
-            out = inprocess.torch_decode(
-                model, [b for b in prof.batches if b <= 256], r.threads, prof.inproc_seconds
-            )
-            out["paired_b1"] = inprocess.paired_b1(
-                model, r.threads, prof.paired_seconds, prof.paired_rounds
-            )
-            return out
-
-        r.section("torch_eager", 2, torch_eager)
-        _server_sections(r, model)
-
-        def training() -> dict[str, Any]:
-            from . import training_bench
-
-            return training_bench.run(
-                args.corpus or _default_corpus(),
-                r.threads,
-                prof.train_windows,
-                prof.train_epochs,
-                prof.train_rounds,
-            )
-
-        r.section("training", 8, training)
-        summary, reasons = summarise(r)
+        ctx = Context(args, common.resolve_model(args.model, Path(tmp)))
+        for number, (key, fn) in enumerate(SECTIONS, start=1):
+            ctx.run(number, key, fn)
+        summary, reasons = summarise(ctx)
         result: dict[str, Any] = {
             "summary": summary,
             "summary_reasons": reasons,
@@ -610,25 +510,26 @@ def main(argv: list[str] | None = None) -> int:
                 "versions": common.versions(),
                 "load_average_before": load_before,
                 "load_average_after": common.load_average(),
-                "threads": r.threads,
+                "threads": ctx.threads,
                 "provider": args.provider,
                 "client_procs": args.client_procs,
                 "profiled": args.profile,
                 "server_source": str(args.server_src or common.ROOT),
                 "server_commit": common.git_commit(args.server_src or common.ROOT),
-                "model": model.as_dict(),
+                "model": ctx.model.as_dict(),
                 "gpu": "none in this run" if args.provider == "cpu" else args.provider,
             },
-            "sections": r.sections,
+            "sections": ctx.sections,
         }
         out: Path = args.out
         common.write_json(out / "results.json", result)
         if not args.no_plots:
-            from . import plots
+            from . import plots  # matplotlib: only when plots are drawn
 
             result["meta"]["plots"] = plots.write_all(result, out)
             common.write_json(out / "results.json", result)
-    print_table(result)
+    print()
+    print(report.render_text(result))
     print(f"\nwrote {out / 'results.json'}")
     return 0
 

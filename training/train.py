@@ -13,8 +13,12 @@ Outputs in ``out_dir``:
 * ``checkpoint.pt``: best held-out perplexity so far (training perplexity when there is no
   held-out text), written atomically by :func:`training.checkpoint.save`;
 * ``last.pt``: the latest epoch, for ``--resume``;
-* ``metrics.json``: per-epoch train/val perplexity, tokens/s, wall time, samples;
-* ``perplexity.png``: the perplexity curves.
+* ``metrics.json``: per-epoch train/val perplexity, tokens/s, wall time, samples
+  (:class:`training.metrics_log.MetricsLog`);
+* ``perplexity.png``: the perplexity curves (:func:`training.plotting.plot_perplexity`).
+
+:func:`train` is the driver: it sets the run up, calls :func:`train_epoch` once per epoch, then
+evaluates, samples, saves and logs as the settings say.
 
 Determinism: with the same seed, thread count and device, a CPU run is bit-for-bit repeatable,
 and resuming from ``last.pt`` continues exactly as the uninterrupted run would have (the data
@@ -23,7 +27,6 @@ order of epoch ``e`` depends only on ``(seed, e)``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -38,15 +41,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from contract.files import atomic_path, write_atomic
 from contract.text import DEFAULT_PREPROCESS, EVAL_BATCH, EVAL_STEPS, eval_rows, preprocess
 
 from .checkpoint import Checkpoint, save
 from .config import TrainConfig, TrainError
-from .data import DataError, Vocab, load_corpus, min_tokens
-from .model import CharLSTM, State
+from .data import CorpusData, DataError, Vocab, load_corpus, min_tokens
+from .metrics_log import MetricsLog, jsonable
+from .model import CharLSTM, ModelConfig, State
+from .plotting import plot_perplexity
 
-__all__ = ["TrainConfig", "TrainError", "TrainResult", "evaluate", "generate", "train"]
+__all__ = [
+    "EpochStats",
+    "TrainConfig",
+    "TrainError",
+    "TrainResult",
+    "evaluate",
+    "generate",
+    "train",
+    "train_epoch",
+]
 
 # --- evaluation and generation -----------------------------------------------------------------
 
@@ -128,11 +141,79 @@ def generate(
     return text + vocab.decode(out)
 
 
-# --- the loop ----------------------------------------------------------------------------------
+# --- one epoch ---------------------------------------------------------------------------------
 
 
 def _detach(state: State) -> State:
     return state[0].detach(), state[1].detach()
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one pass over the training text measured."""
+
+    loss: float  # token-weighted mean next-character cross-entropy over the epoch, nats
+    tokens: int  # target tokens trained on
+    seconds: float  # wall time of the pass (batches, backward passes, optimizer steps)
+
+    @property
+    def ppl(self) -> float:
+        """Training perplexity, the book's figure (the weights move while it is measured)."""
+        return math.exp(self.loss)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def train_epoch(
+    model: CharLSTM,
+    optimizer: torch.optim.Optimizer,
+    data: CorpusData,
+    cfg: TrainConfig,
+    epoch: int,
+    *,
+    lr: float,
+    device: torch.device,
+) -> EpochStats:
+    """Train ``model`` on 0-based ``epoch``: one walk over the training text at rate ``lr``.
+
+    Batches come from ``cfg.sampler`` with a seed that depends only on ``(cfg.seed, epoch)``;
+    the sequential sampler carries the state across batches (detached), the random one starts
+    each batch from zero. Gradients are clipped to norm ``cfg.clip`` (0: not at all). Raises
+    :class:`TrainError` when the epoch's loss is not finite (divergence).
+    """
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    t0 = time.perf_counter()
+    nll_sum, n_tok = 0.0, 0
+    state: State | None = None
+    # Per-epoch seed: an epoch's data order never depends on how the run got there.
+    batches = data.batches(cfg.sampler, cfg.batch_size, cfg.num_steps, cfg.seed * 1_000_003 + epoch)
+    for X, Y in batches:
+        X, Y = X.to(device), Y.to(device)
+        if cfg.sampler == "random" or state is None:
+            state = model.begin_state(X.shape[1])
+        else:
+            state = _detach(state)  # carry the values, cut the graph (truncated BPTT)
+        logits, state = model(X, state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        nll_sum += loss.item() * Y.numel()
+        n_tok += Y.numel()
+    if not math.isfinite(nll_sum):
+        raise TrainError(
+            f"training diverged in epoch {epoch + 1} (loss is not finite); "
+            "try a smaller --lr or --clip"
+        )
+    return EpochStats(loss=nll_sum / n_tok, tokens=n_tok, seconds=time.perf_counter() - t0)
+
+
+# --- setting a run up --------------------------------------------------------------------------
 
 
 def _make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -169,82 +250,13 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
+def _load_data(cfg: TrainConfig, resume: Checkpoint | None) -> tuple[TrainConfig, CorpusData]:
+    """The corpus as the run sees it, and ``cfg`` with the checkpoint's preprocessing rule.
 
-
-def plot_perplexity(metrics: dict[str, Any], path: Path, title: str = "") -> None:
-    """Train and held-out perplexity per epoch, log scale, as a small PNG (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = metrics["epoch"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=90)
-    ax.plot(epochs, metrics["train_ppl"], label="train")
-    val = [v if v is not None and math.isfinite(v) else math.nan for v in metrics["val_ppl"]]
-    if any(math.isfinite(v) for v in val):
-        ax.plot(epochs, val, label="held-out")
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("perplexity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
-
-
-def _show_progress(cfg: TrainConfig) -> bool:
-    if cfg.progress is not None:
-        return cfg.progress
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    epochs_done: int
-    best_epoch: int
-    best_val_ppl: float
-    final_train_ppl: float
-    final_val_ppl: float
-    wall_s: float
-    tokens_per_s: float
-    sample: str
-    stopped: str
-    metrics: dict[str, Any]
-
-
-def train(
-    cfg: TrainConfig,
-    *,
-    resume: Checkpoint | None = None,
-    log: Callable[[str], None] | None = None,
-) -> TrainResult:
-    """Run (or continue) training as ``cfg`` says; see the module docstring for what is written.
-
-    With ``resume`` the model config, vocabulary, preprocessing rule, weights, optimizer state,
-    epoch count and metrics come from the checkpoint, and ``cfg.epochs`` is the *total* number
-    of epochs. Raises :class:`TrainError` / :class:`training.data.DataError` with one-line
-    messages for bad settings, unusable corpora and divergence.
+    A resumed run keeps the checkpoint's vocabulary. Raises :class:`TrainError` when the corpus
+    is not the checkpoint's or the checkpoint has already done ``cfg.epochs``, and
+    :class:`DataError` when the training text is shorter than one batch.
     """
-    cfg.check()
-    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = _resolve_device(cfg.device)
-
     if resume is not None:
         if resume.preprocess != cfg.preprocess:
             cfg = replace(cfg, preprocess=resume.preprocess)
@@ -278,13 +290,26 @@ def train(
             f"(batch_size*num_steps+num_steps+1 = {need}); use a longer corpus or smaller "
             "--batch-size/--num-steps"
         )
+    return cfg, data
 
+
+def _build_model(
+    cfg: TrainConfig,
+    resume: Checkpoint | None,
+    vocab_size: int,
+    device: torch.device,
+    say: Callable[[str], None],
+) -> tuple[CharLSTM, ModelConfig, torch.optim.Optimizer]:
+    """A fresh model seeded with ``cfg.seed``, or the checkpoint's, in training mode on
+    ``device``, with its optimizer. The checkpoint's optimizer state is loaded unless the
+    optimizer kind changed (then it starts fresh, and ``say`` tells why); raises
+    :class:`TrainError` when that state does not fit the model."""
     torch.manual_seed(cfg.seed)
     if resume is not None:
         model = resume.build_model()
         mcfg = resume.model_config
     else:
-        mcfg = cfg.model_config(len(data.vocab))
+        mcfg = cfg.model_config(vocab_size)
         model = CharLSTM(mcfg)
     model.to(device).train()
     optimizer = _make_optimizer(cfg, model.parameters())
@@ -299,52 +324,41 @@ def train(
                 optimizer.load_state_dict(resume.optimizer)
             except (ValueError, KeyError) as e:
                 raise TrainError(f"optimizer state in the checkpoint does not fit: {e}") from None
+    return model, mcfg, optimizer
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = ("epoch", "train_ppl", "val_ppl", "tokens_per_s", "epoch_s", "wall_s", "lr")
-    metrics: dict[str, Any] = {k: [] for k in keys}
-    metrics["samples"] = []
-    start_epoch, best_val, best_epoch, wall_base = 0, math.inf, 0, 0.0
-    if resume is not None:
-        old = resume.metrics or {}
-        for k in (*keys, "samples"):
-            if isinstance(old.get(k), list):
-                metrics[k] = list(old[k])
-        start_epoch = resume.epoch
-        best_val = resume.best_val_ppl
-        best_epoch = int(old.get("best_epoch", start_epoch))
-        wall_base = float(metrics["wall_s"][-1]) if metrics["wall_s"] else 0.0
 
-    num_params = sum(p.numel() for p in model.parameters())
-    has_val = len(data.val_ids) >= 2
-    say(
-        f"lstm-train: {mcfg.cell} cell, {mcfg.num_layers}x{mcfg.hidden_size} {mcfg.input_mode}, "
-        f"{num_params:,} parameters, vocab {len(data.vocab)}, {len(data.train_ids):,} train / "
-        f"{len(data.val_ids):,} held-out tokens from {data.source}, device {device}, "
-        f"{torch.get_num_threads()} threads"
-    )
+@dataclass
+class _Run:
+    """The pieces one run's checkpoints, metrics header and log lines are made from."""
 
-    def checkpoint(epoch: int) -> Checkpoint:
-        return Checkpoint(
-            model_config=mcfg,
-            vocab=list(data.vocab.tokens),
-            unk_id=data.vocab.unk_id,
-            preprocess=data.preprocess,
-            state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-            train_config=_jsonable(asdict(cfg)),
-            optimizer=optimizer.state_dict(),
-            epoch=epoch,
-            best_val_ppl=best_val,
-            metrics={**metrics, "best_epoch": best_epoch},
-            corpus_sha256=data.corpus_sha256,
+    cfg: TrainConfig
+    data: CorpusData
+    model: CharLSTM
+    mcfg: ModelConfig
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    out: Path
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def headline(self) -> str:
+        mcfg, data = self.mcfg, self.data
+        return (
+            f"lstm-train: {mcfg.cell} cell, {mcfg.num_layers}x{mcfg.hidden_size} "
+            f"{mcfg.input_mode}, {self.num_params:,} parameters, vocab {len(data.vocab)}, "
+            f"{len(data.train_ids):,} train / {len(data.val_ids):,} held-out tokens from "
+            f"{data.source}, device {self.device}, {torch.get_num_threads()} threads"
         )
 
-    def summary(stopped: str) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        """What is being trained, on what, where: the head of ``metrics.json``."""
+        data = self.data
         return {
-            "config": _jsonable(asdict(cfg)),
-            "model_config": asdict(mcfg),
-            "num_parameters": num_params,
+            "config": jsonable(asdict(self.cfg)),
+            "model_config": asdict(self.mcfg),
+            "num_parameters": self.num_params,
             "vocab": list(data.vocab.tokens),
             "corpus": {
                 "source": data.source,
@@ -354,27 +368,148 @@ def train(
                 "val_tokens": len(data.val_ids),
             },
             "machine": {
-                "device": str(device),
+                "device": str(self.device),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "cpu_count": os.cpu_count(),
             },
-            "best": {"epoch": best_epoch, "val_ppl": _finite_or_none(best_val)},
-            "stopped": stopped,
-            "epochs": [{k: metrics[k][i] for k in keys} for i in range(len(metrics["epoch"]))],
-            "samples": metrics["samples"],
         }
 
-    from tqdm import tqdm
+    def plot_title(self) -> str:
+        mcfg, cfg = self.mcfg, self.cfg
+        return (
+            f"{mcfg.cell} {mcfg.num_layers}x{mcfg.hidden_size} {mcfg.input_mode}, "
+            f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.sampler}"
+        )
 
-    bar = tqdm(
-        total=cfg.epochs,
-        initial=start_epoch,
-        unit="epoch",
-        disable=not _show_progress(cfg),
-        dynamic_ncols=True,
-    )
+    def save(self, log: MetricsLog, epoch: int, name: str) -> None:
+        """Write the model as of 1-based ``epoch`` to ``out/name`` (atomically)."""
+        ckpt = Checkpoint(
+            model_config=self.mcfg,
+            vocab=list(self.data.vocab.tokens),
+            unk_id=self.data.vocab.unk_id,
+            preprocess=self.data.preprocess,
+            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            train_config=jsonable(asdict(self.cfg)),
+            optimizer=self.optimizer.state_dict(),
+            epoch=epoch,
+            best_val_ppl=log.best_val,
+            metrics=log.for_checkpoint(),
+            corpus_sha256=self.data.corpus_sha256,
+        )
+        save(ckpt, self.out / name)
+
+
+def _show_progress(cfg: TrainConfig) -> bool:
+    if cfg.progress is not None:
+        return cfg.progress
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class _Progress:
+    """Per-epoch reporting: a tqdm bar on a terminal, else one log line per epoch (CI, files)."""
+
+    def __init__(self, cfg: TrainConfig, start_epoch: int, say: Callable[[str], None]) -> None:
+        from tqdm import tqdm
+
+        self._say = say
+        self._epochs = cfg.epochs
+        self._bar = tqdm(
+            total=cfg.epochs,
+            initial=start_epoch,
+            unit="epoch",
+            disable=not _show_progress(cfg),
+            dynamic_ncols=True,
+        )
+
+    def epoch(
+        self,
+        done: int,
+        stats: EpochStats,
+        val_ppl: float,
+        wall: float,
+        improved: bool,
+        sample: str | None,
+    ) -> None:
+        """Report 1-based epoch ``done``; ``sample`` is the text generated after it, if any."""
+        if self._bar.disable:
+            self._say(
+                f"epoch {done}/{self._epochs} train ppl {stats.ppl:.3f} "
+                f"val ppl {f'{val_ppl:.3f}' if math.isfinite(val_ppl) else '-'} "
+                f"{stats.tokens_per_s:,.0f} tok/s {wall:.0f}s" + (" *" if improved else "")
+            )
+            if sample is not None:
+                self._say(f"  sample: {sample!r}")
+        else:
+            self._bar.set_postfix_str(
+                f"train {stats.ppl:.2f} val {val_ppl:.2f}".replace("nan", "-")
+            )
+            self._bar.update(1)
+            if sample is not None:
+                self._bar.write(f"epoch {done}: {sample!r}")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` reports; ``metrics`` is the final ``metrics.json``. Perplexities are
+    ``nan`` and rates 0 when no epoch was recorded."""
+
+    out_dir: Path
+    epochs_done: int
+    best_epoch: int
+    best_val_ppl: float
+    final_train_ppl: float
+    final_val_ppl: float
+    wall_s: float
+    tokens_per_s: float
+    sample: str
+    stopped: str
+    metrics: dict[str, Any]
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: Checkpoint | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Run (or continue) training as ``cfg`` says; see the module docstring for what is written.
+
+    With ``resume`` the model config, vocabulary, preprocessing rule, weights, optimizer state,
+    epoch count and metrics come from the checkpoint, and ``cfg.epochs`` is the *total* number
+    of epochs. Raises :class:`TrainError` / :class:`training.data.DataError` with one-line
+    messages for bad settings, unusable corpora and divergence.
+    """
+    cfg.check()
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = _resolve_device(cfg.device)
+    cfg, data = _load_data(cfg, resume)
+    model, mcfg, optimizer = _build_model(cfg, resume, len(data.vocab), device, say)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(cfg, data, model, mcfg, optimizer, device, out)
+    if resume is None:
+        start_epoch, metrics = 0, MetricsLog(run.describe())
+    else:
+        start_epoch = resume.epoch
+        metrics = MetricsLog.resumed(
+            run.describe(), resume.metrics, epoch=resume.epoch, best_val=resume.best_val_ppl
+        )
+    # Wall time counts across resumes: this run's clock starts where the checkpoint's stopped.
+    wall_base = float(metrics.last("wall_s", 0.0))
+    has_val = len(data.val_ids) >= 2
+    say(run.headline())
+
+    progress = _Progress(cfg, start_epoch, say)
     t_run = time.perf_counter()
     stopped = "completed"
     sample = ""
@@ -382,37 +517,7 @@ def train(
     try:
         for epoch in range(start_epoch, cfg.epochs):
             lr = _lr_at(cfg, epoch, time.perf_counter() - t_run)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            t0 = time.perf_counter()
-            nll_sum, n_tok = 0.0, 0
-            state: State | None = None
-            # Per-epoch seed: an epoch's data order never depends on how the run got there.
-            batches = data.batches(
-                cfg.sampler, cfg.batch_size, cfg.num_steps, cfg.seed * 1_000_003 + epoch
-            )
-            for X, Y in batches:
-                X, Y = X.to(device), Y.to(device)
-                if cfg.sampler == "random" or state is None:
-                    state = model.begin_state(X.shape[1])
-                else:
-                    state = _detach(state)  # carry the values, cut the graph (truncated BPTT)
-                logits, state = model(X, state)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                optimizer.step()
-                nll_sum += loss.item() * Y.numel()
-                n_tok += Y.numel()
-            if not math.isfinite(nll_sum):
-                raise TrainError(
-                    f"training diverged in epoch {epoch + 1} (loss is not finite); "
-                    "try a smaller --lr or --clip"
-                )
-            epoch_s = time.perf_counter() - t0
-            train_ppl = math.exp(nll_sum / n_tok)
+            stats = train_epoch(model, optimizer, data, cfg, epoch, lr=lr, device=device)
             done = epoch + 1
             eval_now = done % cfg.eval_every == 0 or done == cfg.epochs or done == 1
             if cfg.max_minutes is not None:
@@ -420,91 +525,60 @@ def train(
                 eval_now = eval_now or over
             val_ppl = evaluate(model, data.val_ids) if has_val and eval_now else math.nan
             wall = wall_base + time.perf_counter() - t_run
-            metrics["epoch"].append(done)
-            metrics["train_ppl"].append(train_ppl)
-            metrics["val_ppl"].append(_finite_or_none(val_ppl))
-            metrics["tokens_per_s"].append(n_tok / epoch_s)
-            metrics["epoch_s"].append(epoch_s)
-            metrics["wall_s"].append(wall)
-            metrics["lr"].append(lr)
-            score = val_ppl if has_val else train_ppl
-            improved = (eval_now or not has_val) and score < best_val
+            metrics.append(
+                epoch=done,
+                train_ppl=stats.ppl,
+                val_ppl=val_ppl,
+                tokens_per_s=stats.tokens_per_s,
+                epoch_s=stats.seconds,
+                wall_s=wall,
+                lr=lr,
+            )
+            # Without held-out text the best checkpoint is chosen by training perplexity.
+            score = val_ppl if has_val else stats.ppl
+            improved = (eval_now or not has_val) and score < metrics.best_val
             if improved:
-                best_val, best_epoch = score, done
+                metrics.best_val, metrics.best_epoch = score, done
+            new_sample = None
             if done % cfg.sample_every == 0 or done == cfg.epochs:
-                sample = generate(
+                sample = new_sample = generate(
                     model, data.vocab, cfg.sample_prefix, cfg.sample_chars, rule=data.preprocess
                 )
-                metrics["samples"].append({"epoch": done, "text": sample})
+                metrics.add_sample(done, sample)
             if improved:
-                save(checkpoint(done), out / "checkpoint.pt")
+                run.save(metrics, done, "checkpoint.pt")
             if done % cfg.save_every == 0 or done == cfg.epochs:
-                save(checkpoint(done), out / "last.pt")
-            _write_json(out / "metrics.json", summary("running"))
-            line = (
-                f"epoch {done}/{cfg.epochs} train ppl {train_ppl:.3f} "
-                f"val ppl {f'{val_ppl:.3f}' if math.isfinite(val_ppl) else '-'} "
-                f"{n_tok / epoch_s:,.0f} tok/s {wall:.0f}s" + (" *" if improved else "")
-            )
-            if bar.disable:
-                say(line)
-                if metrics["samples"] and metrics["samples"][-1]["epoch"] == done:
-                    say(f"  sample: {sample!r}")
-            else:
-                bar.set_postfix_str(f"train {train_ppl:.2f} val {val_ppl:.2f}".replace("nan", "-"))
-                bar.update(1)
-                if metrics["samples"] and metrics["samples"][-1]["epoch"] == done:
-                    bar.write(f"epoch {done}: {sample!r}")
+                run.save(metrics, done, "last.pt")
+            metrics.write(out / "metrics.json", "running")
+            progress.epoch(done, stats, val_ppl, wall, improved, new_sample)
             if cfg.max_minutes is not None and wall - wall_base >= cfg.max_minutes * 60:
                 if done < cfg.epochs:
                     stopped = f"time budget of {cfg.max_minutes:g} min reached after epoch {done}"
-                    save(checkpoint(done), out / "last.pt")
+                    run.save(metrics, done, "last.pt")
                 break
     except KeyboardInterrupt:
         stopped = f"interrupted during epoch {epoch + 1}"
         say(f"lstm-train: {stopped}; metrics and plot written, last.pt holds the last full epoch")
     finally:
-        bar.close()
+        progress.close()
 
-    done_epochs = metrics["epoch"][-1] if metrics["epoch"] else start_epoch
-    if not (out / "checkpoint.pt").exists() and metrics["epoch"]:
+    done_epochs = metrics.last("epoch", start_epoch)
+    if not (out / "checkpoint.pt").exists() and len(metrics):
         # A resumed run into a fresh folder that never beat the old best still leaves a model.
-        save(checkpoint(done_epochs), out / "checkpoint.pt")
-    final = summary(stopped)
-    _write_json(out / "metrics.json", final)
-    if metrics["epoch"]:
-        title = (
-            f"{mcfg.cell} {mcfg.num_layers}x{mcfg.hidden_size} {mcfg.input_mode}, "
-            f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.sampler}"
-        )
-        plot_perplexity(metrics, out / "perplexity.png", title)
-    n = len(metrics["epoch"])
+        run.save(metrics, done_epochs, "checkpoint.pt")
+    final = metrics.write(out / "metrics.json", stopped)
+    if len(metrics):
+        plot_perplexity(metrics.columns, out / "perplexity.png", run.plot_title())
     return TrainResult(
         out_dir=out,
         epochs_done=done_epochs,
-        best_epoch=best_epoch,
-        best_val_ppl=best_val,
-        final_train_ppl=metrics["train_ppl"][-1] if n else math.nan,
-        final_val_ppl=(metrics["val_ppl"][-1] or math.nan) if n else math.nan,
-        wall_s=metrics["wall_s"][-1] if n else 0.0,
-        tokens_per_s=_median(metrics["tokens_per_s"]) if n else 0.0,
+        best_epoch=metrics.best_epoch,
+        best_val_ppl=metrics.best_val,
+        final_train_ppl=metrics.last("train_ppl", math.nan),
+        final_val_ppl=metrics.last("val_ppl", None) or math.nan,
+        wall_s=metrics.last("wall_s", 0.0),
+        tokens_per_s=metrics.median_tokens_per_s(),
         sample=sample,
         stopped=stopped,
         metrics=final,
     )
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if s else 0.0
-
-
-def _jsonable(obj: Any) -> Any:
-    """Replace non-finite floats (JSON has none) so the config stays portable."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
