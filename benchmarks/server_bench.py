@@ -4,7 +4,8 @@ The server runs as ``python -m server.cli`` (the ``lstm-serve`` entry point) wit
 endpoint off; its port is read from its "gRPC listening on" line and readiness from the
 standard health service. Load comes from ``benchmarks.loadgen`` processes (never this process),
 started together on one shared monotonic-clock window; their raw samples are merged here.
-Memory (section 7) is the server process's resident set from ``/proc/PID/status``.
+``lstm-serve`` is several processes (a supervisor, the engine, the front ends): memory
+(section 7) and CPU are summed over the whole process tree from ``/proc``.
 """
 
 from __future__ import annotations
@@ -54,17 +55,43 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def pids(self) -> list[int]:
+        """The server's process and every descendant (engine, front ends)."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    kids = (task / "children").read_text().split()
+                    todo.extend(int(k) for k in kids)
+            except OSError:
+                continue
+        return out
+
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("VmRSS not found")
+        total = 0
+        for pid in self.pids():
+            try:
+                text = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
 
     def cpu_s(self) -> float:
-        """User + system CPU seconds of the server process (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        """User + system CPU seconds of the server's processes (all their threads)."""
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / ticks
 
 
 def running_server(

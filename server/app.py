@@ -1,18 +1,26 @@
-"""The one module that wires the server together from :class:`~server.settings.Settings`.
+"""The one module that wires the server's pieces together from :class:`~server.settings.Settings`.
 
-Start-up: the gRPC server (health NOT_SERVING, reflection) and the metrics endpoint come up
-first, the model loads in a worker thread, then health turns SERVING. Drain (SIGTERM/SIGINT or
-:meth:`App.drain`): health NOT_SERVING, new requests UNAVAILABLE, in-flight ones get
-``drain_grace_s`` to finish, then everything stops.
+* :func:`build_core`: the engine side (model, state pool, sessions, engine loop, data plane,
+  metrics). The engine process (:mod:`server.engine_host`) serves it to the front ends.
+* :func:`grpc_server`: a gRPC server with our service, health and reflection; each front end
+  (:mod:`server.frontend`) runs one over a remote data plane.
+* :class:`App`: both in one process (the core behind a local gRPC server). ``lstm-serve`` runs
+  the multi-process topology (:mod:`server.supervisor`); App is for embedding the server in a
+  Python process: the integration tests use it to read the engine's state and drive its clock.
+
+Start-up of an App: the gRPC server (health NOT_SERVING, reflection) comes up first, the model
+loads in a worker thread, then health turns SERVING. Drain (:meth:`App.drain`): health
+NOT_SERVING, new requests UNAVAILABLE, in-flight ones get ``drain_grace_s`` to finish, then
+everything stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,8 +44,151 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@dataclass
+class Core:
+    """The engine side of a server, built by :func:`build_core`."""
+
+    settings: Settings
+    runtime: ModelRuntime
+    store: SessionStore
+    engine: Engine
+    plane: DataPlane
+    requests: RequestStats
+    scheduler_stats: SchedulerStats
+    registry: CollectorRegistry
+    metrics: PrometheusMetrics | None = None
+    metrics_port: int | None = None
+    sweeper: asyncio.Task[None] | None = None
+
+    def start_metrics(self) -> None:
+        """Serve ``/metrics`` (when ``metrics_port >= 0``): every counter of the server."""
+        s, store, runtime = self.settings, self.store, self.runtime
+        if s.metrics_port < 0:
+            return
+        self.metrics = PrometheusMetrics(
+            requests=self.requests,
+            scheduler=self.scheduler_stats,
+            model=ModelInfoStats(runtime.name, runtime.version, runtime.provider),
+            sessions_active=lambda: len(store),
+            state_bytes=lambda: store.state_bytes,
+            sessions_ended=lambda: dict(store.stats.ended),
+            registry=self.registry,
+        )
+        self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
+
+    async def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        await self.engine.stop()
+        if self.metrics is not None:
+            self.metrics.stop_http()
+
+
+async def build_core(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    requests: RequestStats | None = None,
+    scheduler_stats: SchedulerStats | None = None,
+) -> Core:
+    """Load the model (in a worker thread) and start the engine. Raises :class:`ModelLoadError`."""
+    s = settings
+    loop = asyncio.get_running_loop()
+    runtime = await loop.run_in_executor(
+        None,
+        lambda: ModelRuntime(s.model, provider=s.provider, intra_op_threads=s.intra_op_threads),
+    )
+    spec = runtime.spec
+    pool = StatePool(spec.num_layers, spec.hidden_size, spec.vocab_size, s.max_sessions)
+    store = SessionStore(
+        pool,
+        max_sessions=s.max_sessions,
+        idle_timeout_s=s.idle_timeout_s,
+        eviction=s.eviction,
+        clock=clock,
+    )
+    stats = scheduler_stats if scheduler_stats is not None else SchedulerStats()
+    plane: DataPlane | None = None
+    engine = Engine(
+        runtime,
+        pool,
+        max_batch_size=s.max_batch_size,
+        max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+        max_queue_size=s.max_queue_size,
+        prefill_chunk_tokens=s.prefill_chunk_tokens,
+        inline_max_rows=s.inline_max_rows,
+        stream_chunk_tokens=s.stream_chunk_tokens,
+        stats=stats,
+        open_requests=lambda: plane.in_flight if plane is not None else 1,
+    )
+    limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)
+    plane = DataPlane(runtime, store, engine, limits)
+    engine.start()
+    core = Core(
+        settings=s,
+        runtime=runtime,
+        store=store,
+        engine=engine,
+        plane=plane,
+        requests=requests if requests is not None else RequestStats(),
+        scheduler_stats=stats,
+        registry=registry if registry is not None else CollectorRegistry(),
+    )
+    core.sweeper = loop.create_task(_sweep(store, s.idle_timeout_s))
+    return core
+
+
+async def _sweep(store: SessionStore, idle_timeout_s: float) -> None:
+    interval = min(1.0, idle_timeout_s / 4)
+    while True:
+        await asyncio.sleep(interval)
+        n = store.expire_idle()
+        if n:
+            log.debug("expired %d idle sessions", n)
+
+
+def grpc_server(
+    settings: Settings,
+    servicer: LstmServeServicer,
+    health_servicer: health.aio.HealthServicer,
+    *,
+    reuse_port: bool = False,
+) -> tuple[grpc.aio.Server, int]:
+    """Our service, health and reflection on ``host:port``; ``(server, bound port)``.
+
+    ``reuse_port``: several front-end processes share the port (SO_REUSEPORT; the kernel
+    spreads connections over them). Off otherwise, so that a second server on a taken port fails
+    instead of silently sharing it. Raises :class:`OSError` when the port cannot be bound.
+    """
+    s = settings
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", 16 << 20),
+        ]
+    )
+    pb_grpc.add_LstmServeServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(f"{s.host}:{s.port}")
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {s.host}:{s.port}")
+    return server, port
+
+
+async def set_health(health_servicer: health.aio.HealthServicer, status: int) -> None:
+    await health_servicer.set("", status)
+    await health_servicer.set(SERVICE_NAME, status)
+
+
 class App:
-    """A running server. ``await start()``, ``await ready()``, ``await drain()``."""
+    """A server in this process. ``await start()``, ``await ready()``, ``await drain()``."""
 
     def __init__(
         self,
@@ -55,104 +206,58 @@ class App:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        self.metrics: PrometheusMetrics | None = None
-        self.metrics_port: int | None = None
-        self.runtime: ModelRuntime | None = None
-        self.plane: DataPlane | None = None
-        self.engine: Engine | None = None
-        self.store: SessionStore | None = None
+        self.core: Core | None = None
         self._load: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+
+    # The engine side, once loaded (tests read these).
+    @property
+    def runtime(self) -> ModelRuntime | None:
+        return self.core.runtime if self.core else None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.core.engine if self.core else None
+
+    @property
+    def store(self) -> SessionStore | None:
+        return self.core.store if self.core else None
+
+    @property
+    def plane(self) -> DataPlane | None:
+        return self.core.plane if self.core else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.core.metrics_port if self.core else None
 
     async def start(self) -> None:
         """Bind the ports and begin loading the model (see :meth:`ready`)."""
-        s = self.settings
-        resolve_model(s.model)  # a missing model is reported before anything listens
-        server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)]
-        )
-        pb_grpc.add_LstmServeServicer_to_server(self.servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
-        await self._set_health(NOT_SERVING)
+        resolve_model(self.settings.model)  # a missing model is reported before anything listens
+        server, self.port = grpc_server(self.settings, self.servicer, self.health)
+        await set_health(self.health, NOT_SERVING)
         await server.start()
         self.server = server
         self._load = asyncio.get_running_loop().create_task(self._load_model())
 
-    async def _set_health(self, status: int) -> None:
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
-
     async def _load_model(self) -> None:
-        s = self.settings
-        loop = asyncio.get_running_loop()
-        runtime = await loop.run_in_executor(
-            None,
-            lambda: ModelRuntime(s.model, provider=s.provider, intra_op_threads=s.intra_op_threads),
-        )
-        spec = runtime.spec
-        pool = StatePool(spec.num_layers, spec.hidden_size, spec.vocab_size, s.max_sessions)
-        store = SessionStore(
-            pool,
-            max_sessions=s.max_sessions,
-            idle_timeout_s=s.idle_timeout_s,
-            eviction=s.eviction,
+        core = await build_core(
+            self.settings,
+            registry=self.registry,
             clock=self.clock,
+            requests=self.requests,
+            scheduler_stats=self.scheduler_stats,
         )
-        plane: DataPlane | None = None
-        engine = Engine(
-            runtime,
-            pool,
-            max_batch_size=s.max_batch_size,
-            max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
-            max_queue_size=s.max_queue_size,
-            prefill_chunk_tokens=s.prefill_chunk_tokens,
-            inline_max_rows=s.inline_max_rows,
-            stream_chunk_tokens=s.stream_chunk_tokens,
-            stats=self.scheduler_stats,
-            open_requests=lambda: plane.in_flight if plane is not None else 1,
-        )
-        limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)
-        plane = DataPlane(runtime, store, engine, limits)
-        engine.start()
-        if s.metrics_port >= 0:
-            self.metrics = PrometheusMetrics(
-                requests=self.requests,
-                scheduler=self.scheduler_stats,
-                model=ModelInfoStats(runtime.name, runtime.version, runtime.provider),
-                sessions_active=lambda: len(store),
-                state_bytes=lambda: store.state_bytes,
-                sessions_ended=lambda: dict(store.stats.ended),
-                registry=self.registry,
-            )
-            self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
-        self.runtime, self.store, self.engine, self.plane = runtime, store, engine, plane
-        self._sweeper = loop.create_task(self._sweep(store))
-        self.servicer.plane = plane
-        await self._set_health(SERVING)
-        log.info("loaded %s", runtime.describe())
+        core.start_metrics()
+        self.core = core
+        self.servicer.plane = core.plane
+        await set_health(self.health, SERVING)
+        log.info("loaded %s", core.runtime.describe())
 
     async def ready(self) -> None:
         """Wait for the model; re-raises a load failure (ModelLoadError, OSError)."""
         assert self._load is not None, "start() first"
         await asyncio.shield(self._load)
-
-    async def _sweep(self, store: SessionStore) -> None:
-        interval = min(1.0, self.settings.idle_timeout_s / 4)
-        while True:
-            await asyncio.sleep(interval)
-            n = store.expire_idle()
-            if n:
-                log.debug("expired %d idle sessions", n)
 
     async def drain(self, grace: float | None = None) -> bool:
         """Refuse new work, let in-flight requests finish (up to ``grace`` s), stop everything.
@@ -160,49 +265,21 @@ class App:
         Returns True when every in-flight request finished within the grace period.
         """
         grace = self.settings.drain_grace_s if grace is None else grace
-        await self._set_health(NOT_SERVING)
+        await set_health(self.health, NOT_SERVING)
         await self.health.enter_graceful_shutdown()
         clean = True
-        if self.plane is not None:
-            self.plane.draining = True
-            clean = await self.plane.wait_idle(grace)
+        if self.core is not None:
+            self.core.plane.draining = True
+            clean = await self.core.plane.wait_idle(grace)
         if self._load is not None and not self._load.done():
             self._load.cancel()
         if self.server is not None:
             # Whatever is still open (idle streams) is cancelled now.
             await self.server.stop(0.5 if clean else 0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self.engine is not None:
-            await self.engine.stop()
-        if self.metrics is not None:
-            self.metrics.stop_http()
+        if self.core is not None:
+            await self.core.stop()
         self._stopped.set()
         return clean
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-async def serve(settings: Settings, announce: Callable[[App], None] | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain; 0 on a clean exit. ``announce`` runs when ready."""
-    app = App(settings)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await app.start()
-    try:
-        ready = loop.create_task(app.ready())
-        stopping = loop.create_task(stop.wait())
-        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.done():
-            ready.result()  # raises a load failure
-            if announce is not None:
-                announce(app)
-        await stopping
-        log.info("draining (grace %.1f s)", settings.drain_grace_s)
-    finally:
-        clean = await app.drain()
-    log.info("stopped%s", "" if clean else " (grace period ran out; requests were cancelled)")
-    return 0

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import sys
 from pathlib import Path
 
-from .app import App, serve
 from .runtime import ModelLoadError
 from .settings import SettingsError, from_args
+from .supervisor import StartError, Supervisor, run
 
 
 def _client_command() -> str:
@@ -23,15 +22,20 @@ def _client_command() -> str:
     return shutil.which("lstm-client") or "lstm-client"
 
 
-def _announce(app: App) -> None:
-    s = app.settings
+def _announce(sup: Supervisor) -> None:
+    s = sup.settings
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-    target = f"{host}:{app.port}"
-    assert app.runtime is not None
-    print(f"lstm-serve: {app.runtime.describe()}", flush=True)
-    print(f"lstm-serve: gRPC listening on {s.host}:{app.port}", flush=True)
-    if app.metrics_port is not None:
-        print(f"lstm-serve: metrics on http://{host}:{app.metrics_port}/metrics", flush=True)
+    target = f"{host}:{sup.port}"
+    assert sup.engine is not None
+    print(f"lstm-serve: {sup.describe}", flush=True)
+    pids = ",".join(str(fe.pid) for fe in sup.frontends)
+    print(
+        f"lstm-serve: engine pid {sup.engine.pid}, {len(sup.frontends)} front end(s) pid {pids}",
+        flush=True,
+    )
+    print(f"lstm-serve: gRPC listening on {s.host}:{sup.port}", flush=True)
+    if sup.metrics_port is not None:
+        print(f"lstm-serve: metrics on http://{host}:{sup.metrics_port}/metrics", flush=True)
     print(
         f"try: {_client_command()} generate --target {target} "
         '--prompt "time traveller" --max-tokens 100',
@@ -50,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        code = asyncio.run(serve(settings, _announce))
-    except ModelLoadError as e:
+        code = run(settings, _announce)
+    except (ModelLoadError, StartError) as e:
         print(f"lstm-serve: error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:

@@ -13,6 +13,7 @@ import json
 import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -95,6 +96,60 @@ OUTPUT_ALL = "all"
 OUTPUT_TOP_K = "top_k"
 
 
+class Stream(Protocol):
+    """A step stream, as a transport sees it (local :class:`StepStream` or a remote one)."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    async def step(
+        self,
+        *,
+        text: str = "",
+        token_ids: Sequence[int] = (),
+        output: str = OUTPUT_LAST,
+        top_k: int = 0,
+    ) -> StepResult: ...
+
+    async def close(self, reason: str = "closed") -> None: ...
+
+
+class Plane(Protocol):
+    """The data plane as a transport sees it: :class:`DataPlane` in this process, or
+    :class:`server.frontend.RemotePlane` over the engine process. Raises :mod:`server.errors`."""
+
+    draining: bool
+    in_flight: int
+
+    async def wait_idle(self, timeout: float) -> bool: ...
+
+    async def model_info(self) -> ModelInfo: ...
+
+    async def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo: ...
+
+    async def close_session(self, session_id: str) -> None: ...
+
+    async def reset_session(self, session_id: str) -> None: ...
+
+    async def get_session(self, session_id: str) -> SessionInfo: ...
+
+    async def step(
+        self,
+        session_id: str,
+        *,
+        text: str = "",
+        token_ids: Sequence[int] = (),
+        output: str = OUTPUT_LAST,
+        top_k: int = 0,
+    ) -> StepResult: ...
+
+    async def open_stream(self, session_id: str = "") -> Stream: ...
+
+    def generate(
+        self, session_id: str, prompt: str, params: GenerateParams
+    ) -> AsyncGenerator[GenerateChunk, None]: ...
+
+
 class DataPlane:
     """Session lifecycle, Step, streams and Generate over an engine and a session store.
 
@@ -143,7 +198,7 @@ class DataPlane:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    def model_info(self) -> ModelInfo:
+    async def model_info(self) -> ModelInfo:
         s = self.spec
         return ModelInfo(
             name=self.runtime.name,
@@ -171,7 +226,7 @@ class DataPlane:
             has_next_distribution=self.engine.has_next(session.slot),
         )
 
-    def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo:
+    async def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo:
         if idle_timeout_s < 0:
             raise InvalidArgument(f"idle_timeout_s must be >= 0, got {idle_timeout_s}")
         self._enter()
@@ -180,7 +235,7 @@ class DataPlane:
         finally:
             self.request_done()
 
-    def close_session(self, session_id: str) -> None:
+    async def close_session(self, session_id: str) -> None:
         self._check_id(session_id)
         self._enter()
         try:
@@ -188,7 +243,7 @@ class DataPlane:
         finally:
             self.request_done()
 
-    def reset_session(self, session_id: str) -> None:
+    async def reset_session(self, session_id: str) -> None:
         self._check_id(session_id)
         self._enter()
         try:
@@ -199,7 +254,7 @@ class DataPlane:
         finally:
             self.request_done()
 
-    def get_session(self, session_id: str) -> SessionInfo:
+    async def get_session(self, session_id: str) -> SessionInfo:
         self._check_id(session_id)
         self._enter()
         try:
@@ -326,7 +381,7 @@ class DataPlane:
         order = np.argsort(-p, kind="stable")[:k]
         return [(int(i), self.spec.vocab[i], float(p[i])) for i in order]
 
-    def open_stream(self, session_id: str = "") -> StepStream:
+    async def open_stream(self, session_id: str = "") -> StepStream:
         """A step stream attached to ``session_id``, or owning a new ephemeral session."""
         self._enter()
         try:
@@ -472,7 +527,7 @@ class StepStream:
         session = store.hold(self.session) if self.owned else store.acquire(self.session.id)
         return await plane.run_step(session, ids, output, top_k)
 
-    def close(self, reason: str = "closed") -> None:
+    async def close(self, reason: str = "closed") -> None:
         """End the stream; frees an owned session (``reason``: closed or disconnected)."""
         if self.closed:
             return

@@ -99,6 +99,37 @@ class RequestStats:
             hist = self.durations[method] = Histogram(LATENCY_BUCKETS)
         hist.observe(seconds)
 
+    # Front-end processes count their own requests and ship what they counted since their last
+    # heartbeat to the engine process, which adds it here and serves the sum: one scrape shows
+    # every process, and the counters stay monotonic when a front end is replaced.
+
+    def to_wire(self) -> list[Any]:
+        return [
+            [[m, c, n] for (m, c), n in self.counts.items()],
+            [[m, h.counts.tolist(), h.total] for m, h in self.durations.items()],
+        ]
+
+    @classmethod
+    def from_wire(cls, data: list[Any]) -> RequestStats:
+        out = cls()
+        for m, c, n in data[0]:
+            out.counts[(m, c)] += int(n)
+        for m, counts, total in data[1]:
+            hist = out.durations[m] = Histogram(LATENCY_BUCKETS)
+            hist.counts += np.asarray(counts, np.int64)
+            hist.total = float(total)
+        return out
+
+    def merge(self, other: RequestStats) -> None:
+        for key, n in other.counts.items():
+            self.counts[key] += n
+        for m, h in other.durations.items():
+            mine = self.durations.get(m)
+            if mine is None:
+                mine = self.durations[m] = Histogram(LATENCY_BUCKETS)
+            mine.counts += h.counts
+            mine.total += h.total
+
 
 @dataclass
 class SchedulerStats:

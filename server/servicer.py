@@ -24,8 +24,8 @@ from .dataplane import (
     OUTPUT_ALL,
     OUTPUT_LAST,
     OUTPUT_TOP_K,
-    DataPlane,
     GenerateParams,
+    Plane,
     StepResult,
 )
 from .errors import Busy, InvalidArgument, NotFound, ResourceExhausted, ServeError, Unavailable
@@ -118,17 +118,20 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
     """``lstmserve.v1.LstmServe``. ``plane`` is None while the model loads (UNAVAILABLE)."""
 
     def __init__(self, requests: RequestStats) -> None:
-        self.plane: DataPlane | None = None
+        self.plane: Plane | None = None
         self.requests = requests
+        # Which front-end process this is (empty in a single-process server); GetModelInfo
+        # returns it as trailing metadata, so a client (a test) can tell front ends apart.
+        self.frontend_id = ""
 
-    def _dp(self) -> DataPlane:
+    def _dp(self) -> Plane:
         if self.plane is None:
             raise Unavailable("the model is still loading; retry shortly")
         return self.plane
 
     @rpc
     async def CreateSession(self, request: Any, context: Any) -> Any:
-        info = self._dp().create_session(request.idle_timeout_s)
+        info = await self._dp().create_session(request.idle_timeout_s)
         return pb.CreateSessionResponse(
             session_id=info.session_id,
             idle_timeout_s=info.idle_timeout_s,
@@ -137,17 +140,17 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
 
     @rpc
     async def CloseSession(self, request: Any, context: Any) -> Any:
-        self._dp().close_session(request.session_id)
+        await self._dp().close_session(request.session_id)
         return pb.CloseSessionResponse()
 
     @rpc
     async def ResetSession(self, request: Any, context: Any) -> Any:
-        self._dp().reset_session(request.session_id)
+        await self._dp().reset_session(request.session_id)
         return pb.ResetSessionResponse()
 
     @rpc
     async def GetSession(self, request: Any, context: Any) -> Any:
-        i = self._dp().get_session(request.session_id)
+        i = await self._dp().get_session(request.session_id)
         return pb.GetSessionResponse(
             session_id=i.session_id,
             steps=i.steps,
@@ -176,7 +179,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         first = await context.read()
         if first is grpc.aio.EOF:
             return
-        stream = plane.open_stream(first.session_id)
+        stream = await plane.open_stream(first.session_id)
         reason = "disconnected"
         try:
             req = first
@@ -203,7 +206,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             reason = "closed"
             raise
         finally:
-            stream.close(reason)
+            await stream.close(reason)
 
     @rpc
     async def Generate(self, request: Any, context: Any) -> None:
@@ -231,7 +234,9 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
 
     @rpc
     async def GetModelInfo(self, request: Any, context: Any) -> Any:
-        m = self._dp().model_info()
+        m = await self._dp().model_info()
+        if self.frontend_id:
+            context.set_trailing_metadata((("lstm-serve-frontend", self.frontend_id),))
         return pb.GetModelInfoResponse(
             name=m.name,
             version=m.version,

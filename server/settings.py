@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,12 @@ class Settings:
         "(at most 64), about one message per iteration in all; a slow reader gets more.",
         default=16,
     )
+    frontends: int = _doc(
+        "gRPC front-end processes sharing the port (SO_REUSEPORT), each talking to the one "
+        "engine process; 0 = one per available core minus one for the engine, at least 1 and "
+        "at most 8.",
+        default=0,
+    )
     max_prompt_tokens: int = _doc("Most tokens one Step or Generate prompt may feed.", default=4096)
     max_new_tokens: int = _doc("Most tokens one Generate call may ask for.", default=4096)
     drain_grace_s: float = _doc(
@@ -127,6 +134,7 @@ class Settings:
         for name in (
             "intra_op_threads",
             "inline_max_rows",
+            "frontends",
         ):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
@@ -137,6 +145,20 @@ class Settings:
             if not getattr(self, name) >= 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         return self
+
+    def frontend_count(self) -> int:
+        """``frontends``, with 0 resolved by the rule in its help text."""
+        if self.frontends > 0:
+            return self.frontends
+        return max(1, min(8, len(os.sched_getaffinity(0)) - 1))
+
+    def to_json(self) -> str:
+        """Every field as JSON (how the supervisor hands settings to its processes)."""
+        return json.dumps(dataclasses.asdict(self))
+
+
+def settings_from_json(text: str) -> Settings:
+    return Settings(**json.loads(text)).validate()
 
 
 def _convert(f: dataclasses.Field[Any], raw: str, source: str) -> Any:

@@ -12,6 +12,7 @@ def test_importing_every_server_module_pulls_in_neither_torch_nor_onnx():
         "import server.app, server.batch, server.cli, server.client, server.dataplane\n"
         "import server.errors, server.metrics, server.runtime, server.sampling\n"
         "import server.engine, server.servicer, server.sessions, server.settings\n"
+        "import server.frontend, server.engine_host, server.supervisor, server.ipc\n"
         "import contract.model, contract.text, contract.repository, contract.files\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx'))\n"
         "print(','.join(bad))\n"

@@ -61,3 +61,21 @@ def test_bad_values_name_the_setting(env, needle):
 def test_bad_flag_value_names_the_flag():
     with pytest.raises(SettingsError, match="--max-new-tokens"):
         from_args(["--max-new-tokens", "many"], {})
+
+
+def test_settings_travel_to_child_processes_as_json_unchanged():
+    from server.settings import settings_from_json
+
+    s = from_args(["--frontends", "3", "--max-queue-delay-ms", "0.7", "--eviction", "lru"], {})
+    assert settings_from_json(s.to_json()) == s
+    with pytest.raises(SettingsError, match="frontends"):
+        settings_from_json(dataclasses.replace(s, frontends=-1).to_json())
+
+
+def test_frontend_count_follows_the_cores(monkeypatch):
+    import os
+
+    assert Settings(frontends=5).frontend_count() == 5
+    for cores, want in [(1, 1), (2, 1), (3, 2), (16, 8), (64, 8)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert Settings().frontend_count() == want, cores

@@ -1,0 +1,337 @@
+"""The engine process: the model, the state pool, the sessions and the engine loop, served to
+the front ends over ZeroMQ (:mod:`server.ipc`).
+
+The model loop never waits for gRPC: no gRPC runs in this process. Its event loop does the
+ZeroMQ I/O and the data plane's bookkeeping; the engine thread runs the iterations. Any front
+end may serve any session, since sessions live here.
+
+Started by the supervisor (:mod:`server.supervisor`) as ``python -m server.engine_host``;
+it prints one line ``ENGINE READY`` on stdout once the model is loaded and the socket is bound,
+and serves ``/metrics`` for the whole server (the front ends ship their request counts here
+with every heartbeat, see :class:`~server.metrics.RequestStats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from . import ipc
+from .app import Core, build_core
+from .dataplane import GenerateParams, StepResult, StepStream
+from .errors import NotFound
+from .metrics import RequestStats
+from .settings import Settings, settings_from_json
+
+log = logging.getLogger("lstm_serve.engine")
+
+
+def step_payload(r: StepResult) -> list[Any]:
+    logits = None if r.logits is None else ipc.f32(r.logits)
+    positions = 0 if r.logits is None else int(r.logits.shape[0])
+    return [r.session_id, logits, positions, [list(t) for t in r.top], r.tokens_consumed, r.steps]
+
+
+class _Frontend:
+    """What the engine knows of one front end: its open requests and streams."""
+
+    def __init__(self, ident: bytes) -> None:
+        self.ident = ident
+        self.last_seen = time.monotonic()
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.streams: dict[int, StepStream] = {}
+
+
+class EngineHost:
+    """Serves a :class:`Core` on a ROUTER socket at ``address``."""
+
+    def __init__(self, core: Core, address: str) -> None:
+        self.core = core
+        self.plane = core.plane
+        self.address = address
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # A reply to a front end that has gone away is dropped, not queued forever.
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.bind(address)
+        self.frontends: dict[bytes, _Frontend] = {}
+        self._stream_ids = itertools.count(1)
+        self._handlers: dict[str, Callable[[_Frontend, int, list[Any]], Awaitable[Any]]] = {
+            ipc.CREATE: self._create,
+            ipc.CLOSE: self._close,
+            ipc.RESET: self._reset,
+            ipc.GET: self._get,
+            ipc.STEP: self._step,
+            ipc.STREAM_OPEN: self._stream_open,
+            ipc.STREAM_STEP: self._stream_step,
+            ipc.STREAM_CLOSE: self._stream_close,
+            ipc.MODEL_INFO: self._model_info,
+            ipc.PING: self._ping,
+        }
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Answer front ends until ``stop`` is set."""
+        loop = asyncio.get_running_loop()
+        watchdog = loop.create_task(self._watch_frontends())
+        reader = loop.create_task(self._read())
+        try:
+            await stop.wait()
+        finally:
+            reader.cancel()
+            watchdog.cancel()
+            for fe in list(self.frontends.values()):
+                await self._forget(fe, "closed")
+
+    async def _read(self) -> None:
+        while True:
+            ident, data = await self.sock.recv_multipart()
+            try:
+                self._dispatch(ident, ipc.unpack(data))
+            except Exception:  # a malformed message must not stop the engine for everyone
+                log.exception("bad message from a front end")
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    def _frontend(self, ident: bytes) -> _Frontend:
+        fe = self.frontends.get(ident)
+        if fe is None:
+            fe = self.frontends[ident] = _Frontend(ident)
+        fe.last_seen = time.monotonic()
+        return fe
+
+    def _dispatch(self, ident: bytes, msg: list[Any]) -> None:
+        fe = self._frontend(ident)
+        rid, op = msg[0], msg[1]
+        if op == ipc.HEARTBEAT:
+            self.core.requests.merge(RequestStats.from_wire(msg[2]))
+            return
+        if op == ipc.CANCEL:
+            task = fe.tasks.get(rid)
+            if task is not None:
+                task.cancel()
+            return
+        if op == ipc.GENERATE:
+            coro: Awaitable[None] = self._generate(fe, rid, msg[2:])
+        else:
+            handler = self._handlers.get(op)
+            if handler is None:
+                self._send(fe, rid, ipc.ERROR, ["InvalidArgument", f"unknown op {op!r}"])
+                return
+            coro = self._unary(fe, rid, handler, msg[2:])
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        fe.tasks[rid] = task
+        task.add_done_callback(functools.partial(_forget_task, fe.tasks, rid))
+
+    def _send(self, fe: _Frontend, rid: int, kind: int, payload: Any) -> None:
+        # Fire and forget: a full or vanished peer must not stall the engine's loop.
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send_multipart(
+                [fe.ident, ipc.pack([rid, kind, payload])], flags=zmq.NOBLOCK, copy=False
+            )
+
+    async def _unary(
+        self,
+        fe: _Frontend,
+        rid: int,
+        handler: Callable[[_Frontend, int, list[Any]], Awaitable[Any]],
+        args: list[Any],
+    ) -> None:
+        try:
+            result = await handler(fe, rid, args)
+        except asyncio.CancelledError:
+            return  # the front end asked for it and expects no reply
+        except Exception as e:
+            if not isinstance(e, ipc.ServeError):
+                log.exception("engine request %s failed", getattr(handler, "__name__", "?"))
+            self._send(fe, rid, ipc.ERROR, ipc.error_payload(e))
+            return
+        self._send(fe, rid, ipc.RESULT, result)
+
+    # --- handlers --------------------------------------------------------------------------------
+
+    async def _ping(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        return [not self.plane.draining]
+
+    async def _create(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        i = await self.plane.create_session(float(args[0]))
+        return [i.session_id, i.idle_timeout_s, i.state_bytes]
+
+    async def _close(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        await self.plane.close_session(args[0])
+
+    async def _reset(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        await self.plane.reset_session(args[0])
+
+    async def _get(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        i = await self.plane.get_session(args[0])
+        return [
+            i.session_id,
+            i.steps,
+            i.created_unix_s,
+            i.last_used_unix_s,
+            i.idle_timeout_s,
+            i.state_bytes,
+            i.busy,
+            i.has_next_distribution,
+        ]
+
+    async def _step(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        sid, text, token_ids, output, top_k = args
+        r = await self.plane.step(sid, text=text, token_ids=token_ids, output=output, top_k=top_k)
+        return step_payload(r)
+
+    async def _stream_open(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        stream = await self.plane.open_stream(args[0])
+        stream_id = next(self._stream_ids)
+        fe.streams[stream_id] = stream
+        return [stream_id, stream.session_id]
+
+    async def _stream_step(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        stream_id, text, token_ids, output, top_k = args
+        stream = fe.streams.get(stream_id)
+        if stream is None:
+            raise NotFound("this stream has ended")
+        r = await stream.step(text=text, token_ids=token_ids, output=output, top_k=top_k)
+        return step_payload(r)
+
+    async def _stream_close(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        stream = fe.streams.pop(args[0], None)
+        if stream is not None:
+            await stream.close(args[1])
+
+    async def _model_info(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        m = await self.plane.model_info()
+        lim = m.limits
+        return [
+            m.name,
+            m.version,
+            m.provider,
+            list(m.vocab),
+            m.num_layers,
+            m.hidden_size,
+            m.preprocess,
+            m.unk_id,
+            m.config_json,
+            [lim.max_prompt_tokens, lim.max_new_tokens, lim.max_sessions, lim.max_batch_size],
+            m.state_bytes_per_session,
+        ]
+
+    async def _generate(self, fe: _Frontend, rid: int, args: list[Any]) -> None:
+        sid, prompt, max_tokens, temperature, top_k, top_p, seed, stop = args
+        params = GenerateParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(stop),
+        )
+        chunks = self.plane.generate(sid, prompt, params)
+        try:
+            async with contextlib.aclosing(chunks):
+                async for ch in chunks:
+                    self._send(
+                        fe,
+                        rid,
+                        ipc.CHUNK,
+                        [
+                            ch.session_id,
+                            ch.text,
+                            ch.token_ids,
+                            ch.generated_tokens,
+                            ch.prompt_tokens,
+                            ch.finish_reason,
+                        ],
+                    )
+        except asyncio.CancelledError:
+            return
+        except Exception as e:
+            if not isinstance(e, ipc.ServeError):
+                log.exception("generate failed")
+            self._send(fe, rid, ipc.ERROR, ipc.error_payload(e))
+            return
+        self._send(fe, rid, ipc.END, None)
+
+    # --- front ends that go away -------------------------------------------------------------
+
+    async def _watch_frontends(self) -> None:
+        while True:
+            await asyncio.sleep(ipc.HEARTBEAT_S)
+            now = time.monotonic()
+            for fe in list(self.frontends.values()):
+                if now - fe.last_seen > ipc.FRONTEND_TIMEOUT_S:
+                    log.warning(
+                        "front end silent for %.1f s: ending its requests", now - fe.last_seen
+                    )
+                    await self._forget(fe, "disconnected")
+
+    async def _forget(self, fe: _Frontend, reason: str) -> None:
+        self.frontends.pop(fe.ident, None)
+        for task in list(fe.tasks.values()):
+            task.cancel()
+        for stream in list(fe.streams.values()):
+            await stream.close(reason)
+        fe.streams.clear()
+
+
+def _forget_task(tasks: dict[int, asyncio.Task[None]], rid: int, _task: object) -> None:
+    tasks.pop(rid, None)
+
+
+async def run(settings: Settings, address: str) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    core = await build_core(settings)
+    host = EngineHost(core, address)
+    core.start_metrics()
+    metrics_port = core.metrics_port if core.metrics_port is not None else -1
+    print(f"ENGINE READY {metrics_port} {core.runtime.describe()}", flush=True)
+    log.info("engine: %s", core.runtime.describe())
+    try:
+        await host.serve(stop)
+    finally:
+        core.plane.draining = True
+        await core.plane.wait_idle(settings.drain_grace_s)
+        host.close()
+        await core.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m server.engine_host")
+    p.add_argument("--settings-json", required=True)
+    p.add_argument("--address", required=True)
+    a = p.parse_args(argv)
+    settings = settings_from_json(a.settings_json)
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
+    )
+    try:
+        sys.exit(asyncio.run(run(settings, a.address)))
+    except Exception as e:  # a load failure: one line for the supervisor to repeat
+        print(f"ENGINE FAILED {type(e).__name__}: {e}", flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

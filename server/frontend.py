@@ -1,0 +1,415 @@
+"""A front-end process: the gRPC service over a data plane that lives in the engine process.
+
+:class:`RemotePlane` has the interface the servicer uses (:class:`server.dataplane.Plane`) and
+forwards every call to the engine over ZeroMQ (:mod:`server.ipc`); a cancelled call (client
+gone, deadline) sends ``CANCEL``, which makes the engine abandon the request and put the session
+back as it was. Several front ends share one port (SO_REUSEPORT) and one engine.
+
+If the engine process goes away, the front end turns health NOT_SERVING, fails every open
+request with UNAVAILABLE and exits non-zero: never a half-alive server.
+
+Started by the supervisor as ``python -m server.frontend``; prints ``FRONTEND READY PORT`` once
+it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+from grpc_health.v1 import health
+
+from . import ipc
+from .app import NOT_SERVING, SERVING, grpc_server, set_health
+from .dataplane import (
+    GenerateChunk,
+    GenerateParams,
+    Limits,
+    ModelInfo,
+    SessionInfo,
+    StepResult,
+)
+from .errors import Unavailable
+from .metrics import RequestStats
+from .servicer import LstmServeServicer
+from .settings import Settings, settings_from_json
+
+log = logging.getLogger("lstm_serve.frontend")
+
+ENGINE_GONE = "the engine process is not running; retry shortly or on another replica"
+
+
+def step_result(payload: list[Any]) -> StepResult:
+    sid, logits, positions, top, consumed, steps = payload
+    arr = None
+    if logits is not None:
+        arr = np.frombuffer(logits, np.float32).reshape(positions, -1)
+    return StepResult(sid, arr, [(int(i), t, float(p)) for i, t, p in top], consumed, steps)
+
+
+class RemotePlane:
+    """The data plane's interface, served by the engine process at ``address``."""
+
+    def __init__(self, address: str, engine_pid: int = 0) -> None:
+        self.address = address
+        self.engine_pid = engine_pid
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self._rids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any] | asyncio.Queue[tuple[int, Any]]] = {}
+        self.draining = False
+        self.in_flight = 0
+        self.engine_alive = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._model_info: ModelInfo | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.sock.close(0)
+        self.ctx.term()
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            rid, kind, payload = ipc.unpack(frames[0])
+            waiter = self._waiting.get(rid)
+            if waiter is None:
+                continue  # cancelled meanwhile
+            if isinstance(waiter, asyncio.Queue):
+                waiter.put_nowait((kind, payload))
+            elif not waiter.done():
+                if kind == ipc.ERROR:
+                    waiter.set_exception(ipc.error_from(payload))
+                else:
+                    waiter.set_result(payload)
+
+    def engine_died(self) -> None:
+        """Fail everything waiting for the engine; later calls fail at once."""
+        self.engine_alive = False
+        for waiter in list(self._waiting.values()):
+            if isinstance(waiter, asyncio.Queue):
+                waiter.put_nowait((ipc.ERROR, ["Unavailable", ENGINE_GONE]))
+            elif not waiter.done():
+                waiter.set_exception(Unavailable(ENGINE_GONE))
+        self._waiting.clear()
+
+    def _send(self, msg: list[Any]) -> None:
+        if not self.engine_alive:
+            raise Unavailable(ENGINE_GONE)
+        # The DEALER queues while the engine reads; NOBLOCK only fails if the queue (1000
+        # messages) is full, which is back-pressure the client should see.
+        try:
+            self.sock.send(ipc.pack(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise Unavailable("the engine is overloaded; retry shortly") from None
+
+    async def call(self, op: str, *args: Any) -> Any:
+        """One request to the engine and its only reply; cancelling it cancels it there too."""
+        rid = next(self._rids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        try:
+            self._send([rid, op, *args])
+            return await fut
+        except asyncio.CancelledError:
+            with contextlib.suppress(Unavailable):
+                self._send([rid, ipc.CANCEL])
+            raise
+        finally:
+            self._waiting.pop(rid, None)
+
+    def heartbeat(self, stats: RequestStats) -> None:
+        with contextlib.suppress(Unavailable):
+            self._send([0, ipc.HEARTBEAT, stats.to_wire()])
+
+    # --- admission (the same rules as the local data plane) --------------------------------------
+
+    def _enter(self) -> None:
+        if self.draining:
+            raise Unavailable("server is draining (shutting down); retry on another replica")
+        if not self.engine_alive:
+            raise Unavailable(ENGINE_GONE)
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_done(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _unary(self, op: str, *args: Any) -> Any:
+        self._enter()
+        try:
+            return await self.call(op, *args)
+        finally:
+            self.request_done()
+
+    # --- the plane's interface -------------------------------------------------------------------
+
+    async def model_info(self) -> ModelInfo:
+        if self._model_info is None:
+            r = await self._unary(ipc.MODEL_INFO)
+            self._model_info = ModelInfo(
+                name=r[0],
+                version=r[1],
+                provider=r[2],
+                vocab=tuple(r[3]),
+                num_layers=r[4],
+                hidden_size=r[5],
+                preprocess=r[6],
+                unk_id=r[7],
+                config_json=r[8],
+                limits=Limits(*r[9]),
+                state_bytes_per_session=r[10],
+            )
+        return self._model_info
+
+    async def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo:
+        sid, timeout, state_bytes = await self._unary(ipc.CREATE, float(idle_timeout_s))
+        return SessionInfo(sid, 0, 0.0, 0.0, timeout, state_bytes, False, False)
+
+    async def close_session(self, session_id: str) -> None:
+        await self._unary(ipc.CLOSE, session_id)
+
+    async def reset_session(self, session_id: str) -> None:
+        await self._unary(ipc.RESET, session_id)
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        return SessionInfo(*await self._unary(ipc.GET, session_id))
+
+    async def step(
+        self,
+        session_id: str,
+        *,
+        text: str = "",
+        token_ids: Any = (),
+        output: str = "last",
+        top_k: int = 0,
+    ) -> StepResult:
+        return step_result(
+            await self._unary(ipc.STEP, session_id, text, list(token_ids), output, top_k)
+        )
+
+    async def open_stream(self, session_id: str = "") -> RemoteStepStream:
+        self._enter()
+        try:
+            stream_id, sid = await self.call(ipc.STREAM_OPEN, session_id)
+        except BaseException:
+            self.request_done()
+            raise
+        return RemoteStepStream(self, stream_id, sid)
+
+    async def generate(
+        self, session_id: str, prompt: str, params: GenerateParams
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        self._enter()
+        rid = next(self._rids)
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._waiting[rid] = queue
+        done = False
+        try:
+            self._send(
+                [
+                    rid,
+                    ipc.GENERATE,
+                    session_id,
+                    prompt,
+                    params.max_tokens,
+                    params.temperature,
+                    params.top_k,
+                    params.top_p,
+                    params.seed,
+                    list(params.stop),
+                ]
+            )
+            while True:
+                kind, payload = await queue.get()
+                if kind == ipc.END:
+                    done = True
+                    return
+                if kind == ipc.ERROR:
+                    done = True
+                    raise ipc.error_from(payload)
+                yield GenerateChunk(*payload)
+        finally:
+            self._waiting.pop(rid, None)
+            if not done:
+                with contextlib.suppress(Unavailable):
+                    self._send([rid, ipc.CANCEL])
+            self.request_done()
+
+
+class RemoteStepStream:
+    """A step stream held in the engine (``stream_id``); the same interface as the local one."""
+
+    def __init__(self, plane: RemotePlane, stream_id: int, session_id: str) -> None:
+        self.plane = plane
+        self.stream_id = stream_id
+        self.session_id = session_id
+        self.closed = False
+
+    async def step(
+        self, *, text: str = "", token_ids: Any = (), output: str = "last", top_k: int = 0
+    ) -> StepResult:
+        return step_result(
+            await self.plane.call(
+                ipc.STREAM_STEP, self.stream_id, text, list(token_ids), output, top_k
+            )
+        )
+
+    async def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            with contextlib.suppress(Unavailable):
+                await asyncio.shield(self.plane.call(ipc.STREAM_CLOSE, self.stream_id, reason))
+        finally:
+            self.plane.request_done()
+
+
+class Frontend:
+    """One front-end process: gRPC on the shared port over a :class:`RemotePlane`."""
+
+    def __init__(self, settings: Settings, address: str, engine_pid: int, index: int) -> None:
+        self.settings = settings
+        self.plane = RemotePlane(address, engine_pid)
+        self.servicer = LstmServeServicer(RequestStats())
+        self.servicer.plane = self.plane
+        self.servicer.frontend_id = str(index)
+        self.health = health.aio.HealthServicer()
+        self.engine_pid = engine_pid
+        self.engine_lost = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> int:
+        s = self.settings
+        self.plane.start()
+        server, port = grpc_server(s, self.servicer, self.health, reuse_port=True)
+        await set_health(self.health, NOT_SERVING)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        watch = loop.create_task(self._watch())
+        await self._wait_engine()
+        await set_health(self.health, SERVING)
+        print(f"FRONTEND READY {port}", flush=True)
+        stopping = loop.create_task(stop.wait())
+        lost = loop.create_task(self.engine_lost.wait())
+        await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        lost.cancel()
+        await set_health(self.health, NOT_SERVING)
+        await self.health.enter_graceful_shutdown()
+        self.plane.draining = True
+        if self.engine_lost.is_set():
+            log.error("the engine process is gone: exiting")
+            await asyncio.sleep(0.5)  # health checks in flight see NOT_SERVING
+            await server.stop(0)
+            code = 1
+        else:
+            clean = await self.plane.wait_idle(s.drain_grace_s)
+            await server.stop(0.5 if clean else 0)
+            code = 0
+        watch.cancel()
+        self.plane.heartbeat(self._take_stats())
+        await asyncio.sleep(0.05)  # let the last heartbeat leave
+        self.plane.close()
+        return code
+
+    def _take_stats(self) -> RequestStats:
+        stats, self.servicer.requests = self.servicer.requests, RequestStats()
+        return stats
+
+    async def _wait_engine(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.plane.call(ipc.PING), ipc.ENGINE_TIMEOUT_S)
+                return
+            except TimeoutError:
+                log.info("waiting for the engine")
+
+    def _engine_running(self) -> bool:
+        if self.engine_pid <= 0:
+            return True
+        try:
+            os.kill(self.engine_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # A dead child not yet reaped by the supervisor is a zombie: gone all the same.
+        try:
+            with open(f"/proc/{self.engine_pid}/stat", encoding="ascii") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    async def _watch(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(0.1)
+            if not self._engine_running():
+                self.plane.engine_died()
+                self.engine_lost.set()
+                return
+            n += 1
+            if n % int(ipc.HEARTBEAT_S / 0.1) == 0:
+                self.plane.heartbeat(self._take_stats())
+
+
+async def run(settings: Settings, address: str, engine_pid: int, index: int) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await Frontend(settings, address, engine_pid, index).run(stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m server.frontend")
+    p.add_argument("--settings-json", required=True)
+    p.add_argument("--address", required=True)
+    p.add_argument("--engine-pid", type=int, default=0)
+    p.add_argument("--index", type=int, default=0)
+    a = p.parse_args(argv)
+    settings = settings_from_json(a.settings_json)
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s %(name)s[frontend {a.index}]: %(message)s",
+    )
+    try:
+        sys.exit(asyncio.run(run(settings, a.address, a.engine_pid, a.index)))
+    except OSError as e:
+        print(f"FRONTEND FAILED {e}", flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

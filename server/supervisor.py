@@ -1,0 +1,240 @@
+"""``lstm-serve``'s parent process: starts the engine and the front ends and watches them.
+
+Topology (vLLM v1's split between API-server processes and an engine-core process)::
+
+    supervisor ── engine process (model, state pool, sessions, engine loop; /metrics)
+               ├─ front end 0 ─┐
+               ├─ front end 1 ─┼─ gRPC on one port (SO_REUSEPORT), ZeroMQ IPC to the engine
+               └─ ...         ─┘
+
+* The engine starts first (it loads the model); then front end 0 binds the port (0 picks a free
+  one) and the others bind the same port.
+* A front end that dies is started again on the same port; the engine ends the requests and
+  streams it had open once it stops hearing from it (:data:`server.ipc.FRONTEND_TIMEOUT_S`).
+* If the engine dies, everything stops and ``lstm-serve`` exits non-zero: the front ends see it
+  within 0.1 s, turn health NOT_SERVING, fail their open requests with UNAVAILABLE and exit.
+* SIGTERM/SIGINT drains through both layers: the front ends first (health NOT_SERVING, new
+  requests UNAVAILABLE, ``drain_grace_s`` for the open ones), then the engine; exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from .runtime import resolve_model
+from .settings import Settings
+
+log = logging.getLogger("lstm_serve")
+
+POLL_S = 0.1
+START_TIMEOUT_S = 120.0
+RESTART_BACKOFF_S = 0.5
+
+
+class StartError(RuntimeError):
+    """A process did not come up; the message is the reason it gave."""
+
+
+class _Child:
+    """One child process whose stdout carries a one-line ready report, then is forwarded."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, ready_prefix: str, failed_prefix: str) -> list[str]:
+        """Start it and wait for its ready line; the words after the prefix."""
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=False,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(ready_prefix):
+                _forward(self.proc.stdout)
+                return line[len(ready_prefix) :].split()
+            if line.startswith(failed_prefix):
+                self.proc.wait(10)
+                raise StartError(line[len(failed_prefix) :].strip())
+            print(line, flush=True)
+            if time.monotonic() > deadline:
+                break
+        self.kill()
+        raise StartError(f"{self.name} exited before it was ready (code {self.proc.poll()})")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def poll(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _forward(stream: IO[str]) -> None:
+    # Whatever a child prints after its ready line goes to our stdout (and its pipe never fills).
+    def pump() -> None:
+        for line in stream:
+            print(line, end="", flush=True)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+class Supervisor:
+    """Runs the topology for ``settings`` until a signal or the engine's death."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.validate()
+        self.rundir = Path(tempfile.mkdtemp(prefix="lstm-serve-"))
+        self.address = f"ipc://{self.rundir}/engine.sock"
+        self.engine: _Child | None = None
+        self.frontends: list[_Child] = []
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.describe = ""
+        self.restarts = 0
+        self._stop = threading.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _engine_argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "server.engine_host",
+            "--settings-json",
+            self.settings.to_json(),
+            "--address",
+            self.address,
+        ]
+
+    def _frontend_argv(self, index: int, port: int) -> list[str]:
+        fs = dataclasses.replace(self.settings, port=port, metrics_port=-1)
+        return [
+            sys.executable,
+            "-m",
+            "server.frontend",
+            "--settings-json",
+            fs.to_json(),
+            "--address",
+            self.address,
+            "--engine-pid",
+            str(self.engine.pid if self.engine else 0),
+            "--index",
+            str(index),
+        ]
+
+    def start(self) -> None:
+        """Engine, then the front ends; raises :class:`StartError` (everything stopped)."""
+        resolve_model(self.settings.model)  # a missing model is reported before anything starts
+        try:
+            self.engine = _Child("engine", self._engine_argv())
+            words = self.engine.start("ENGINE READY", "ENGINE FAILED")
+            metrics_port = int(words[0])
+            self.metrics_port = metrics_port if metrics_port >= 0 else None
+            self.describe = " ".join(words[1:])
+            n = self.settings.frontend_count()
+            self.port = self._start_frontend(0, self.settings.port)
+            for i in range(1, n):
+                self._start_frontend(i, self.port)
+        except BaseException:
+            self.stop_all(grace=0)
+            raise
+
+    def _start_frontend(self, index: int, port: int) -> int:
+        child = _Child(f"front end {index}", self._frontend_argv(index, port))
+        words = child.start("FRONTEND READY", "FRONTEND FAILED")
+        if index < len(self.frontends):
+            self.frontends[index] = child
+        else:
+            self.frontends.append(child)
+        return int(words[0])
+
+    def watch(self, on_event: Callable[[str], None] | None = None) -> int:
+        """Until a stop request (drain; 0) or the engine's death (stop; 1). Restarts front ends."""
+        assert self.engine is not None
+        while not self._stop.wait(POLL_S):
+            code = self.engine.poll()
+            if code is not None:
+                log.error("the engine process exited (code %s): stopping", code)
+                self.stop_all(grace=3.0)
+                return 1
+            for i, fe in enumerate(self.frontends):
+                if fe.poll() is not None and not self._stop.is_set():
+                    log.warning("front end %d exited (code %s): starting another", i, fe.poll())
+                    time.sleep(RESTART_BACKOFF_S)
+                    try:
+                        self._start_frontend(i, self.port)
+                        self.restarts += 1
+                        if on_event is not None:
+                            on_event(f"restarted front end {i}")
+                    except StartError as e:
+                        log.error("front end %d did not start again: %s", i, e)
+        self.stop_all(grace=self.settings.drain_grace_s)
+        return 0
+
+    def stop_all(self, grace: float) -> None:
+        """Front ends first (they drain), then the engine; kills what outlives its grace."""
+        for fe in self.frontends:
+            fe.signal(signal.SIGTERM)
+        for fe in self.frontends:
+            if fe.wait(grace + 2.0) is None:
+                fe.kill()
+        if self.engine is not None:
+            self.engine.signal(signal.SIGTERM)
+            if self.engine.wait(grace + 5.0) is None:
+                self.engine.kill()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def run(settings: Settings, announce: Callable[[Supervisor], None] | None = None) -> int:
+    """``lstm-serve``: start, announce, watch; the exit code."""
+    sup = Supervisor(settings)
+    previous = {
+        sig: signal.signal(sig, lambda *_: sup.request_stop())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        sup.start()
+        if announce is not None:
+            announce(sup)
+        code = sup.watch()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped (exit %d)", code)
+    return code
