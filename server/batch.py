@@ -115,12 +115,15 @@ class Batch:
     """One model call's input, assembled from slots: ``tokens[T, B]``, ``h``/``c`` ``[L, B, H]``.
 
     Row ``i`` belongs to ``slots[i]``; :meth:`write_back` is the inverse of :meth:`assemble`.
+    ``out``: preallocated ``(logits, hn, cn)`` the model writes into (a :class:`RunningBatch`'s
+    call); None to let the model allocate its outputs.
     """
 
     slots: np.ndarray
     tokens: np.ndarray
     h: np.ndarray
     c: np.ndarray
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def assemble(cls, pool: StatePool, slots: np.ndarray, tokens: np.ndarray) -> Batch:
@@ -141,3 +144,83 @@ class Batch:
             pool.scatter(self.slots, hn, cn)
         else:
             pool.scatter(self.slots[keep], hn[:, keep], cn[:, keep])
+
+
+class RunningBatch:
+    """The running generations' state, kept stacked between iterations.
+
+    While only generations run, each iteration's decode call reads ``h``/``c`` ``[L, n, H]``
+    and writes ``out_h``/``out_c`` and ``logits`` ``[1, n, V]`` in place (bound outputs), then
+    the two state buffers swap: no gather, no scatter, no allocation. Rows move only when
+    generations join or leave (:meth:`sync`). While a generation is a member, its state lives
+    here, not in the pool: :meth:`write_back` puts it back when it leaves, :meth:`flush` puts
+    every member back (before an iteration that mixes in other work).
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, vocab_size: int) -> None:
+        self.L, self.H, self.V = num_layers, hidden_size, vocab_size
+        self.members: list[object] = []
+        self.slots = np.zeros(0, np.intp)
+        self._alloc(0)
+
+    def _alloc(self, n: int) -> None:
+        shape = (self.L, n, self.H)
+        self.h = np.empty(shape, np.float32)
+        self.c = np.empty(shape, np.float32)
+        self.out_h = np.empty(shape, np.float32)
+        self.out_c = np.empty(shape, np.float32)
+        self.logits = np.empty((1, n, self.V), np.float32)
+        self.tokens = np.empty((1, n), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def sync(self, members: list[object], slots: list[int], pool: StatePool) -> None:
+        """Make ``members`` (with their pool ``slots``) the rows, in this order.
+
+        Rows of members that stay are copied from here; new members' rows from the pool. Rows
+        of members that left are dropped (written back already, or not wanted: cancelled).
+        """
+        if len(members) == len(self.members) and all(
+            a is b for a, b in zip(members, self.members, strict=True)
+        ):
+            return
+        where = {id(m): i for i, m in enumerate(self.members)}
+        old_h, old_c = self.h, self.c
+        self._alloc(len(members))
+        keep_new = [i for i, m in enumerate(members) if id(m) in where]
+        keep_old = [where[id(members[i])] for i in keep_new]
+        fresh = [i for i, m in enumerate(members) if id(m) not in where]
+        if keep_new:
+            self.h[:, keep_new] = old_h[:, keep_old]
+            self.c[:, keep_new] = old_c[:, keep_old]
+        if fresh:
+            from_pool = np.asarray([slots[i] for i in fresh], np.intp)
+            self.h[:, fresh] = pool.h[:, from_pool]
+            self.c[:, fresh] = pool.c[:, from_pool]
+        self.members = list(members)
+        self.slots = np.asarray(slots, np.intp)
+
+    def batch(self) -> Batch:
+        """This iteration's call: the caller fills ``tokens`` first."""
+        return Batch(self.slots, self.tokens, self.h, self.c, (self.logits, self.out_h, self.out_c))
+
+    def swap(self) -> None:
+        """After a call: its outputs become the state."""
+        self.h, self.out_h = self.out_h, self.h
+        self.c, self.out_c = self.out_c, self.c
+
+    def write_back(self, rows: list[int], pool: StatePool) -> None:
+        """Put ``rows``' state and last logits back into their pool slots."""
+        if not rows:
+            return
+        slots = self.slots[rows]
+        pool.scatter(slots, self.h[:, rows], self.c[:, rows])
+        pool.set_logits(slots, self.logits[0, rows])
+
+    def flush(self, keep: list[bool], pool: StatePool) -> None:
+        """Write back the rows marked in ``keep`` and empty the batch."""
+        self.write_back([i for i, k in enumerate(keep) if k], pool)
+        self.members = []
+        self.slots = np.zeros(0, np.intp)
+        self._alloc(0)

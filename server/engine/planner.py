@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..batch import Batch, SlotSnapshot, StatePool
+from ..batch import Batch, RunningBatch, SlotSnapshot, StatePool
 from ..metrics import SchedulerStats
 from ..sampling import sample
 from .work import Generation, StepWork
@@ -61,6 +61,7 @@ class Plan:
     prefill: Batch | None
     prefill_work: list[StepWork]
     prefill_len: int
+    running: bool = False  # the decode call is the running batch's (state stays stacked)
 
     def batches(self) -> list[Batch]:
         return [b for b in (self.decode, self.prefill) if b is not None]
@@ -105,6 +106,7 @@ class Planner:
         self._decode: deque[StepWork] = deque()
         self._prefill: list[StepWork] = []
         self._gens: list[Generation] = []
+        self._running = RunningBatch(pool.num_layers, pool.hidden_size, pool.vocab_size)
         self._phase = 0
         self.last_rows = 0  # rows of the last decode call
 
@@ -168,7 +170,12 @@ class Planner:
     # --- one iteration ---------------------------------------------------------------------------
 
     def schedule(self) -> Plan | None:
-        """Take the work for one iteration and gather its state; None when there is none."""
+        """Take the work for one iteration and gather its state; None when there is none.
+
+        When the decode call holds nothing but every running generation, it is the running
+        batch's call (state stays stacked between iterations, see :class:`RunningBatch`);
+        otherwise the running batch is written back to the pool first and rows are gathered.
+        """
         now = time.perf_counter()
         self._gens = [g for g in self._gens if g.finish is None and not g.cancelled]
         budget = self.max_batch_size
@@ -179,12 +186,21 @@ class Planner:
                 steps.append(w)
         room = budget - len(steps)
         gens = self._gens[:room]
+        running = not steps and len(gens) == len(self._gens) and bool(gens)
         if len(self._gens) > room:
             # Round robin: the ones left out go first next time.
             self._gens = self._gens[room:] + gens
         waits = [now - w.enqueued for w in steps if w.enqueued > 0]
         decode = None
-        if steps or gens:
+        rb = self._running
+        if running:
+            rb.sync(gens, [g.slot for g in gens], self.pool)  # type: ignore[arg-type]
+            rb.tokens[0] = [g.next_token for g in gens]
+            decode = rb.batch()
+        elif len(rb):
+            # Members still live (not cancelled, not finished) go back to the pool.
+            rb.flush([not (g.cancelled or g.finish) for g in rb.members], self.pool)  # type: ignore[attr-defined]
+        if decode is None and (steps or gens):
             n = len(steps) + len(gens)
             slots = np.fromiter([w.slot for w in steps] + [g.slot for g in gens], np.intp, n)
             tokens = np.fromiter(
@@ -217,7 +233,7 @@ class Planner:
         self.stats.queue_depth = self.queued
         if decode is None and prefill is None:
             return None
-        return Plan(decode, steps, gens, prefill, group, chunk)
+        return Plan(decode, steps, gens, prefill, group, chunk, running)
 
     def update(self, plan: Plan, outputs: Outputs) -> Delivery:
         """Apply a plan's model outputs: state and next-token logits to the pool, results to the
@@ -267,7 +283,11 @@ class Planner:
         assert plan.decode is not None
         steps, gens = plan.steps, plan.gens
         ns = len(steps)
-        if any(w.cancelled for w in steps) or any(g.cancelled for g in gens):
+        if plan.running:
+            # The outputs were written into the running batch: they become its state. Its
+            # members' state reaches the pool when they leave (below) or at a flush.
+            self._running.swap()
+        elif any(w.cancelled for w in steps) or any(g.cancelled for g in gens):
             keep = np.asarray([not w.cancelled for w in steps] + [not g.cancelled for g in gens])
             plan.decode.write_back(self.pool, hn, cn, keep)
             self.pool.set_logits(plan.decode.slots[keep], logits[keep])
@@ -289,6 +309,7 @@ class Planner:
             return
         to_sample: list[Generation] = []
         rows: list[int] = []
+        finished: list[int] = []
         for i, g in enumerate(gens, start=ns):
             if g.cancelled:
                 continue
@@ -296,9 +317,13 @@ class Planner:
             if g.done_after_feed:
                 g.finish = "stop" if g.stop.cut >= 0 else "length"
                 d.wake.append(g)
+                finished.append(i)
             else:
                 to_sample.append(g)
                 rows.append(i)
+        if plan.running:
+            # Before the wake-up: the session's next request must find its state in the pool.
+            self._running.write_back(finished, self.pool)
         if to_sample:
             tokens = self._sample(to_sample, logits[rows])
             chunk = min(MAX_STREAM_CHUNK, max(self.stream_chunk_tokens, len(gens)))

@@ -121,11 +121,18 @@ def gen(slot: int, max_tokens: int = 50, stops=()) -> Generation:
     )
 
 
+def call(model: FakeModel, b):
+    """One batch's outputs, the way the engine gets them (into ``b.out`` when it has one)."""
+    logits, hn, cn = model.run(b.tokens, b.h, b.c)
+    if b.out is None:
+        return logits, hn, cn, 0.0
+    for dst, src in zip(b.out, (logits, hn, cn), strict=True):
+        dst[...] = src
+    return (*b.out, 0.0)
+
+
 def run(planner: Planner, model: FakeModel, plan: Plan):
-    outputs = []
-    for b in plan.batches():
-        outputs.append((*model.run(b.tokens, b.h, b.c), 0.0))
-    return planner.update(plan, outputs)
+    return planner.update(plan, [call(model, b) for b in plan.batches()])
 
 
 def drive(planner: Planner, model: FakeModel, limit: int = 100) -> list[Plan]:
@@ -268,7 +275,7 @@ def test_cancellation_while_the_model_call_is_out_leaves_the_restored_state(loop
     planner.add_step(wb)
     plan = planner.schedule()
     assert plan is not None and {w.slot for w in plan.steps} == {a, b}
-    outputs = [(*model.run(x.tokens, x.h, x.c), 0.0) for x in plan.batches()]
+    outputs = [call(model, x) for x in plan.batches()]
     # The client gives up while the call runs: cancel, and put the state back.
     planner.abandon(wa, a, snap)
     planner.abandon(g)
@@ -396,3 +403,52 @@ def test_drain_holds_back_as_many_characters_as_a_stop_string_could_need(loop):
     g.finish = "length"
     d = g.drain()
     assert d is not None and d.text == " d" and d.finish == "length" and d.generated == 5
+
+
+def test_running_batch_keeps_state_stacked_and_the_pool_right_through_joins_and_leaves(loop):
+    model = FakeModel(script=[1, 2, 3, 4, 5, 2, 3])
+    planner, pool = make(max_batch_size=16)
+    ref = Reference(model)
+    lengths = [3, 9, 5, 12]
+    slots = [pool.alloc() for _ in lengths]
+    for slot in slots:
+        planner.add_step(step(loop, slot, [2, 1]))
+        ref.feed(slot, [2, 1])
+    drive(planner, model)
+    gens = []
+    for slot, n in zip(slots, lengths, strict=True):
+        g = gen(slot, max_tokens=n)
+        planner.start_generation(g, pool.logits[slot].copy())
+        gens.append(g)
+    victim, snap = gens[3], pool.snapshot(gens[3].slot)
+    other = pool.alloc()
+    buffers = []
+    for it in range(30):
+        if it == 4:  # a client step on another session: the iteration mixes work
+            planner.add_step(step(loop, other, [4]))
+        if it == 6:  # a client gives up: its session goes back to the snapshot; in the same
+            # iteration another step makes the running batch go back to the pool
+            planner.abandon(victim, victim.slot, snap)
+            planner.add_step(step(loop, other, [5]))
+        plan = planner.schedule()
+        if plan is None:
+            break
+        if plan.running:
+            buffers.append((len(plan.gens), id(plan.decode.h)))
+        run(planner, model, plan)
+    # Without a join or leave, the call reads the buffer two iterations back (ping-pong).
+    steady = [(a, b) for a, b in zip(buffers, buffers[2:], strict=False) if a[0] == b[0]]
+    assert steady and all(a[1] == b[1] for a, b in steady)
+    assert sum(1 for b in buffers if b[0] == 4) >= 3
+    for g, n in zip(gens[:3], lengths[:3], strict=True):
+        assert g.finish == "length" and len(g.tokens) == n
+        first = ref.logits[g.slot]
+        want = [int(np.argmax(first))]
+        for _ in range(n - 1):
+            want.append(int(np.argmax(ref.feed(g.slot, [want[-1]])[-1])))
+        ref.feed(g.slot, [want[-1]])
+        assert g.tokens == want
+        ref.check(pool, g.slot)  # written back from the running batch when it left
+    np.testing.assert_array_equal(pool.h[:, victim.slot], snap.h)  # never overwritten
+    ref.feed(other, [4, 5])
+    ref.check(pool, other)

@@ -115,3 +115,29 @@ def test_contract_violations_and_garbage_are_model_load_errors(tmp_path: Path):
     onnx.save(m, str(nometa))
     with pytest.raises(ModelLoadError, match="lstm_serve"):
         ModelRuntime(str(nometa), provider="cpu")
+
+
+@pytest.mark.parametrize(("L", "H", "B"), [(1, 8, 1), (2, 16, 5), (3, 8, 64)])
+def test_run_into_writes_the_outputs_in_place_and_rereads_inputs_each_call(
+    tmp_path: Path, L: int, H: int, B: int
+):
+    path = tmp_path / "m.onnx"
+    onnx.save(random_model(hidden_size=H, num_layers=L, seed=B), str(path))
+    rt = ModelRuntime(str(path), provider="cpu")
+    V = rt.spec.vocab_size
+    rng = np.random.default_rng()
+    tokens = np.empty((1, B), np.int64)
+    bufs = [np.empty((L, B, H), np.float32) for _ in range(4)]
+    logits = np.empty((1, B, V), np.float32)
+    h, c, hn, cn = bufs
+    h[...] = rng.standard_normal(h.shape)
+    c[...] = rng.standard_normal(c.shape)
+    for step in range(5):  # ping-pong like the running batch: outputs become the next inputs
+        tokens[...] = rng.integers(0, V, (1, B))
+        want = rt.run(tokens.copy(), h.copy(), c.copy())
+        rt.run_into(tokens, h, c, logits, hn, cn)
+        for got, exp in zip((logits, hn, cn), want, strict=True):
+            np.testing.assert_allclose(got, exp, atol=1e-6, err_msg=f"step {step}")
+        h, hn = hn, h
+        c, cn = cn, c
+    assert len(rt._bindings) == 2  # one binding per buffer set, built once
