@@ -1,9 +1,11 @@
 """The engine process: the model, the state pool, the sessions and the engine loop, served to
-the front ends over ZeroMQ (:mod:`server.ipc`).
+the front ends over a Unix domain socket (:mod:`server.ipc`).
 
 The model loop never waits for gRPC: no gRPC runs in this process. Its event loop does the
-ZeroMQ I/O and the data plane's bookkeeping; the engine thread runs the iterations. Any front
-end may serve any session, since sessions live here.
+socket I/O and the data plane's bookkeeping; the engine thread runs the iterations. Any front
+end may serve any session, since sessions live here. A front end whose connection ends (it
+exited or was killed) has its requests cancelled and its streams ended at once, which puts
+their sessions back as they were.
 
 Started by the supervisor (:mod:`server.supervisor`) as ``python -m server.engine_host``;
 it prints one line ``ENGINE READY`` on stdout once the model is loaded and the socket is bound,
@@ -21,12 +23,8 @@ import itertools
 import logging
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-import zmq
-import zmq.asyncio
 
 from . import ipc
 from .app import Core, build_core
@@ -45,29 +43,23 @@ def step_payload(r: StepResult) -> list[Any]:
 
 
 class _Frontend:
-    """What the engine knows of one front end: its open requests and streams."""
+    """What the engine knows of one front end: its connection, open requests and streams."""
 
-    def __init__(self, ident: bytes) -> None:
-        self.ident = ident
-        self.last_seen = time.monotonic()
+    def __init__(self) -> None:
+        self.conn: ipc.Connection | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.streams: dict[int, StepStream] = {}
 
 
 class EngineHost:
-    """Serves a :class:`Core` on a ROUTER socket at ``address``."""
+    """Serves a :class:`Core` on a Unix socket at ``path``."""
 
-    def __init__(self, core: Core, address: str) -> None:
+    def __init__(self, core: Core, path: str) -> None:
         self.core = core
         self.plane = core.plane
-        self.address = address
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        # A reply to a front end that has gone away is dropped, not queued forever.
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.sock.bind(address)
-        self.frontends: dict[bytes, _Frontend] = {}
+        self.path = path
+        self.frontends: set[_Frontend] = set()
+        self._server: asyncio.AbstractServer | None = None
         self._stream_ids = itertools.count(1)
         self._handlers: dict[str, Callable[[_Frontend, int, list[Any]], Awaitable[Any]]] = {
             ipc.CREATE: self._create,
@@ -82,69 +74,60 @@ class EngineHost:
             ipc.PING: self._ping,
         }
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Answer front ends until ``stop`` is set."""
-        loop = asyncio.get_running_loop()
-        watchdog = loop.create_task(self._watch_frontends())
-        reader = loop.create_task(self._read())
-        try:
-            await stop.wait()
-        finally:
-            reader.cancel()
-            watchdog.cancel()
-            for fe in list(self.frontends.values()):
-                await self._forget(fe, "closed")
+    def _connection(self) -> ipc.Connection:
+        fe = _Frontend()
+        conn = ipc.Connection(
+            functools.partial(self._dispatch, fe), functools.partial(self._lost, fe)
+        )
+        fe.conn = conn
+        self.frontends.add(fe)
+        return conn
 
-    async def _read(self) -> None:
-        while True:
-            ident, data = await self.sock.recv_multipart()
-            try:
-                self._dispatch(ident, ipc.unpack(data))
-            except Exception:  # a malformed message must not stop the engine for everyone
-                log.exception("bad message from a front end")
+    async def start(self) -> None:
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            self._connection, self.path
+        )
 
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for fe in list(self.frontends):
+            await self._forget(fe, "closed")
+            if fe.conn is not None:
+                fe.conn.close()
 
     # --- dispatch ------------------------------------------------------------------------------
 
-    def _frontend(self, ident: bytes) -> _Frontend:
-        fe = self.frontends.get(ident)
-        if fe is None:
-            fe = self.frontends[ident] = _Frontend(ident)
-        fe.last_seen = time.monotonic()
-        return fe
-
-    def _dispatch(self, ident: bytes, msg: list[Any]) -> None:
-        fe = self._frontend(ident)
-        rid, op = msg[0], msg[1]
-        if op == ipc.HEARTBEAT:
-            self.core.requests.merge(RequestStats.from_wire(msg[2]))
-            return
-        if op == ipc.CANCEL:
-            task = fe.tasks.get(rid)
-            if task is not None:
-                task.cancel()
-            return
-        if op == ipc.GENERATE:
-            coro: Awaitable[None] = self._generate(fe, rid, msg[2:])
-        else:
-            handler = self._handlers.get(op)
-            if handler is None:
-                self._send(fe, rid, ipc.ERROR, ["InvalidArgument", f"unknown op {op!r}"])
+    def _dispatch(self, fe: _Frontend, msg: list[Any]) -> None:
+        try:
+            rid, op = msg[0], msg[1]
+            if op == ipc.HEARTBEAT:
+                self.core.requests.merge(RequestStats.from_wire(msg[2]))
                 return
-            coro = self._unary(fe, rid, handler, msg[2:])
+            if op == ipc.CANCEL:
+                task = fe.tasks.get(rid)
+                if task is not None:
+                    task.cancel()
+                return
+            if op == ipc.GENERATE:
+                coro: Awaitable[None] = self._generate(fe, rid, msg[2:])
+            else:
+                handler = self._handlers.get(op)
+                if handler is None:
+                    self._send(fe, rid, ipc.ERROR, ["InvalidArgument", f"unknown op {op!r}"])
+                    return
+                coro = self._unary(fe, rid, handler, msg[2:])
+        except Exception:  # a malformed message must not stop the engine for everyone
+            log.exception("bad message from a front end")
+            return
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         fe.tasks[rid] = task
         task.add_done_callback(functools.partial(_forget_task, fe.tasks, rid))
 
-    def _send(self, fe: _Frontend, rid: int, kind: int, payload: Any) -> None:
-        # Fire and forget: a full or vanished peer must not stall the engine's loop.
-        with contextlib.suppress(zmq.ZMQError):
-            self.sock.send_multipart(
-                [fe.ident, ipc.pack([rid, kind, payload])], flags=zmq.NOBLOCK, copy=False
-            )
+    @staticmethod
+    def _send(fe: _Frontend, rid: int, kind: int, payload: Any) -> None:
+        if fe.conn is not None:
+            fe.conn.send([rid, kind, payload])
 
     async def _unary(
         self,
@@ -271,19 +254,19 @@ class EngineHost:
 
     # --- front ends that go away -------------------------------------------------------------
 
-    async def _watch_frontends(self) -> None:
-        while True:
-            await asyncio.sleep(ipc.HEARTBEAT_S)
-            now = time.monotonic()
-            for fe in list(self.frontends.values()):
-                if now - fe.last_seen > ipc.FRONTEND_TIMEOUT_S:
-                    log.warning(
-                        "front end silent for %.1f s: ending its requests", now - fe.last_seen
-                    )
-                    await self._forget(fe, "disconnected")
+    def _lost(self, fe: _Frontend) -> None:
+        asyncio.get_running_loop().create_task(self._forget(fe, "disconnected"))
 
     async def _forget(self, fe: _Frontend, reason: str) -> None:
-        self.frontends.pop(fe.ident, None)
+        if fe not in self.frontends:
+            return
+        self.frontends.discard(fe)
+        if fe.tasks or fe.streams:
+            log.warning(
+                "a front end went away: cancelling %d request(s), ending %d stream(s)",
+                len(fe.tasks),
+                len(fe.streams),
+            )
         for task in list(fe.tasks.values()):
             task.cancel()
         for stream in list(fe.streams.values()):
@@ -295,23 +278,26 @@ def _forget_task(tasks: dict[int, asyncio.Task[None]], rid: int, _task: object) 
     tasks.pop(rid, None)
 
 
-async def run(settings: Settings, address: str) -> int:
+async def run(settings: Settings, path: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     core = await build_core(settings)
-    host = EngineHost(core, address)
+    host = EngineHost(core, path)
+    await host.start()
     core.start_metrics()
     metrics_port = core.metrics_port if core.metrics_port is not None else -1
     print(f"ENGINE READY {metrics_port} {core.runtime.describe()}", flush=True)
     log.info("engine: %s", core.runtime.describe())
     try:
-        await host.serve(stop)
+        await stop.wait()
     finally:
+        # The front ends have drained already (the supervisor stops them first); whatever is
+        # still open gets the grace period.
         core.plane.draining = True
         await core.plane.wait_idle(settings.drain_grace_s)
-        host.close()
+        await host.stop()
         await core.stop()
     return 0
 
@@ -319,7 +305,7 @@ async def run(settings: Settings, address: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m server.engine_host")
     p.add_argument("--settings-json", required=True)
-    p.add_argument("--address", required=True)
+    p.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
     a = p.parse_args(argv)
     settings = settings_from_json(a.settings_json)
     logging.basicConfig(
@@ -327,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
     )
     try:
-        sys.exit(asyncio.run(run(settings, a.address)))
+        sys.exit(asyncio.run(run(settings, a.socket)))
     except Exception as e:  # a load failure: one line for the supervisor to repeat
         print(f"ENGINE FAILED {type(e).__name__}: {e}", flush=True)
         sys.exit(1)

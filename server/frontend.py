@@ -1,12 +1,13 @@
 """A front-end process: the gRPC service over a data plane that lives in the engine process.
 
 :class:`RemotePlane` has the interface the servicer uses (:class:`server.dataplane.Plane`) and
-forwards every call to the engine over ZeroMQ (:mod:`server.ipc`); a cancelled call (client
-gone, deadline) sends ``CANCEL``, which makes the engine abandon the request and put the session
-back as it was. Several front ends share one port (SO_REUSEPORT) and one engine.
+forwards every call to the engine over its Unix socket (:mod:`server.ipc`); a cancelled call
+(client gone, deadline) sends ``CANCEL``, which makes the engine abandon the request and put the
+session back as it was. Several front ends share one port (SO_REUSEPORT) and one engine.
 
-If the engine process goes away, the front end turns health NOT_SERVING, fails every open
-request with UNAVAILABLE and exits non-zero: never a half-alive server.
+If the engine process goes away (its connection ends, or its pid is gone), the front end turns
+health NOT_SERVING, fails every open request with UNAVAILABLE and exits non-zero: never a
+half-alive server.
 
 Started by the supervisor as ``python -m server.frontend``; prints ``FRONTEND READY PORT`` once
 it serves.
@@ -26,8 +27,6 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
-import zmq
-import zmq.asyncio
 from grpc_health.v1 import health
 
 from . import ipc
@@ -59,54 +58,55 @@ def step_result(payload: list[Any]) -> StepResult:
 
 
 class RemotePlane:
-    """The data plane's interface, served by the engine process at ``address``."""
+    """The data plane's interface, served by the engine process on the Unix socket ``path``."""
 
-    def __init__(self, address: str, engine_pid: int = 0) -> None:
-        self.address = address
+    def __init__(self, path: str, engine_pid: int = 0) -> None:
+        self.path = path
         self.engine_pid = engine_pid
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        self.conn: ipc.Connection | None = None
         self._rids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any] | asyncio.Queue[tuple[int, Any]]] = {}
         self.draining = False
         self.in_flight = 0
         self.engine_alive = True
+        self.lost = asyncio.Event()  # set when the engine is gone
         self._idle = asyncio.Event()
         self._idle.set()
         self._model_info: ModelInfo | None = None
-        self._reader: asyncio.Task[None] | None = None
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+    async def connect(self) -> None:
+        """Connect to the engine's socket. Raises :class:`OSError` when nothing listens."""
+        _, conn = await asyncio.get_running_loop().create_unix_connection(
+            lambda: ipc.Connection(self._on_message, self.engine_died), self.path
+        )
+        self.conn = conn
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        self.sock.close(0)
-        self.ctx.term()
+        if self.conn is not None:
+            self.conn.on_lost = None
+            self.conn.close()
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
-            rid, kind, payload = ipc.unpack(frames[0])
-            waiter = self._waiting.get(rid)
-            if waiter is None:
-                continue  # cancelled meanwhile
-            if isinstance(waiter, asyncio.Queue):
-                waiter.put_nowait((kind, payload))
-            elif not waiter.done():
-                if kind == ipc.ERROR:
-                    waiter.set_exception(ipc.error_from(payload))
-                else:
-                    waiter.set_result(payload)
+    def _on_message(self, msg: list[Any]) -> None:
+        rid, kind, payload = msg
+        waiter = self._waiting.get(rid)
+        if waiter is None:
+            return  # cancelled meanwhile
+        if isinstance(waiter, asyncio.Queue):
+            waiter.put_nowait((kind, payload))
+        elif not waiter.done():
+            if kind == ipc.ERROR:
+                waiter.set_exception(ipc.error_from(payload))
+            else:
+                waiter.set_result(payload)
 
     def engine_died(self) -> None:
         """Fail everything waiting for the engine; later calls fail at once."""
+        if not self.engine_alive:
+            return
         self.engine_alive = False
+        self.lost.set()
         for waiter in list(self._waiting.values()):
             if isinstance(waiter, asyncio.Queue):
                 waiter.put_nowait((ipc.ERROR, ["Unavailable", ENGINE_GONE]))
@@ -115,14 +115,9 @@ class RemotePlane:
         self._waiting.clear()
 
     def _send(self, msg: list[Any]) -> None:
-        if not self.engine_alive:
+        if not self.engine_alive or self.conn is None:
             raise Unavailable(ENGINE_GONE)
-        # The DEALER queues while the engine reads; NOBLOCK only fails if the queue (1000
-        # messages) is full, which is back-pressure the client should see.
-        try:
-            self.sock.send(ipc.pack(msg), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise Unavailable("the engine is overloaded; retry shortly") from None
+        self.conn.send(msg)
 
     async def call(self, op: str, *args: Any) -> Any:
         """One request to the engine and its only reply; cancelling it cancels it there too."""
@@ -299,19 +294,18 @@ class RemoteStepStream:
 class Frontend:
     """One front-end process: gRPC on the shared port over a :class:`RemotePlane`."""
 
-    def __init__(self, settings: Settings, address: str, engine_pid: int, index: int) -> None:
+    def __init__(self, settings: Settings, path: str, engine_pid: int, index: int) -> None:
         self.settings = settings
-        self.plane = RemotePlane(address, engine_pid)
+        self.plane = RemotePlane(path, engine_pid)
         self.servicer = LstmServeServicer(RequestStats())
         self.servicer.plane = self.plane
         self.servicer.frontend_id = str(index)
         self.health = health.aio.HealthServicer()
         self.engine_pid = engine_pid
-        self.engine_lost = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> int:
         s = self.settings
-        self.plane.start()
+        await self.plane.connect()
         server, port = grpc_server(s, self.servicer, self.health, reuse_port=True)
         await set_health(self.health, NOT_SERVING)
         await server.start()
@@ -321,14 +315,14 @@ class Frontend:
         await set_health(self.health, SERVING)
         print(f"FRONTEND READY {port}", flush=True)
         stopping = loop.create_task(stop.wait())
-        lost = loop.create_task(self.engine_lost.wait())
+        lost = loop.create_task(self.plane.lost.wait())
         await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         lost.cancel()
         await set_health(self.health, NOT_SERVING)
         await self.health.enter_graceful_shutdown()
         self.plane.draining = True
-        if self.engine_lost.is_set():
+        if self.plane.lost.is_set():
             log.error("the engine process is gone: exiting")
             await asyncio.sleep(0.5)  # health checks in flight see NOT_SERVING
             await server.stop(0)
@@ -377,25 +371,24 @@ class Frontend:
             await asyncio.sleep(0.1)
             if not self._engine_running():
                 self.plane.engine_died()
-                self.engine_lost.set()
                 return
             n += 1
             if n % int(ipc.HEARTBEAT_S / 0.1) == 0:
                 self.plane.heartbeat(self._take_stats())
 
 
-async def run(settings: Settings, address: str, engine_pid: int, index: int) -> int:
+async def run(settings: Settings, path: str, engine_pid: int, index: int) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await Frontend(settings, address, engine_pid, index).run(stop)
+    return await Frontend(settings, path, engine_pid, index).run(stop)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m server.frontend")
     p.add_argument("--settings-json", required=True)
-    p.add_argument("--address", required=True)
+    p.add_argument("--socket", required=True, help="path of the engine's Unix socket")
     p.add_argument("--engine-pid", type=int, default=0)
     p.add_argument("--index", type=int, default=0)
     a = p.parse_args(argv)
@@ -405,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s %(levelname)s %(name)s[frontend {a.index}]: %(message)s",
     )
     try:
-        sys.exit(asyncio.run(run(settings, a.address, a.engine_pid, a.index)))
+        sys.exit(asyncio.run(run(settings, a.socket, a.engine_pid, a.index)))
     except OSError as e:
         print(f"FRONTEND FAILED {e}", flush=True)
         sys.exit(1)

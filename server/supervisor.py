@@ -4,13 +4,13 @@ Topology (vLLM v1's split between API-server processes and an engine-core proces
 
     supervisor ── engine process (model, state pool, sessions, engine loop; /metrics)
                ├─ front end 0 ─┐
-               ├─ front end 1 ─┼─ gRPC on one port (SO_REUSEPORT), ZeroMQ IPC to the engine
+               ├─ front end 1 ─┼─ gRPC on one port (SO_REUSEPORT), a Unix socket to the engine
                └─ ...         ─┘
 
 * The engine starts first (it loads the model); then front end 0 binds the port (0 picks a free
   one) and the others bind the same port.
 * A front end that dies is started again on the same port; the engine ends the requests and
-  streams it had open once it stops hearing from it (:data:`server.ipc.FRONTEND_TIMEOUT_S`).
+  streams it had open as soon as its connection closes.
 * If the engine dies, everything stops and ``lstm-serve`` exits non-zero: the front ends see it
   within 0.1 s, turn health NOT_SERVING, fail their open requests with UNAVAILABLE and exit.
 * SIGTERM/SIGINT drains through both layers: the front ends first (health NOT_SERVING, new
@@ -119,7 +119,7 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.validate()
         self.rundir = Path(tempfile.mkdtemp(prefix="lstm-serve-"))
-        self.address = f"ipc://{self.rundir}/engine.sock"
+        self.socket = str(self.rundir / "engine.sock")
         self.engine: _Child | None = None
         self.frontends: list[_Child] = []
         self.port = 0
@@ -138,8 +138,8 @@ class Supervisor:
             "server.engine_host",
             "--settings-json",
             self.settings.to_json(),
-            "--address",
-            self.address,
+            "--socket",
+            self.socket,
         ]
 
     def _frontend_argv(self, index: int, port: int) -> list[str]:
@@ -150,8 +150,8 @@ class Supervisor:
             "server.frontend",
             "--settings-json",
             fs.to_json(),
-            "--address",
-            self.address,
+            "--socket",
+            self.socket,
             "--engine-pid",
             str(self.engine.pid if self.engine else 0),
             "--index",
