@@ -45,7 +45,9 @@ def ort_session(path: str, threads: int, provider: str = "cpu") -> Any:
     return sess
 
 
-def _time_loop(step: Any, min_seconds: float, min_calls: int, warmup: int) -> np.ndarray:
+def time_loop(step: Any, min_seconds: float, min_calls: int, warmup: int) -> np.ndarray:
+    """Nanoseconds per ``step()``: ``warmup`` untimed calls, then at least ``min_calls`` and
+    ``min_seconds``."""
     for _ in range(warmup):
         step()
     samples: list[int] = []
@@ -78,25 +80,10 @@ def ort_decode(
 ) -> dict[str, Any]:
     """Section 1: ``tokens/s`` and per-call latency of T=1 decode steps at each batch size."""
     sess = ort_session(path or model.path, threads, provider)
-    L, H, V = model.num_layers, model.hidden_size, model.vocab_size
-    rng = np.random.default_rng()
     rows = []
     for B in batches:
-        tokens = rng.integers(0, V, size=(1, B), dtype=np.int64)
-        if iobinding:
-            step, _ = bound_stepper(sess, tokens, L, H, "cuda" if provider == "cuda" else "cpu")
-        else:
-            state = {
-                "h0": np.zeros((L, B, H), np.float32),
-                "c0": np.zeros((L, B, H), np.float32),
-            }
-            feeds = {"tokens": tokens, **state}
-
-            def step(feeds: dict[str, np.ndarray] = feeds) -> None:
-                _, hn, cn = sess.run(None, feeds)
-                feeds["h0"], feeds["c0"] = hn, cn
-
-        rows.append(_row(B, _time_loop(step, seconds, 20, 10)))
+        step = decode_stepper(sess, model, B, provider=provider, iobinding=iobinding)
+        rows.append(_row(B, time_loop(step, seconds, 20, 10)))
     return {
         "provider": sess.get_providers()[0],
         "iobinding": iobinding,
@@ -104,6 +91,28 @@ def ort_decode(
         "inter_op_threads": 1,
         "rows": rows,
     }
+
+
+def decode_stepper(
+    sess: Any, model: ModelUnderTest, batch: int, *, provider: str = "cpu", iobinding: bool = False
+) -> Callable[[], None]:
+    """One T=1 decode call at ``batch`` rows (random token ids), each call's ``hn, cn`` fed back
+    as the next call's state: section 1's loop body, also the baseline of section 9."""
+    L, H, V = model.num_layers, model.hidden_size, model.vocab_size
+    tokens = np.random.default_rng().integers(0, V, size=(1, batch), dtype=np.int64)
+    if iobinding:
+        step, _ = bound_stepper(sess, tokens, L, H, "cuda" if provider == "cuda" else "cpu")
+        return step
+    feeds = {
+        "tokens": tokens,
+        "h0": np.zeros((L, batch, H), np.float32),
+        "c0": np.zeros((L, batch, H), np.float32),
+    }
+
+    def plain_step() -> None:
+        _, feeds["h0"], feeds["c0"] = sess.run(None, feeds)
+
+    return plain_step
 
 
 def bound_stepper(
@@ -181,7 +190,7 @@ def torch_decode(
                 def step(tokens: torch.Tensor = tokens, state: list[Any] = state) -> None:
                     _, state[0] = net(tokens, state[0])
 
-                rows.append(_row(B, _time_loop(step, seconds, 20, 10)))
+                rows.append(_row(B, time_loop(step, seconds, 20, 10)))
         return rows
 
     rows = sweep()
@@ -249,10 +258,10 @@ def paired_b1(model: ModelUnderTest, threads: int, seconds: float, rounds: int) 
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(rounds):
-            o = tps(_time_loop(ort_step, seconds, 20, 10))
-            t = tps(_time_loop(torch_step, seconds, 20, 10))
+            o = tps(time_loop(ort_step, seconds, 20, 10))
+            t = tps(time_loop(torch_step, seconds, 20, 10))
             with torch.backends.mkldnn.flags(enabled=False):
-                n = tps(_time_loop(torch_step, seconds, 20, 10))
+                n = tps(time_loop(torch_step, seconds, 20, 10))
             per_round.append({"ort": o, "torch": t, "torch_onednn_off": n})
     return {
         "rounds": per_round,

@@ -60,6 +60,29 @@ def stream_cells(r: dict[str, Any]) -> list[Any]:
     ]
 
 
+ENGINE_HEAD = [
+    "B",
+    "µs/iteration",
+    "engine thread µs",
+    "loop thread µs",
+    "model call µs",
+    "ratio",
+    "messages/iteration",
+]
+
+
+def engine_cells(r: dict[str, Any]) -> list[Any]:
+    return [
+        r["batch"],
+        r["us_per_iteration"],
+        r["engine_thread_us"],
+        r["loop_thread_us"],
+        r["model_call_us"],
+        r["ratio"],
+        r["messages_per_iteration"],
+    ]
+
+
 # --- parts: what the report says, in order -----------------------------------------------------
 
 
@@ -67,6 +90,7 @@ def stream_cells(r: dict[str, Any]) -> list[Any]:
 class Table:
     head: list[str]
     rows: list[list[Any]]
+    digits: int = 2  # decimals of numbers under 1000
 
 
 @dataclass(frozen=True)
@@ -192,6 +216,39 @@ def parts(result: dict[str, Any]) -> list[Part]:
                 Table(head, rows),
             )
         )
+    eo = s.get("engine_overhead", {})
+    if "rows" in eo:
+        rows = [engine_cells(r) for r in eo["rows"]]
+        out.append(
+            Part(
+                "9. Engine overhead",
+                f" (µs per iteration without the model, fake model; median of "
+                f"{len(eo['rounds'])} round(s) of {eo['window_s']:g} s)",
+                Table(ENGINE_HEAD, rows, digits=3),
+            )
+        )
+    fe = s.get("frontends", {})
+    if "generate" in fe:
+        gen = [[r["round"], r["frontends"], *generate_cells(r)] for r in fe["generate"]]
+        st = [[r["round"], r["frontends"], *stream_cells(r)] for r in fe["stream"]]
+        out.append(
+            Part(
+                "10. Front ends: Generate",
+                f" ({' vs '.join(str(n) for n in fe['frontends'])} front-end processes; "
+                "ms; client/server in cores)",
+                Table(["round", "frontends", *GENERATE_HEAD], gen),
+            )
+        )
+        out.append(
+            Part("10. Front ends: StepStream", body=Table(["round", "frontends", *STREAM_HEAD], st))
+        )
+        out.append(
+            Part(
+                body=f"{fe['frontends'][1]} front ends / {fe['frontends'][0]} (median of "
+                f"{fe['rounds']} round(s)): Generate 64 {_f(fe['generate_ratio'], 3)}, "
+                f"StepStream 16 {_f(fe['stream_ratio'], 3)}."
+            )
+        )
     loads = ", ".join(
         f"{k} {sec.get('load_average_after', ['?'])[0]}"
         for k, sec in s.items()
@@ -236,7 +293,8 @@ def _markdown(part: Part) -> str:
     if isinstance(part.body, Table):
         head, rows = part.body.head, part.body.rows
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+        nd = part.body.digits
+        lines += ["| " + " | ".join(_f(c, nd) for c in row) + " |" for row in rows]
         body = "\n".join(lines)
     else:
         body = part.body
@@ -259,7 +317,7 @@ def _text(part: Part) -> str:
     lines = [f"## {_plain(part.title + part.note)}"] if part.title else []
     if isinstance(part.body, Table):
         head, rows = part.body.head, part.body.rows
-        cells = [[_plain(_f(c)) for c in row] for row in rows]
+        cells = [[_plain(_f(c, part.body.digits)) for c in row] for row in rows]
         widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(head)]
         # Numbers right-aligned so their digits line up; words and lists left-aligned.
         right = [

@@ -9,7 +9,9 @@ Sections (each one records its figures or ``skipped`` with the reason; nothing i
 5. the same server with batching off (``--max-batch-size 1``);
 6. the int8 model through the server against fp32;
 7. resident memory growth for many idle sessions against their raw state bytes;
-8. training throughput of our two cells against the book's own code (d2l).
+8. training throughput of our two cells against the book's own code (d2l);
+9. the engine's own cost per iteration (a fake model) against the in-process model call;
+10. the server with ``--frontends 1`` and ``--frontends 2`` side by side.
 
 Writes ``DIR/results.json`` (top-level ``summary`` of ratios, ``summary_reasons`` for any that
 are null), PNG plots beside it, and on stdout the tables of ``benchmarks.report`` as plain
@@ -20,9 +22,11 @@ works, not how fast).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import common, inprocess, report, training_bench
+from . import common, engine_overhead, inprocess, report, training_bench
 from . import server_bench as sb
 from .common import SectionSkipped, ratio
 
@@ -50,6 +54,11 @@ SUMMARY_KEYS = (
     "stream16_vs_grpc_floor",
     "grpc_floor_stream16_steps_per_s",
     "grpc_floor_rtt_ms_p50",
+    "engine_overhead_vs_model_b1",
+    "engine_overhead_vs_model_b64",
+    "engine_overhead_vs_model_b256",
+    "frontends2_vs_1_generate64",
+    "frontends2_vs_1_stream16",
 )
 # (key, comparison, target) from the issue. Every run records the verdicts; only a full run's
 # figures are meant to be judged by them (--quick is a smoke test).
@@ -62,6 +71,10 @@ TARGETS = (
     ("p5_train_scratch_vs_d2l", ">=", 1.0),
     ("p5_train_torch_vs_d2l", ">=", 1.0),
     ("p6_session_memory_ratio", "<=", 1.5),
+    ("stream16_vs_grpc_floor", ">=", 1.0),
+    ("batching_speedup_stream16", ">=", 1.0),
+    ("engine_overhead_vs_model_b64", "<=", 0.25),
+    ("engine_overhead_vs_model_b256", "<=", 0.15),
 )
 
 
@@ -90,6 +103,11 @@ class Profile:
         self.train_windows = 64 if quick else 10_000
         self.train_epochs = 1
         self.train_rounds = 1 if quick else 3
+        self.engine_batches = [1, 64, 256]
+        self.engine_seconds = 0.3 if quick else 3.0
+        self.engine_rounds = 1 if quick else 3
+        self.frontend_counts = (1, 2)
+        self.frontend_rounds = 1 if quick else 2
 
 
 def _default_corpus() -> Path | None:
@@ -125,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
     p.add_argument(
-        "--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers to run"
+        "--sections", default=None, help="comma-separated section numbers to run (default: all)"
     )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument(
@@ -155,7 +173,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out is None:
         args.out = common.ROOT / (".bench/quick" if args.quick else "benchmarks/results")
-    args.sections = {int(x) for x in args.sections.split(",") if x.strip()}
+    if args.sections is None:
+        args.sections = set(range(1, len(SECTIONS) + 1))
+    else:
+        args.sections = {int(x) for x in args.sections.split(",") if x.strip()}
     if args.provider == "cuda":
         args.iobinding = True
     return args
@@ -309,6 +330,64 @@ def training(ctx: Context) -> dict[str, Any]:
     return training_bench.run(corpus, ctx.threads, p.train_windows, p.train_epochs, p.train_rounds)
 
 
+def engine_overhead_section(ctx: Context) -> dict[str, Any]:
+    p = ctx.prof
+    return engine_overhead.run(
+        ctx.model,
+        p.engine_batches,
+        ctx.threads,
+        p.engine_seconds,
+        p.engine_rounds,
+        provider=ctx.args.provider,
+        iobinding=ctx.args.iobinding,
+    )
+
+
+def frontends(ctx: Context) -> dict[str, Any]:
+    """Generate at 64 and StepStream at 16 on two servers, ``--frontends 1`` and ``2``, both
+    started once and loaded in turn: per mode the two run back to back, and the order flips
+    every round (the idle one waits meanwhile). Ratios are taken within a round; median."""
+    _need_server(ctx)
+    p = ctx.prof
+    points = (("generate", 64), ("stream", 16))
+    rows: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        servers = {
+            n: stack.enter_context(
+                sb.running_server(
+                    ctx.model.path,
+                    extra=[*ctx.server_flags(), "--frontends", str(n)],
+                    source=ctx.args.server_src,
+                )
+            )
+            for n in p.frontend_counts
+        }
+        for r in range(p.frontend_rounds):
+            order = p.frontend_counts if r % 2 == 0 else p.frontend_counts[::-1]
+            for mode, conc in points:
+                for n in order:
+                    row = sb.drive(servers[n], _load(ctx, mode, conc), ctx.model.vocab_size)
+                    rows.append({"round": r, "frontends": n, "mode": mode, **row})
+    one, two = p.frontend_counts
+
+    def median_ratio(mode: str, figure: str) -> float | None:
+        per_round = []
+        for r in range(p.frontend_rounds):
+            at = {x["frontends"]: x for x in rows if x["round"] == r and x["mode"] == mode}
+            per_round.append(ratio(at[two][figure], at[one][figure]))
+        vals = [v for v in per_round if v is not None]
+        return float(statistics.median(vals)) if vals else None
+
+    return {
+        "frontends": list(p.frontend_counts),
+        "rounds": p.frontend_rounds,
+        "generate": [x for x in rows if x["mode"] == "generate"],
+        "stream": [x for x in rows if x["mode"] == "stream"],
+        "generate_ratio": median_ratio("generate", "tokens_per_s"),
+        "stream_ratio": median_ratio("stream", "steps_per_s"),
+    }
+
+
 # Section n is SECTIONS[n - 1] (what --sections selects); the keys are results.json's.
 SECTIONS: tuple[tuple[str, Section], ...] = (
     ("inprocess_ort", inprocess_ort),
@@ -319,6 +398,8 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("int8", int8),
     ("memory", memory),
     ("training", training),
+    ("engine_overhead", engine_overhead_section),
+    ("frontends", frontends),
 )
 
 # --- server sweeps -----------------------------------------------------------------------------
@@ -475,6 +556,14 @@ def summarise(ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
         "int8",
         "generate",
     )
+    # The engine's own µs per iteration ÷ the model call's, at the same B (medians of rounds).
+    eng_rows = s.get("engine_overhead", {}).get("rows")
+    for B in (1, 64, 256):
+        row = _row_at(eng_rows, "batch", B)
+        put(f"engine_overhead_vs_model_b{B}", row and row["ratio"], "engine_overhead")
+    fe = s.get("frontends", {})
+    put("frontends2_vs_1_generate64", fe.get("generate_ratio"), "frontends")
+    put("frontends2_vs_1_stream16", fe.get("stream_ratio"), "frontends")
     return summary, reasons
 
 

@@ -4,7 +4,8 @@ It runs as a subprocess exactly as ``make bench-quick`` does, starting the real 
 127.0.0.1 with a port of its own and load-generator processes against it. The test checks that
 it exits 0, prints the table, writes the JSON with every summary key and the plots, and that
 each summary figure is either a finite number of the right sign or null with a reason, and
-that the server figures were really measured.
+that the server figures were really measured (the engine-overhead section too: its engine
+iterated, every generation advanced).
 """
 
 from __future__ import annotations
@@ -30,12 +31,25 @@ REQUIRED = (
     "p5_train_scratch_vs_d2l",
     "p5_train_torch_vs_d2l",
     "p6_session_memory_ratio",
+    "engine_overhead_vs_model_b1",
+    "engine_overhead_vs_model_b64",
+    "engine_overhead_vs_model_b256",
+    "frontends2_vs_1_generate64",
+    "frontends2_vs_1_stream16",
 )
 SERVER_KEYS = (
     "p1_generate64_vs_inprocess",
     "p2_step_overhead_ms_p50",
     "step_stream16_steps_per_s",
     "p6_session_memory_ratio",
+    "frontends2_vs_1_generate64",
+    "frontends2_vs_1_stream16",
+)
+# In process (the engine with a fake model): measured whenever server/ imports.
+ENGINE_KEYS = (
+    "engine_overhead_vs_model_b1",
+    "engine_overhead_vs_model_b64",
+    "engine_overhead_vs_model_b256",
 )
 
 
@@ -87,6 +101,8 @@ def test_sections_ran_or_say_why(quick_run: tuple[subprocess.CompletedProcess[st
         "int8",
         "memory",
         "training",
+        "engine_overhead",
+        "frontends",
     ):
         assert key in sections
         assert not sections[key].get("failed"), sections[key]
@@ -96,6 +112,16 @@ def test_sections_ran_or_say_why(quick_run: tuple[subprocess.CompletedProcess[st
     for row in ort["rows"]:
         assert row["tokens_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"]
     assert data["meta"]["model"]["source"]
+    eng = sections["engine_overhead"]
+    if "rows" in eng:
+        # The engine really iterated, every generation in every call, and produced tokens.
+        assert [r["batch"] for r in eng["rows"]] == [1, 64, 256]
+        for row in (r for rnd in eng["rounds"] for r in rnd):
+            assert row["iterations"] > 0 and row["rows_per_iteration"] == row["batch"]
+            assert row["drained_min_per_generation"] > 0
+            assert row["us_per_iteration"] > 0 and row["model_call_us"] > 0
+    for key in ENGINE_KEYS:
+        assert (data["summary"][key] is None) == ("rows" not in eng), key
     assert data["meta"]["machine"]["cores"] >= 1
 
 
@@ -113,6 +139,11 @@ def test_server_sections_measure_the_real_server(
     for row in data["sections"]["generate"]["rows"]:
         assert row["errors"] == {}, row
         assert row["tokens_per_s"] > 0 and row["itl"]["n"] > 0
+    fe = data["sections"]["frontends"]
+    assert {r["frontends"] for r in fe["generate"]} == {1, 2}
+    for row in fe["generate"] + fe["stream"]:
+        assert row["errors"] == {}, row
+        assert row["server_cpu_cores"] > 0
     mem = data["sections"]["memory"]
     assert mem["raw_state_bytes"] == mem["sessions"] * mem["state_bytes_per_session"]
 
