@@ -40,7 +40,9 @@ imports: install
 typecheck: install
 	$(BIN)/mypy
 
+# The state-store tests start their own redis-server (tests/state_services.py).
 test: install lint imports typecheck
+	@command -v redis-server >/dev/null || { echo "redis-server not found: install the Debian package redis-server (apt-get install redis-server)" >&2; exit 1; }
 	$(BIN)/pytest -q
 
 protos: install

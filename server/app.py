@@ -31,12 +31,14 @@ from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
 from .batch import StatePool
 from .dataplane import DataPlane, Limits
+from .durable import Durable
 from .engine import Engine
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
 from .runtime import ModelRuntime, resolve_model
 from .servicer import SERVICE_NAME, LstmServeServicer
 from .sessions import SessionStore
 from .settings import Settings
+from .state import ModelIdentity, open_store
 
 log = logging.getLogger("lstm_serve")
 
@@ -80,6 +82,8 @@ class Core:
         if self.sweeper is not None:
             self.sweeper.cancel()
         await self.engine.stop()
+        if self.plane.durable is not None:
+            await self.plane.durable.store.close()
         if self.metrics is not None:
             self.metrics.stop_http()
 
@@ -107,6 +111,7 @@ async def build_core(
         idle_timeout_s=s.idle_timeout_s,
         eviction=s.eviction,
         clock=clock,
+        durable=s.state_store != "memory",
     )
     stats = scheduler_stats if scheduler_stats is not None else SchedulerStats()
     plane: DataPlane | None = None
@@ -123,7 +128,11 @@ async def build_core(
         open_requests=lambda: plane.in_flight if plane is not None else 1,
     )
     limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)
-    plane = DataPlane(runtime, store, engine, limits)
+    durable = None
+    if s.state_store != "memory":
+        identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
+        durable = Durable(open_store(s.state_store), identity)
+    plane = DataPlane(runtime, store, engine, limits, durable)
     engine.start()
     core = Core(
         settings=s,

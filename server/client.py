@@ -19,6 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
+SESSION_HEADER = "lstm-session-id"
+
+
+def _route(session_id: str) -> tuple[tuple[str, str], ...] | None:
+    # Every call that names a session carries its id as metadata too, so an L7 proxy in front
+    # of several replicas (nginx: hash $http_lstm_session_id) sends it where the session lives.
+    return ((SESSION_HEADER, session_id),) if session_id else None
+
 
 class LstmClient:
     """Blocking client. Every method raises :class:`grpc.RpcError` on a non-OK status."""
@@ -38,19 +46,65 @@ class LstmClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def create_session(self, idle_timeout_s: float = 0.0) -> str:
-        req = pb.CreateSessionRequest(idle_timeout_s=idle_timeout_s)
-        return str(self.stub.CreateSession(req, timeout=self.timeout).session_id)
+    def create_session(self, idle_timeout_s: float = 0.0, session_id: str = "") -> str:
+        """A new session; ``session_id`` chooses its id (16-128 of [A-Za-z0-9_-])."""
+        req = pb.CreateSessionRequest(idle_timeout_s=idle_timeout_s, session_id=session_id)
+        return str(
+            self.stub.CreateSession(
+                req, timeout=self.timeout, metadata=_route(session_id)
+            ).session_id
+        )
 
     def close_session(self, session_id: str) -> None:
-        self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=self.timeout)
+        self.stub.CloseSession(
+            pb.CloseSessionRequest(session_id=session_id),
+            timeout=self.timeout,
+            metadata=_route(session_id),
+        )
 
     def reset_session(self, session_id: str) -> None:
-        self.stub.ResetSession(pb.ResetSessionRequest(session_id=session_id), timeout=self.timeout)
+        self.stub.ResetSession(
+            pb.ResetSessionRequest(session_id=session_id),
+            timeout=self.timeout,
+            metadata=_route(session_id),
+        )
 
     def get_session(self, session_id: str) -> Any:
         return self.stub.GetSession(
-            pb.GetSessionRequest(session_id=session_id), timeout=self.timeout
+            pb.GetSessionRequest(session_id=session_id),
+            timeout=self.timeout,
+            metadata=_route(session_id),
+        )
+
+    def export_session(self, session_id: str) -> bytes:
+        """The session's record (state, counters, model identity) as bytes."""
+        return bytes(
+            self.stub.ExportSession(
+                pb.ExportSessionRequest(session_id=session_id),
+                timeout=self.timeout,
+                metadata=_route(session_id),
+            ).record
+        )
+
+    def import_session(self, record: bytes, session_id: str = "") -> str:
+        """A new session from :meth:`export_session`'s bytes; its id."""
+        sid = session_id
+        return str(
+            self.stub.ImportSession(
+                pb.ImportSessionRequest(record=record, session_id=session_id),
+                timeout=self.timeout,
+                metadata=_route(sid),
+            ).session_id
+        )
+
+    def fork_session(self, session_id: str, new_session_id: str = "") -> str:
+        """A copy of the session under a new id (the original is unchanged); the copy's id."""
+        return str(
+            self.stub.ForkSession(
+                pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id),
+                timeout=self.timeout,
+                metadata=_route(session_id),
+            ).session_id
         )
 
     def model_info(self) -> Any:
@@ -68,7 +122,7 @@ class LstmClient:
         req = pb.StepRequest(
             session_id=session_id, text=text, token_ids=token_ids, output=output, top_k=top_k
         )
-        return self.stub.Step(req, timeout=self.timeout)
+        return self.stub.Step(req, timeout=self.timeout, metadata=_route(session_id))
 
     def generate(
         self,
@@ -94,7 +148,7 @@ class LstmClient:
         )
         if seed is not None:
             req.seed = seed
-        call = self.stub.Generate(req, timeout=self.timeout)
+        call = self.stub.Generate(req, timeout=self.timeout, metadata=_route(session_id))
         try:
             yield from call
         finally:
@@ -138,6 +192,22 @@ def _parser() -> argparse.ArgumentParser:
     common(h)
     i = sub.add_parser("info", help="describe the served model")
     common(i)
+    c = sub.add_parser("create", help="create a session and print its id")
+    common(c)
+    c.add_argument("--session-id", default="", help="the id to use (default: the server picks)")
+    c.add_argument("--idle-timeout-s", type=float, default=0.0)
+    e = sub.add_parser("export", help="write a session's record to a file")
+    common(e)
+    e.add_argument("--session", required=True)
+    e.add_argument("--out", required=True, help="file to write the record to")
+    m = sub.add_parser("import", help="create a session from an exported record")
+    common(m)
+    m.add_argument("--record", required=True, help="file written by export")
+    m.add_argument("--session-id", default="", help="the new id (default: the record's)")
+    f = sub.add_parser("fork", help="copy a session under a new id")
+    common(f)
+    f.add_argument("--session", required=True)
+    f.add_argument("--new-session-id", default="")
     return p
 
 
@@ -186,6 +256,22 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
         return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
     if args.command == "info":
         print(client.model_info())
+        return 0
+    if args.command == "create":
+        print(client.create_session(args.idle_timeout_s, args.session_id))
+        return 0
+    if args.command == "export":
+        record = client.export_session(args.session)
+        with open(args.out, "wb") as out:
+            out.write(record)
+        print(f"wrote {len(record)} bytes to {args.out}")
+        return 0
+    if args.command == "import":
+        with open(args.record, "rb") as src:
+            print(client.import_session(src.read(), args.session_id))
+        return 0
+    if args.command == "fork":
+        print(client.fork_session(args.session, args.new_session_id))
         return 0
     return 2
 

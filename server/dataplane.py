@@ -9,6 +9,7 @@ is cancelled, puts the session's state back as it was before the request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 from collections.abc import AsyncGenerator, Sequence
@@ -18,10 +19,12 @@ from typing import Protocol
 import numpy as np
 
 from .batch import SlotSnapshot
+from .durable import Durable, session_record
 from .engine import Engine, Generation, StepWork
-from .errors import InvalidArgument, Unavailable
+from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from .runtime import ModelRuntime
-from .sessions import Session, SessionStore
+from .sessions import SESSION_ID, Session, SessionStore
+from .state.record import ModelIdentity, RecordError, SessionRecord
 
 MAX_STOPS = 8
 MAX_STOP_CHARS = 64
@@ -125,7 +128,9 @@ class Plane(Protocol):
 
     async def model_info(self) -> ModelInfo: ...
 
-    async def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo: ...
+    async def create_session(
+        self, idle_timeout_s: float = 0.0, session_id: str = ""
+    ) -> SessionInfo: ...
 
     async def close_session(self, session_id: str) -> None: ...
 
@@ -145,6 +150,12 @@ class Plane(Protocol):
 
     async def open_stream(self, session_id: str = "") -> Stream: ...
 
+    async def export_session(self, session_id: str) -> bytes: ...
+
+    async def import_session(self, data: bytes, session_id: str = "") -> str: ...
+
+    async def fork_session(self, session_id: str, new_session_id: str = "") -> str: ...
+
     def generate(
         self, session_id: str, prompt: str, params: GenerateParams
     ) -> AsyncGenerator[GenerateChunk, None]: ...
@@ -158,12 +169,19 @@ class DataPlane:
     """
 
     def __init__(
-        self, runtime: ModelRuntime, store: SessionStore, engine: Engine, limits: Limits
+        self,
+        runtime: ModelRuntime,
+        store: SessionStore,
+        engine: Engine,
+        limits: Limits,
+        durable: Durable | None = None,
     ) -> None:
         self.runtime = runtime
         self.spec = runtime.spec
         self.store = store
         self.engine = engine
+        self.durable = durable
+        self.model_identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
         self.limits = limits
         self.draining = False
         self.in_flight = 0
@@ -226,12 +244,18 @@ class DataPlane:
             has_next_distribution=self.engine.has_next(session.slot),
         )
 
-    async def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo:
-        if idle_timeout_s < 0:
+    async def create_session(
+        self, idle_timeout_s: float = 0.0, session_id: str = ""
+    ) -> SessionInfo:
+        if not idle_timeout_s >= 0:
             raise InvalidArgument(f"idle_timeout_s must be >= 0, got {idle_timeout_s}")
+        if session_id:
+            self._check_new_id(session_id)
         self._enter()
         try:
-            return self._info(self.store.create(idle_timeout_s or None))
+            session = self.store.create(idle_timeout_s or None, session_id=session_id)
+            await self._persist_new(session)
+            return self._info(session)
         finally:
             self.request_done()
 
@@ -239,7 +263,15 @@ class DataPlane:
         self._check_id(session_id)
         self._enter()
         try:
-            self.store.close(session_id)
+            session = self.store.local(session_id)
+            if session is not None:
+                self.store.close(session_id)
+            if self.durable is not None:
+                if session is None and await self.durable.load(session_id) is None:
+                    raise self._not_found(session_id)
+                await self.durable.delete([session_id])
+            elif session is None:
+                raise self._not_found(session_id)
         finally:
             self.request_done()
 
@@ -247,8 +279,14 @@ class DataPlane:
         self._check_id(session_id)
         self._enter()
         try:
-            session = self.store.acquire(session_id)
+            session = await self.acquire(session_id)
+            snap = self.engine.snapshot(session.slot)
             self.engine.reset(session.slot)
+            try:
+                await self._commit(session, steps=0)
+            except BaseException:
+                self._restore(session, snap, None)
+                raise
             session.steps = 0
             self.store.release(session)
         finally:
@@ -258,9 +296,181 @@ class DataPlane:
         self._check_id(session_id)
         self._enter()
         try:
+            session = self.store.local(session_id)
+            if self.durable is not None:
+                # The store is the truth: another replica may have advanced the session since
+                # this process last held it.
+                record = await self.durable.load(session_id)
+                # (A busy copy with no record may be a create that is still committing.)
+                if (
+                    record is None
+                    and session is not None
+                    and not (session.ephemeral or session.busy)
+                ):
+                    self.store.drop(session, "expired")
+                    raise self._not_found(session_id)
+                if session is not None and (
+                    session.ephemeral or record is None or record.version == session.version
+                ):
+                    return self._info(self.store.get(session_id))
+                if session is not None and not session.busy:
+                    self.store.drop(session)
+                if record is not None:
+                    return SessionInfo(
+                        session_id=record.session_id,
+                        steps=record.steps,
+                        created_unix_s=record.created_unix_s,
+                        last_used_unix_s=record.last_used_unix_s,
+                        idle_timeout_s=record.idle_timeout_s,
+                        state_bytes=self.engine.state_bytes_per_slot,
+                        busy=False,
+                        has_next_distribution=record.logits is not None,
+                    )
             return self._info(self.store.get(session_id))
         finally:
             self.request_done()
+
+    # --- durable sessions ------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_new_id(session_id: str) -> None:
+        if not SESSION_ID.match(session_id):
+            more = "..." if len(session_id) > 64 else ""
+            raise InvalidArgument(
+                "a session id must be 16 to 128 characters of [A-Za-z0-9_-], got "
+                f"{session_id[:64]!r}{more}"
+            )
+
+    @staticmethod
+    def _not_found(session_id: str) -> NotFound:
+        return NotFound(f"session {session_id[:64]!r} not found (never created, closed or expired)")
+
+    async def acquire(self, session_id: str) -> Session:
+        """Hold ``session_id`` for one request, loading it from the durable store when this
+        process does not hold it (after a restart, a failover or a move between replicas).
+
+        Raises :class:`NotFound`, :class:`Busy`, or :class:`FailedPrecondition` (a record
+        written for another model).
+        """
+        if self.durable is not None and self.store.local(session_id) is None:
+            record = await self.durable.load(session_id)
+            # Another request may have loaded it while this one waited.
+            if record is not None and self.store.local(session_id) is None:
+                self._adopt(record)
+        return self.store.acquire(session_id)
+
+    def _adopt(self, record: SessionRecord) -> Session:
+        session = self.store.create(
+            record.idle_timeout_s,
+            session_id=record.session_id,
+            created_wall=record.created_unix_s,
+        )
+        self.engine.load(session.slot, record.h, record.c, record.logits)
+        session.steps = record.steps
+        session.version = record.version
+        return session
+
+    async def _persist_new(self, session: Session) -> None:
+        """Create ``session``'s record (version 1); :class:`AlreadyExists` if the id is taken."""
+        if self.durable is None or session.ephemeral:
+            return
+        record = self.durable.record(session, self.engine, steps=session.steps, version=1)
+        try:
+            ok = await self.durable.commit(record, 0)
+        except BaseException:
+            self.store.drop(session, "closed")
+            raise
+        if not ok:
+            self.store.drop(session, "closed")
+            raise AlreadyExists(f"session id {session.id[:64]!r} is taken")
+        session.version = 1
+
+    async def _commit(self, session: Session, *, steps: int) -> None:
+        """Commit the session's state in the pool as its next version, before the response.
+
+        On a lost race the local copy is dropped and :class:`Aborted` raised; if the request is
+        cancelled while the commit is out, the local copy is dropped too (the store may or may
+        not have the new version: the next request reads whichever it has). The caller restores
+        the slot on other failures.
+        """
+        if self.durable is None or session.ephemeral:
+            return
+        record = self.durable.record(session, self.engine, steps=steps, version=session.version + 1)
+        try:
+            ok = await self.durable.commit(record, session.version)
+        except asyncio.CancelledError:
+            self.store.drop(session)
+            raise
+        if not ok:
+            self.store.drop(session)
+            raise self.durable.aborted(session.id)
+        session.version += 1
+
+    async def export_session(self, session_id: str) -> bytes:
+        """The session's record as bytes (its current state; nothing changes)."""
+        self._check_id(session_id)
+        self._enter()
+        try:
+            session = await self.acquire(session_id)
+            try:
+                return self._record_of(session, session.id).to_bytes()
+            finally:
+                self.store.release(session)
+        finally:
+            self.request_done()
+
+    async def import_session(self, data: bytes, session_id: str = "") -> str:
+        """A new session from an exported record; its id (``session_id`` or the record's)."""
+        try:
+            record = SessionRecord.from_bytes(data)
+        except RecordError as e:
+            raise InvalidArgument(f"not a valid session record: {str(e)[:200]}") from None
+        if record.model != self.model_identity:
+            m = record.model
+            raise InvalidArgument(
+                f"the record was written for model {m.name} version {m.version} "
+                f"(sha256 {m.checksum[:12]}...), not the one served here"
+            )
+        new_id = session_id or record.session_id
+        self._check_new_id(new_id)
+        spec = self.spec
+        if record.h.shape != (spec.num_layers, spec.hidden_size):
+            raise InvalidArgument("the record's state does not fit this model")
+        self._enter()
+        try:
+            return await self._create_from(record, new_id)
+        finally:
+            self.request_done()
+
+    async def fork_session(self, session_id: str, new_session_id: str = "") -> str:
+        """A copy of ``session_id`` under a new id; the original is unchanged."""
+        self._check_id(session_id)
+        if new_session_id:
+            self._check_new_id(new_session_id)
+        self._enter()
+        try:
+            session = await self.acquire(session_id)
+            try:
+                record = self._record_of(session, session.id)
+            finally:
+                self.store.release(session)
+            return await self._create_from(record, new_session_id)
+        finally:
+            self.request_done()
+
+    def _record_of(self, session: Session, session_id: str) -> SessionRecord:
+        record = session_record(
+            session, self.engine, self.model_identity, steps=session.steps, version=session.version
+        )
+        return dataclasses.replace(record, session_id=session_id)
+
+    async def _create_from(self, record: SessionRecord, session_id: str) -> str:
+        session = self.store.create(record.idle_timeout_s or None, session_id=session_id, held=True)
+        self.engine.load(session.slot, record.h, record.c, record.logits)
+        session.steps = record.steps
+        await self._persist_new(session)
+        self.store.release(session)
+        return session.id
 
     @staticmethod
     def _check_id(session_id: str) -> None:
@@ -333,7 +543,7 @@ class DataPlane:
         ids = self.check_step(text, token_ids, output, top_k)
         self._enter()
         try:
-            session = self.store.acquire(session_id)
+            session = await self.acquire(session_id)
             return await self.run_step(session, ids, output, top_k)
         finally:
             self.request_done()
@@ -350,6 +560,7 @@ class DataPlane:
         try:
             work = self.engine.submit_step(session.slot, ids, want_all=output == OUTPUT_ALL)
             logits = await work.future
+            await self._commit(session, steps=session.steps + len(ids))
         except BaseException:
             self._restore(session, snap, work)
             raise
@@ -386,7 +597,8 @@ class DataPlane:
         self._enter()
         try:
             if session_id:
-                session = self.store.get(session_id)
+                session = await self.acquire(session_id)  # loads it if held elsewhere
+                self.store.release(session)
                 return StepStream(self, session, owned=False)
             return StepStream(self, self.store.create(ephemeral=True), owned=True)
         except BaseException:
@@ -435,7 +647,7 @@ class DataPlane:
             if owned:
                 session = self.store.create(ephemeral=True, held=True)
             else:
-                session = self.store.acquire(session_id)
+                session = await self.acquire(session_id)
                 snap = self.engine.snapshot(session.slot)
             prompt_tokens = 0 if ids is None else len(ids)
             logits: np.ndarray | None
@@ -470,8 +682,9 @@ class DataPlane:
                 if delta is None:
                     continue
                 if delta.finish is not None:
-                    # Release before the last message: a client that reacts to it at once must
-                    # find the session free.
+                    # Commit and release before the last message: a client that reacts to it at
+                    # once must find the session free, and an acknowledged generation durable.
+                    await self._commit(session, steps=session.steps + prompt_tokens + gen.fed)
                     session.steps += prompt_tokens + gen.fed
                     if owned:
                         self.store.end(session, "closed")
@@ -524,7 +737,10 @@ class StepStream:
         plane = self.plane
         ids = plane.check_step(text, token_ids, output, top_k)
         store = plane.store
-        session = store.hold(self.session) if self.owned else store.acquire(self.session.id)
+        if self.owned:
+            session = store.hold(self.session)
+        else:
+            session = await plane.acquire(self.session.id)
         return await plane.run_step(session, ids, output, top_k)
 
     async def close(self, reason: str = "closed") -> None:

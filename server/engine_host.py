@@ -71,6 +71,9 @@ class EngineHost:
             ipc.STREAM_STEP: self._stream_step,
             ipc.STREAM_CLOSE: self._stream_close,
             ipc.MODEL_INFO: self._model_info,
+            ipc.EXPORT: self._export,
+            ipc.IMPORT: self._import,
+            ipc.FORK: self._fork,
             ipc.PING: self._ping,
         }
 
@@ -153,8 +156,17 @@ class EngineHost:
         return [not self.plane.draining]
 
     async def _create(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        i = await self.plane.create_session(float(args[0]))
+        i = await self.plane.create_session(float(args[0]), args[1])
         return [i.session_id, i.idle_timeout_s, i.state_bytes]
+
+    async def _export(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        return await self.plane.export_session(args[0])
+
+    async def _import(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        return await self.plane.import_session(args[0], args[1])
+
+    async def _fork(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+        return await self.plane.fork_session(args[0], args[1])
 
     async def _close(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
         await self.plane.close_session(args[0])
@@ -307,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--settings-json", required=True)
     p.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
     a = p.parse_args(argv)
+    ipc.die_with_parent()
     settings = settings_from_json(a.settings_json)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),

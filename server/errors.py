@@ -24,6 +24,18 @@ class Busy(ServeError):
     """The session is being used by another request."""
 
 
+class AlreadyExists(ServeError):
+    """A client-chosen session id is taken."""
+
+
+class Aborted(ServeError):
+    """Another replica advanced the session first; nothing was changed, a retry may succeed."""
+
+
+class FailedPrecondition(ServeError):
+    """The request cannot apply to the session as it is (a record written for another model)."""
+
+
 class ResourceExhausted(ServeError):
     """The session table or a queue is full."""
 

@@ -187,9 +187,20 @@ class RemotePlane:
             )
         return self._model_info
 
-    async def create_session(self, idle_timeout_s: float = 0.0) -> SessionInfo:
-        sid, timeout, state_bytes = await self._unary(ipc.CREATE, float(idle_timeout_s))
+    async def create_session(
+        self, idle_timeout_s: float = 0.0, session_id: str = ""
+    ) -> SessionInfo:
+        sid, timeout, state_bytes = await self._unary(ipc.CREATE, float(idle_timeout_s), session_id)
         return SessionInfo(sid, 0, 0.0, 0.0, timeout, state_bytes, False, False)
+
+    async def export_session(self, session_id: str) -> bytes:
+        return bytes(await self._unary(ipc.EXPORT, session_id))
+
+    async def import_session(self, data: bytes, session_id: str = "") -> str:
+        return str(await self._unary(ipc.IMPORT, data, session_id))
+
+    async def fork_session(self, session_id: str, new_session_id: str = "") -> str:
+        return str(await self._unary(ipc.FORK, session_id, new_session_id))
 
     async def close_session(self, session_id: str) -> None:
         await self._unary(ipc.CLOSE, session_id)
@@ -392,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine-pid", type=int, default=0)
     p.add_argument("--index", type=int, default=0)
     a = p.parse_args(argv)
+    ipc.die_with_parent()
     settings = settings_from_json(a.settings_json)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),

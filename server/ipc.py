@@ -35,7 +35,17 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import Busy, InvalidArgument, NotFound, ResourceExhausted, ServeError, Unavailable
+from .errors import (
+    Aborted,
+    AlreadyExists,
+    Busy,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServeError,
+    Unavailable,
+)
 
 # Request ops.
 CREATE = "create"
@@ -48,6 +58,9 @@ STREAM_OPEN = "stream_open"
 STREAM_STEP = "stream_step"
 STREAM_CLOSE = "stream_close"
 MODEL_INFO = "model_info"
+EXPORT = "export"
+IMPORT = "import"
+FORK = "fork"
 PING = "ping"
 CANCEL = "cancel"
 HEARTBEAT = "heartbeat"
@@ -62,7 +75,17 @@ HEARTBEAT_S = 0.5
 ENGINE_TIMEOUT_S = 2.0  # a front end waits this long for the engine's first answer, then retries
 
 _ERRORS: dict[str, type[ServeError]] = {
-    cls.__name__: cls for cls in (NotFound, InvalidArgument, Busy, ResourceExhausted, Unavailable)
+    cls.__name__: cls
+    for cls in (
+        NotFound,
+        InvalidArgument,
+        Busy,
+        AlreadyExists,
+        Aborted,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+    )
 }
 
 
@@ -138,3 +161,27 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent (the supervisor) dies.
+
+    A supervisor killed with -9 cannot stop its children; without this they would run on
+    orphaned, holding the port and the engine's memory. Linux only (prctl PR_SET_PDEATHSIG);
+    elsewhere a no-op.
+    """
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call: do it now
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from contract.files import sha256_file
 from contract.model import (
     INPUT_C0,
     INPUT_H0,
@@ -88,6 +89,9 @@ class ModelRuntime:
         use_iobinding: bool | None = None,
     ) -> None:
         self.location = resolve_model(model)
+        # Stored sessions name the model they were computed with (name, version, checksum), so
+        # a record is never used with a different model.
+        self.checksum = sha256_file(self.location.path)
         self.requested_provider = provider
         self.provider_note = ""
         self.session = self._create_session(provider, intra_op_threads)

@@ -28,7 +28,17 @@ from .dataplane import (
     Plane,
     StepResult,
 )
-from .errors import Busy, InvalidArgument, NotFound, ResourceExhausted, ServeError, Unavailable
+from .errors import (
+    Aborted,
+    AlreadyExists,
+    Busy,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServeError,
+    Unavailable,
+)
 from .metrics import RequestStats
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,9 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     Busy: grpc.StatusCode.FAILED_PRECONDITION,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    Aborted: grpc.StatusCode.ABORTED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
@@ -131,7 +144,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
 
     @rpc
     async def CreateSession(self, request: Any, context: Any) -> Any:
-        info = await self._dp().create_session(request.idle_timeout_s)
+        info = await self._dp().create_session(request.idle_timeout_s, request.session_id)
         return pb.CreateSessionResponse(
             session_id=info.session_id,
             idle_timeout_s=info.idle_timeout_s,
@@ -231,6 +244,20 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
                         prompt_tokens=ch.prompt_tokens,
                     )
                 )
+
+    @rpc
+    async def ExportSession(self, request: Any, context: Any) -> Any:
+        return pb.ExportSessionResponse(record=await self._dp().export_session(request.session_id))
+
+    @rpc
+    async def ImportSession(self, request: Any, context: Any) -> Any:
+        sid = await self._dp().import_session(request.record, request.session_id)
+        return pb.ImportSessionResponse(session_id=sid)
+
+    @rpc
+    async def ForkSession(self, request: Any, context: Any) -> Any:
+        sid = await self._dp().fork_session(request.session_id, request.new_session_id)
+        return pb.ForkSessionResponse(session_id=sid)
 
     @rpc
     async def GetModelInfo(self, request: Any, context: Any) -> Any:

@@ -6,6 +6,7 @@ monotonic clock (tests move it by hand); creation and last-use times are reporte
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -13,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .batch import StatePool
-from .errors import Busy, NotFound, ResourceExhausted
+from .errors import AlreadyExists, Busy, NotFound, ResourceExhausted
 
-END_REASONS = ("closed", "expired", "evicted", "disconnected")
+END_REASONS = ("closed", "expired", "evicted", "disconnected", "superseded")
+# Client-chosen ids: long enough not to be guessed by accident, safe in URLs, logs and headers.
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 
 
 class Session:
@@ -31,6 +34,7 @@ class Session:
         "last_used_mono",
         "slot",
         "steps",
+        "version",
     )
 
     def __init__(
@@ -45,6 +49,7 @@ class Session:
         self.steps = 0
         self.busy = False
         self.ephemeral = ephemeral
+        self.version = 1  # of its record in a durable state store (committed changes + 1)
 
     def last_used_wall(self) -> float:
         return self.created_wall + (self.last_used_mono - self.created_mono)
@@ -73,11 +78,13 @@ class SessionStore:
         eviction: str = "refuse",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        durable: bool = False,
     ) -> None:
         self.pool = pool
         self.max_sessions = min(max_sessions, pool.capacity)
         self.idle_timeout_s = idle_timeout_s
         self.eviction = eviction
+        self.durable = durable
         self.clock = clock
         self.wall_clock = wall_clock
         # Insertion order = least recently used first (moved to the end on every use).
@@ -92,12 +99,21 @@ class SessionStore:
         return len(self._sessions) * self.pool.state_bytes_per_slot
 
     def create(
-        self, idle_timeout_s: float | None = None, *, ephemeral: bool = False, held: bool = False
+        self,
+        idle_timeout_s: float | None = None,
+        *,
+        ephemeral: bool = False,
+        held: bool = False,
+        session_id: str = "",
+        created_wall: float | None = None,
     ) -> Session:
         """A new session with zero state. ``idle_timeout_s`` is capped at the store's default.
 
         ``held``: the caller holds it (busy) from the start, as :meth:`acquire` would.
+        ``session_id``: the id to use (checked by the caller); :class:`AlreadyExists` if held here.
         """
+        if session_id and session_id in self._sessions:
+            raise AlreadyExists(f"session id {session_id[:64]!r} is taken")
         self.expire_idle()
         if len(self._sessions) >= self.max_sessions and not self._evict_one():
             raise ResourceExhausted(
@@ -109,20 +125,33 @@ class SessionStore:
             timeout = idle_timeout_s
         slot = self.pool.alloc()
         now = self.clock()
-        sid = secrets.token_hex(16)
-        session = Session(sid, slot, now, self.wall_clock(), timeout, ephemeral)
+        sid = session_id or secrets.token_hex(16)
+        wall = self.wall_clock() if created_wall is None else created_wall
+        session = Session(sid, slot, now, wall, timeout, ephemeral)
         session.busy = held
         self._sessions[sid] = session
         return session
 
     def _evict_one(self) -> bool:
-        if self.eviction != "lru":
+        # With a durable store behind it this table only caches sessions: dropping the least
+        # recently used idle one loses nothing (its record stays in the store), whatever the
+        # policy. Ephemeral sessions have no record and are never evicted then.
+        if self.eviction != "lru" and not self.durable:
             return False
         for session in self._sessions.values():
-            if not session.busy:
+            if not session.busy and not (self.durable and session.ephemeral):
                 self._end(session, "evicted")
                 return True
         return False
+
+    def local(self, sid: str) -> Session | None:
+        """The session if this process holds it (live or not yet expired), else None."""
+        return self._sessions.get(sid)
+
+    def drop(self, session: Session, reason: str = "superseded") -> None:
+        """Forget a session held here whatever its state (its durable record stays)."""
+        if self._sessions.get(session.id) is session:
+            self._end(session, reason)
 
     def get(self, sid: str) -> Session:
         """The live session ``sid``; raises :class:`NotFound` (expired ones are ended here)."""

@@ -57,6 +57,12 @@ class Settings:
         "Seconds a session may stay unused before it is evicted; also the most a client may ask.",
         default=600.0,
     )
+    state_store: str = _doc(
+        "Where session state lives: memory (this process only), sqlite:///ABS/PATH (one server "
+        "that must survive restarts) or redis://HOST:PORT/DB (shared by replicas). With a "
+        "durable store every request that changed a session commits it before the response.",
+        default="memory",
+    )
     eviction: str = _doc(
         "When the session table is full: refuse (RESOURCE_EXHAUSTED) or lru (evict the least "
         "recently used idle session).",
@@ -116,6 +122,13 @@ class Settings:
             raise bad("metrics_port", f"must be in -1..65535, got {self.metrics_port}")
         if self.provider not in PROVIDERS:
             raise bad("provider", f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        if not (
+            self.state_store == "memory" or self.state_store.startswith(("sqlite:///", "redis://"))
+        ):
+            raise bad(
+                "state_store",
+                f"must be memory, sqlite:///PATH or redis://HOST:PORT/DB, got {self.state_store!r}",
+            )
         if self.eviction not in EVICTION_POLICIES:
             raise bad(
                 "eviction", f"must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}"

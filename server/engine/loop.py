@@ -166,6 +166,19 @@ class Engine:
     def reset(self, slot: int) -> None:
         self.pool.reset(slot)
 
+    def state(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the slot's ``h`` and ``c`` ``[L, H]``."""
+        return self.pool.h[:, slot].copy(), self.pool.c[:, slot].copy()
+
+    def load(self, slot: int, h: np.ndarray, c: np.ndarray, logits: np.ndarray | None) -> None:
+        """Set the slot's state (a session loaded from a durable store or imported)."""
+        self.pool.h[:, slot] = h
+        self.pool.c[:, slot] = c
+        if logits is None:
+            self.pool.has_logits[slot] = False
+        else:
+            self.pool.set_logits(np.array([slot]), logits[None, :])
+
     def has_next(self, slot: int) -> bool:
         """Whether the slot holds a next-token distribution (it has been fed since reset)."""
         return bool(self.pool.has_logits[slot])

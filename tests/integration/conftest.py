@@ -7,7 +7,14 @@ drive its clock); the SIGTERM test starts a real ``lstm-serve`` subprocess inste
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -204,3 +211,81 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(model_path: Path) -> Reference:
     return Reference(model_path)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Served:
+    """A real ``lstm-serve`` subprocess; its port, pids and output lines."""
+
+    def __init__(self, model: Path, *args: str) -> None:
+        env = {**os.environ, "LSTM_SERVE_PROVIDER": "cpu"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "--model", str(model), "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        self.lines: list[str] = []
+        self.port = 0
+        self.metrics_port = 0
+        self.engine_pid = 0
+        self.frontend_pids: list[int] = []
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 60
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := re.search(r"engine pid (\d+), \d+ front end\(s\) pid ([\d,]+)", line):
+                self.engine_pid = int(m.group(1))
+                self.frontend_pids = [int(p) for p in m.group(2).split(",")]
+            if m := re.search(r"metrics on http://\S+:(\d+)/", line):
+                self.metrics_port = int(m.group(1))
+            if m := re.search(r"gRPC listening on \S*?:(\d+)", line):
+                self.port = int(m.group(1))
+            if line.startswith("try:") or time.monotonic() > deadline:
+                break
+        assert self.port and self.engine_pid, "".join(self.lines)
+        # Keep reading, so the pipe never fills and the test can look at later lines.
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read().decode()
+
+
+@pytest.fixture
+def serve(model_path: Path) -> Iterator[Callable[..., Served]]:
+    """Factory: ``serve(*flags, model=None)`` starts a real ``lstm-serve``; stopped afterwards."""
+    started: list[Served] = []
+
+    def start(*args: str, model: Path | None = None) -> Served:
+        s = Served(model or model_path, *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()

@@ -74,6 +74,21 @@ class LstmServeStub:
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/ExportSession',
+                request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/ImportSession',
+                request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/ForkSession',
+                request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
 
 
 class LstmServeServicer:
@@ -138,6 +153,29 @@ class LstmServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSession(self, request, context):
+        """A session's whole record (state, next-token distribution, counters, model identity) as
+        bytes: a versioned format with a checksum, to be given to ImportSession.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """Creates a session from an exported record (INVALID_ARGUMENT if it is corrupt or was written
+        for another model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """Copies a session under a new id (for branching continuations); the original is unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LstmServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +218,21 @@ def add_LstmServeServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionRequest.FromString,
+                    response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionRequest.FromString,
+                    response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionRequest.FromString,
+                    response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +451,87 @@ class LstmServe:
             '/lstmserve.v1.LstmServe/GetModelInfo',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/ExportSession',
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionRequest.SerializeToString,
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/ImportSession',
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionRequest.SerializeToString,
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/ForkSession',
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionRequest.SerializeToString,
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,136 @@
+"""Write-through of sessions to a durable state store (:mod:`server.state`).
+
+With ``--state-store sqlite:///...`` or ``redis://...`` every request that changed a session
+commits the session's new record before its response is sent, so an acknowledged step survives
+kill -9 of the server, and another replica sharing the store can continue the session.
+
+* Commits are batched per loop tick: the requests an engine iteration completes resume in the
+  same tick, and their records go to the store in one transaction (SQLite) or one pipeline
+  (Redis).
+* Optimistic concurrency: a record carries a version; a commit succeeds only over the version
+  this process read. The loser of a race between two replicas gets :class:`Aborted`, its
+  local copy is dropped (so a retry loads the current record) and the stored record is the
+  winner's.
+* A record written for another model (name, version or checksum differ) is never used:
+  :class:`FailedPrecondition`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .errors import Aborted, FailedPrecondition, Unavailable
+from .state import StateStore
+from .state.base import StoreError, Write
+from .state.record import ModelIdentity, SessionRecord
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .sessions import Session
+
+log = logging.getLogger(__name__)
+
+
+class Durable:
+    """Commits, loads and deletes session records for one data plane."""
+
+    def __init__(self, store: StateStore, model: ModelIdentity) -> None:
+        self.store = store
+        self.model = model
+        self._pending: list[tuple[Write, asyncio.Future[bool]]] = []
+        self._flushing = False
+
+    def record(
+        self, session: Session, engine: Engine, *, steps: int, version: int
+    ) -> SessionRecord:
+        """The record of ``session``'s current state in the pool, as ``version``."""
+        return session_record(session, engine, self.model, steps=steps, version=version)
+
+    def check_model(self, record: SessionRecord) -> None:
+        """:class:`FailedPrecondition` unless ``record`` was written for this server's model."""
+        if record.model != self.model:
+            m = record.model
+            raise FailedPrecondition(
+                f"session {record.session_id[:64]!r} was stored by a server with model "
+                f"{m.name} version {m.version} (sha256 {m.checksum[:12]}...); this server "
+                f"serves {self.model.name} version {self.model.version} "
+                f"(sha256 {self.model.checksum[:12]}...)"
+            )
+
+    async def load(self, session_id: str) -> SessionRecord | None:
+        try:
+            record = await self.store.get(session_id)
+        except StoreError as e:
+            raise Unavailable(f"the session store is unreachable: {e}") from None
+        if record is not None:
+            self.check_model(record)
+        return record
+
+    async def delete(self, session_ids: Sequence[str]) -> None:
+        try:
+            await self.store.delete(session_ids)
+        except StoreError as e:
+            raise Unavailable(f"the session store is unreachable: {e}") from None
+
+    async def commit(self, record: SessionRecord, expected_version: int) -> bool:
+        """Commit ``record`` over ``expected_version`` (0: create); False when another writer
+        got there first. Raises :class:`Unavailable` when the store cannot be reached."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((Write(record, expected_version), fut))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flushing = False
+        asyncio.get_running_loop().create_task(self._put(batch))
+
+    async def _put(self, batch: list[tuple[Write, asyncio.Future[bool]]]) -> None:
+        try:
+            results = await self.store.put([w for w, _ in batch])
+        except StoreError as e:
+            log.error("session store: %s", e)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(Unavailable(f"the session store is unreachable: {e}"))
+            return
+        except Exception as e:  # a bug must fail these requests, not hang them
+            log.exception("session store put failed")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(Unavailable(f"session store error: {type(e).__name__}"))
+            return
+        for (_, fut), ok in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(ok)
+
+    def aborted(self, session_id: str) -> Aborted:
+        return Aborted(
+            f"session {session_id[:64]!r} was changed by another replica first; nothing was "
+            "changed by this request (retry: the next attempt reads the current state)"
+        )
+
+
+def session_record(
+    session: Session, engine: Engine, model: ModelIdentity, *, steps: int, version: int
+) -> SessionRecord:
+    """The record of ``session``'s current state in the pool (the caller holds the session)."""
+    h, c = engine.state(session.slot)
+    return SessionRecord(
+        session_id=session.id,
+        h=h,
+        c=c,
+        logits=engine.next_logits(session.slot),
+        steps=steps,
+        created_unix_s=session.created_wall,
+        last_used_unix_s=session.last_used_wall(),
+        idle_timeout_s=session.idle_timeout_s,
+        owner="",
+        version=version,
+        model=model,
+    )

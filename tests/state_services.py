@@ -1,0 +1,144 @@
+"""Real services for the state-store tests: a throwaway ``redis-server`` on a free loopback port.
+
+One helper, usable from pytest (the ``redis_url`` fixture) and from a script::
+
+    python -m tests.state_services      # starts one, prints its URL, stops on Ctrl-C
+
+The server has no persistence (``--save "" --appendonly no``) and runs in a temporary folder,
+so nothing is left behind. If ``redis-server`` is missing it is installed with apt when that is
+possible (root with apt-get, as in CI); otherwise the caller fails, naming the Debian package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+PACKAGE = "redis-server"
+MISSING = (
+    "redis-server not found: install the Debian package redis-server (apt-get install redis-server)"
+)
+
+
+class ServiceError(RuntimeError):
+    """A service could not be found, installed or started."""
+
+
+def find_redis_server(install: bool = True) -> str:
+    """Path of ``redis-server``, installing the Debian package first if allowed and possible.
+
+    Installs only as root with apt-get on PATH; runs ``apt-get update`` if the first install
+    fails. Raises ServiceError naming the package otherwise.
+    """
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    if not (install and os.geteuid() == 0 and shutil.which("apt-get")):
+        raise ServiceError(MISSING)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", PACKAGE]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = " ".join(done.stderr.split()[-30:])
+            raise ServiceError(f"{MISSING}; apt-get install failed: {tail}")
+    path = shutil.which("redis-server")
+    if not path:
+        raise ServiceError(MISSING)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def redis_server(timeout_s: float = 10.0) -> Iterator[str]:
+    """Run a fresh ``redis-server`` on 127.0.0.1; yields ``redis://127.0.0.1:PORT/0``.
+
+    Waits until it answers PING; stops it (SIGTERM, then SIGKILL) on exit. Raises ServiceError
+    if it cannot be found or does not come up (with the end of its log).
+    """
+    exe = find_redis_server()
+    with tempfile.TemporaryDirectory(prefix="lstm-serve-redis-") as tmp:
+        # The free port may be taken between probing and binding; a second try covers that race.
+        for _attempt in range(3):
+            port = _free_port()
+            log_path = os.path.join(tmp, f"redis-{port}.log")
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    [
+                        exe,
+                        "--port", str(port),
+                        "--bind", "127.0.0.1",
+                        "--save", "",
+                        "--appendonly", "no",
+                        "--dir", tmp,
+                        "--daemonize", "no",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline and not _pings(port):
+                time.sleep(0.02)
+            if proc.poll() is None and _pings(port):
+                break
+            _stop(proc)
+        else:
+            with open(log_path, errors="replace") as f:
+                tail = " | ".join(f.read().splitlines()[-5:])
+            raise ServiceError(f"redis-server did not start: {tail}")
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A running throwaway Redis for the whole test session. Fails (never skips) without one."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(redis_server())
+        except ServiceError as e:
+            pytest.fail(str(e), pytrace=False)
+        yield url
+
+
+if __name__ == "__main__":
+    with redis_server() as url:
+        print(url, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
