@@ -8,7 +8,7 @@ STAMP_ALL := $(VENV)/.installed-all
 STAMP_SERVE := $(VENV)/.installed-serve
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: install install-serve serve test lint imports typecheck unit protos bench bench-quick container-test clean
+.PHONY: install install-serve serve test lint imports typecheck unit protos bench bench-quick container-test scale-test clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench: $(STAMP_BENCH)
 
 bench-quick: $(STAMP_BENCH)
 	$(BIN)/python -m benchmarks.run --quick
+
+# nginx + redis-server + three replicas as plain processes on loopback, kill -9 of one mid-run
+# (installs the Debian packages when missing and root; see deploy/README.md).
+scale-test: install
+	$(BIN)/python scripts/scale_test.py --out .bench/scale-test.json
 
 # Builds the image on a local Debian base and runs it for real (root, apt; see deploy/README.md).
 container-test: install-serve
