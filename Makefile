@@ -40,9 +40,11 @@ imports: install
 typecheck: install
 	$(BIN)/mypy
 
-# The state-store tests start their own redis-server (tests/state_services.py).
+# The state-store tests start their own redis-server (tests/state_services.py); the deployment
+# tests check the nginx configuration with nginx -t.
 test: install lint imports typecheck
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install the Debian package redis-server (apt-get install redis-server)" >&2; exit 1; }
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { echo "nginx not found: install the Debian package nginx (apt-get install nginx)" >&2; exit 1; }
 	$(BIN)/pytest -q
 
 protos: install
