@@ -599,6 +599,7 @@ class DataPlane:
             if session_id:
                 session = await self.acquire(session_id)  # loads it if held elsewhere
                 self.store.release(session)
+                self.store.attach(session)
                 return StepStream(self, session, owned=False)
             return StepStream(self, self.store.create(ephemeral=True), owned=True)
         except BaseException:
@@ -750,4 +751,6 @@ class StepStream:
         self.closed = True
         if self.owned:
             self.plane.store.end(self.session, reason)
+        else:
+            self.plane.store.detach(self.session)
         self.plane.request_done()

@@ -6,6 +6,8 @@ monotonic clock (tests move it by hand); creation and last-use times are reporte
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
 import secrets
 import time
@@ -19,12 +21,21 @@ from .errors import AlreadyExists, Busy, NotFound, ResourceExhausted
 END_REASONS = ("closed", "expired", "evicted", "disconnected", "superseded")
 # Client-chosen ids: long enough not to be guessed by accident, safe in URLs, logs and headers.
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+# How many ended sessions, and for how long, NOT_FOUND can still explain (evicted or expired).
+GONE_MAX = 10_000
+GONE_TTL_S = 600.0
+QUOTE = 64  # characters of a client's id quoted back in a message
+
+
+def quote(sid: str) -> str:
+    return repr(sid[:QUOTE]) + ("..." if len(sid) > QUOTE else "")
 
 
 class Session:
     """One session's bookkeeping (its state lives in the pool at ``slot``)."""
 
     __slots__ = (
+        "attached",
         "busy",
         "created_mono",
         "created_wall",
@@ -50,6 +61,7 @@ class Session:
         self.busy = False
         self.ephemeral = ephemeral
         self.version = 1  # of its record in a durable state store (committed changes + 1)
+        self.attached = 0  # open streams attached to it: never evicted or expired meanwhile
 
     def last_used_wall(self) -> float:
         return self.created_wall + (self.last_used_mono - self.created_mono)
@@ -66,7 +78,13 @@ class SessionStore:
     """Creates, finds, expires and evicts sessions; owns their pool slots.
 
     ``eviction="refuse"`` makes :meth:`create` raise :class:`ResourceExhausted` when full;
-    ``"lru"`` first evicts the least recently used session that is not busy.
+    ``"lru"`` first evicts the least recently used session that is neither in a request nor
+    attached to an open stream.
+
+    Cost: every operation is O(log n) or better in the number of sessions (a heap of idle
+    deadlines, lazily pruned, instead of a scan), so CreateSession costs the same at 100k
+    sessions as at 1k. An id that was evicted or expired answers NOT_FOUND saying so for
+    ``GONE_TTL_S`` (at most ``GONE_MAX`` ids remembered).
     """
 
     def __init__(
@@ -89,6 +107,10 @@ class SessionStore:
         self.wall_clock = wall_clock
         # Insertion order = least recently used first (moved to the end on every use).
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        # (deadline, tie-break, session): one entry per touch; stale entries are skipped.
+        self._deadlines: list[tuple[float, int, Session]] = []
+        self._tie = itertools.count()
+        self._gone: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.stats = SessionStats()
 
     def __len__(self) -> int:
@@ -113,7 +135,7 @@ class SessionStore:
         ``session_id``: the id to use (checked by the caller); :class:`AlreadyExists` if held here.
         """
         if session_id and session_id in self._sessions:
-            raise AlreadyExists(f"session id {session_id[:64]!r} is taken")
+            raise AlreadyExists(f"session id {quote(session_id)} is taken")
         self.expire_idle()
         if len(self._sessions) >= self.max_sessions and not self._evict_one():
             raise ResourceExhausted(
@@ -130,7 +152,20 @@ class SessionStore:
         session = Session(sid, slot, now, wall, timeout, ephemeral)
         session.busy = held
         self._sessions[sid] = session
+        self._gone.pop(sid, None)
+        self._push_deadline(session)
         return session
+
+    def _push_deadline(self, session: Session) -> None:
+        deadline = session.last_used_mono + session.idle_timeout_s
+        heapq.heappush(self._deadlines, (deadline, next(self._tie), session))
+        if len(self._deadlines) > 2 * len(self._sessions) + 1024:
+            # Compact: one entry per live session (the newest deadline).
+            self._deadlines = [
+                (s.last_used_mono + s.idle_timeout_s, next(self._tie), s)
+                for s in self._sessions.values()
+            ]
+            heapq.heapify(self._deadlines)
 
     def _evict_one(self) -> bool:
         # With a durable store behind it this table only caches sessions: dropping the least
@@ -139,9 +174,10 @@ class SessionStore:
         if self.eviction != "lru" and not self.durable:
             return False
         for session in self._sessions.values():
-            if not session.busy and not (self.durable and session.ephemeral):
-                self._end(session, "evicted")
-                return True
+            if session.busy or session.attached or (self.durable and session.ephemeral):
+                continue
+            self._end(session, "evicted")
+            return True
         return False
 
     def local(self, sid: str) -> Session | None:
@@ -157,17 +193,43 @@ class SessionStore:
         """The live session ``sid``; raises :class:`NotFound` (expired ones are ended here)."""
         session = self._sessions.get(sid)
         if session is None:
-            raise NotFound(f"session {sid!r} not found (never created, closed or expired)")
-        if not session.busy and self.clock() - session.last_used_mono > session.idle_timeout_s:
+            raise NotFound(self.why_not_found(sid))
+        if self._idle_past_deadline(session, self.clock()):
             self._end(session, "expired")
-            raise NotFound(f"session {sid!r} expired after {session.idle_timeout_s:g} s idle")
+            raise NotFound(self.why_not_found(sid))
         return session
+
+    def why_not_found(self, sid: str) -> str:
+        """What NOT_FOUND says about ``sid``: evicted or expired when remembered."""
+        gone = self._gone.get(sid)
+        if gone is not None and self.clock() - gone[1] <= GONE_TTL_S:
+            return f"session {quote(sid)} {gone[0]}"
+        return f"session {quote(sid)} not found (never created, closed or expired)"
+
+    @staticmethod
+    def _idle_past_deadline(session: Session, now: float) -> bool:
+        return (
+            not session.busy
+            and not session.attached
+            and now - session.last_used_mono > session.idle_timeout_s
+        )
+
+    def attach(self, session: Session) -> None:
+        """An open stream holds ``session`` (by id) until :meth:`detach`."""
+        session.attached += 1
+        self.touch(session)
+
+    def detach(self, session: Session) -> None:
+        session.attached = max(0, session.attached - 1)
+        self.touch(session)
 
     def acquire(self, sid: str) -> Session:
         """Mark ``sid`` busy for one request; raises :class:`NotFound` or :class:`Busy`."""
         session = self.get(sid)
         if session.busy:
-            raise Busy(f"session {sid} is busy with another request (one at a time per session)")
+            raise Busy(
+                f"session {quote(sid)} is busy with another request (one at a time per session)"
+            )
         session.busy = True
         self.touch(session)
         return session
@@ -178,7 +240,7 @@ class SessionStore:
         Raises :class:`NotFound` when it has been ended meanwhile.
         """
         if self._sessions.get(session.id) is not session:
-            raise NotFound(f"session {session.id} was ended")
+            raise NotFound(f"session {quote(session.id)} was ended")
         session.busy = True
         self.touch(session)
         return session
@@ -189,14 +251,15 @@ class SessionStore:
 
     def touch(self, session: Session) -> None:
         session.last_used_mono = self.clock()
-        if session.id in self._sessions:
+        if self._sessions.get(session.id) is session:
             self._sessions.move_to_end(session.id)
+            self._push_deadline(session)
 
     def close(self, sid: str, reason: str = "closed") -> None:
         """End ``sid``; raises :class:`NotFound` or :class:`Busy` (close it after the request)."""
         session = self.get(sid)
         if session.busy:
-            raise Busy(f"session {sid} is busy with another request; close it afterwards")
+            raise Busy(f"session {quote(sid)} is busy with another request; close it afterwards")
         self._end(session, reason)
 
     def end(self, session: Session, reason: str) -> None:
@@ -209,15 +272,30 @@ class SessionStore:
         self.pool.free(session.slot)
         session.slot = -1
         self.stats.ended[reason] += 1
+        if reason in ("evicted", "expired"):
+            why = (
+                "was evicted (the session table was full)"
+                if reason == "evicted"
+                else f"expired after {session.idle_timeout_s:g} s idle"
+            )
+            self._gone[session.id] = (why, self.clock())
+            self._gone.move_to_end(session.id)
+            while len(self._gone) > GONE_MAX:
+                self._gone.popitem(last=False)
 
     def expire_idle(self) -> int:
-        """End every idle session past its timeout; returns how many."""
+        """End every idle session past its timeout; returns how many. O(k log n) for k due."""
         now = self.clock()
-        expired = [
-            s
-            for s in self._sessions.values()
-            if not s.busy and now - s.last_used_mono > s.idle_timeout_s
-        ]
-        for s in expired:
-            self._end(s, "expired")
-        return len(expired)
+        n = 0
+        heap = self._deadlines
+        while heap and heap[0][0] < now:
+            _, _, session = heapq.heappop(heap)
+            if self._sessions.get(session.id) is not session:
+                continue  # ended already
+            if self._idle_past_deadline(session, now):
+                self._end(session, "expired")
+                n += 1
+            # Busy or attached: touched again when released or detached (a new entry).
+        while self._gone and now - next(iter(self._gone.values()))[1] > GONE_TTL_S:
+            self._gone.popitem(last=False)
+        return n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from server.batch import StatePool
@@ -86,3 +87,65 @@ def test_busy_and_close():
     with pytest.raises(NotFound):
         store.get(s.id)
     assert store.stats.ended["closed"] == 1
+
+
+def test_attached_and_busy_sessions_are_never_evicted_and_evicted_ids_say_so():
+    lru, clock = make(3, "lru")
+    a, b, c = lru.create(), lru.create(), lru.create()
+    lru.attach(a)  # an open stream holds it
+    lru.acquire(b.id)  # a request holds it
+    clock.t = 1
+    d = lru.create()  # evicts c: the only one neither attached nor busy
+    assert lru.get(a.id) is a and lru.get(b.id) is b and lru.get(d.id) is d
+    with pytest.raises(NotFound, match="was evicted"):
+        lru.get(c.id)
+    lru.release(b)
+    e = lru.create()  # now b is the least recently used free one... but d is older
+    assert lru.local(d.id) is None and lru.local(b.id) is b and lru.local(e.id) is e
+    with pytest.raises(NotFound, match="was evicted"):
+        lru.get(d.id)
+    lru.detach(a)
+    lru.acquire(b.id)
+    lru.acquire(e.id)
+    f = lru.create()  # a is free again: evicted
+    assert lru.local(a.id) is None and lru.local(f.id) is f
+
+
+def test_attached_sessions_do_not_expire_while_their_stream_is_open():
+    store, clock = make(4)
+    s = store.create()
+    store.attach(s)
+    clock.t += store.idle_timeout_s * 3
+    assert store.expire_idle() == 0 and store.get(s.id) is s
+    store.detach(s)  # counts as use: the idle clock starts again
+    clock.t += store.idle_timeout_s * 0.5
+    assert store.expire_idle() == 0
+    clock.t += store.idle_timeout_s
+    assert store.expire_idle() == 1
+    with pytest.raises(NotFound, match="expired after"):
+        store.get(s.id)
+
+
+def test_expiry_follows_the_last_use_through_many_touches():
+    store, clock = make(8)
+    sessions = [store.create() for _ in range(8)]
+    rng = np.random.default_rng()
+    last = {s.id: clock.t for s in sessions}
+    for _ in range(5000):  # enough touches to compact the deadline heap several times
+        clock.t += float(rng.random()) * 0.01
+        s = sessions[int(rng.integers(len(sessions)))]
+        store.touch(s)
+        last[s.id] = clock.t
+    assert len(store._deadlines) <= 2 * len(sessions) + 1024 + 1
+    cut = sorted(last.values())[3]
+    clock.t = cut + store.idle_timeout_s + 1e-9
+    expired = store.expire_idle()
+    want = sum(1 for t in last.values() if clock.t - t > store.idle_timeout_s)
+    assert expired == want and len(store) == 8 - want
+
+
+def test_not_found_quotes_at_most_64_characters_of_the_id():
+    store, _ = make()
+    with pytest.raises(NotFound) as e:
+        store.get("x" * 100_000)
+    assert len(str(e.value)) < 200
