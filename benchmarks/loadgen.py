@@ -1,6 +1,6 @@
 """Load generator: a separate process that drives the server over loopback with ``grpc.aio``.
 
-``python -m benchmarks.loadgen --target 127.0.0.1:PORT --mode generate|stream ...`` runs
+``python -m benchmarks.loadgen --target 127.0.0.1:PORT --mode MODE ...`` (modes below) runs
 ``--concurrency`` concurrent callers on one event loop, all starting at ``--start-ns`` (a
 ``time.monotonic_ns()`` value, which is system-wide on Linux, so several loadgen processes share
 one measurement window). Only events inside the window ``[start + warmup, start + warmup +
@@ -16,6 +16,14 @@ Modes:
   counts k tokens of g/k each: the server coalesces tokens for slow readers).
 * ``stream``: each caller holds one ``StepStream`` (an ephemeral session) and does client-driven
   steps, one token in and one distribution (last logits) out, recording each round trip.
+* ``stream-named``: as ``stream``, but each caller first creates a named session
+  (``CreateSession``) and attaches its ``StepStream`` to it (the first message carries the id),
+  so with a durable ``--state-store`` every step is a write-through (ephemeral sessions are
+  never written). A stream rather than unary ``Step`` calls: the transport is then the same as
+  ``stream``'s, so the two modes differ only by the commit, and the cost of write-through is
+  not mixed with the cost of one RPC per step. After the window each caller reads the
+  session back (``GetSession``, which reads the store when there is one) and counts an error
+  ``STEPS_MISMATCH`` unless it holds every acknowledged step; then it closes the session.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import numpy as np
 
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from server.client import SESSION_HEADER
 
 PROMPT = "the time traveller for so it will be convenient to speak of him "
 
@@ -104,20 +113,56 @@ async def _generate_worker(
 
 
 async def _stream_worker(stub: Any, s: Samples, win: tuple[int, int], vocab: int) -> None:
+    await _stream_steps(stub.StepStream(), "", s, win, vocab)
+
+
+async def _named_stream_worker(stub: Any, s: Samples, win: tuple[int, int], vocab: int) -> None:
+    try:
+        sid = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+    except grpc.aio.AioRpcError as e:
+        s.error(f"create:{e.code().name}")
+        return
+    # The id as metadata too, as clients send it (a proxy in front of replicas routes on it).
+    route = ((SESSION_HEADER, sid),)
+    try:
+        acked = await _stream_steps(stub.StepStream(metadata=route), sid, s, win, vocab)
+        if acked is not None:
+            info = await stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=route)
+            if info.steps != acked:
+                s.error("STEPS_MISMATCH")
+    except grpc.aio.AioRpcError as e:
+        if e.code() != grpc.StatusCode.CANCELLED:
+            s.error(f"check:{e.code().name}")
+    finally:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=route)
+
+
+async def _stream_steps(
+    call: Any, session_id: str, s: Samples, win: tuple[int, int], vocab: int
+) -> int | None:
+    """Client-driven steps on ``call`` until the window closes; the first message names
+    ``session_id`` (empty: the stream's own ephemeral session). Returns the session's step
+    count from the last answer, or None when the stream failed."""
     ws, we = win
     clock = time.monotonic_ns
     rng = random.Random()
-    call = stub.StepStream()
+    steps: int | None = None
     try:
+        first = True
         while True:
             req = pb.StepStreamRequest(token_ids=[rng.randrange(1, vocab)])
+            if first and session_id:
+                req.session_id = session_id
+            first = False
             t0 = clock()
             await call.write(req)
             resp = await call.read()
             t = clock()
             if resp is grpc.aio.EOF:
                 s.error("EOF")
-                return
+                return None
+            steps = resp.steps
             if t0 >= ws and t <= we:
                 s.rtt_ns.append(t - t0)
                 s.tokens += 1
@@ -127,8 +172,10 @@ async def _stream_worker(stub: Any, s: Samples, win: tuple[int, int], vocab: int
     except grpc.aio.AioRpcError as e:
         if e.code() != grpc.StatusCode.CANCELLED:
             s.error(e.code().name)
+        return None
     finally:
         call.cancel()
+    return steps
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,6 +203,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         stub = stubs[i % len(stubs)]
         if args.mode == "generate":
             coro = _generate_worker(stub, s, (ws, we), args.max_tokens, args.seed + 100_000 * i)
+        elif args.mode == "stream-named":
+            coro = _named_stream_worker(stub, s, (ws, we), args.vocab)
         else:
             coro = _stream_worker(stub, s, (ws, we), args.vocab)
         workers.append(asyncio.ensure_future(coro))
@@ -195,7 +244,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.loadgen")
     p.add_argument("--target", required=True)
-    p.add_argument("--mode", choices=("generate", "stream"), required=True)
+    p.add_argument("--mode", choices=("generate", "stream", "stream-named"), required=True)
     p.add_argument("--concurrency", type=int, required=True)
     p.add_argument("--duration", type=float, default=5.0, help="measured window, seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before the window")

@@ -249,12 +249,52 @@ def parts(result: dict[str, Any]) -> list[Part]:
                 f"StepStream 16 {_f(fe['stream_ratio'], 3)}."
             )
         )
+    out.extend(_stores(s.get("state_stores", {})))
     loads = ", ".join(
         f"{k} {sec.get('load_average_after', ['?'])[0]}"
         for k, sec in s.items()
         if "elapsed_s" in sec
     )
     out.append(Part(body=f"Per-section load average at its end: {loads}"))
+    return out
+
+
+def _stores(st: dict[str, Any]) -> list[Part]:
+    """Section 11: the rows per round and store, the ratios to memory, the scale test."""
+    if "rows" not in st:
+        return []
+    rows = [[r["round"], r["store"], *stream_cells(r)] for r in st["rows"]]
+    out = [
+        Part(
+            "11. State stores: StepStream on named sessions",
+            " (every step a write-through on sqlite and redis; ms; client/server in cores)",
+            Table(["round", "store", *STREAM_HEAD], rows),
+        )
+    ]
+    ratios = "; ".join(
+        f"{name} " + ", ".join(f"{_f(v, 3)} at {k.removeprefix('stream')}" for k, v in by.items())
+        for name, by in st["vs_memory"].items()
+    )
+    text = f"Steps/s ÷ memory's at the same streams (median of {st['rounds']} round(s)): "
+    text += f"{ratios or '–'}."
+    text += f" SQLite file on {st.get('sqlite_fs') or 'an unknown file system'}."
+    if st.get("redis_skipped"):
+        text += f" No Redis: {st['redis_skipped']}."
+    out.append(Part(body=text))
+    sc = st.get("scale_test", {})
+    if "result" in sc:
+        r = sc["result"]
+        text = (
+            f"Scale test (`{sc['command']}`, nginx + Redis + {r['replicas']} replicas, one killed "
+            f"with -9): {'passed' if sc['passed'] else '**failed**'}; failover "
+            f"{_f(r['failover_s_first'], 3)} s first, **{_f(r['failover_s_last'], 3)} s** last "
+            f"({r['sessions_affected_by_the_kill']} of {r['sessions']} sessions affected); "
+            f"{_f(r['calls_per_s'], 1)} calls/s through the proxy; {r['retries']} retries, "
+            f"{r['mismatches']} mismatches."
+        )
+    else:
+        text = f"Scale test: not run ({sc.get('skipped', 'no result')})."
+    out.append(Part(body=text))
     return out
 
 

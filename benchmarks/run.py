@@ -11,7 +11,9 @@ Sections (each one records its figures or ``skipped`` with the reason; nothing i
 7. resident memory growth for many idle sessions against their raw state bytes;
 8. training throughput of our two cells against the book's own code (d2l);
 9. the engine's own cost per iteration (a fake model) against the in-process model call;
-10. the server with ``--frontends 1`` and ``--frontends 2`` side by side.
+10. the server with ``--frontends 1`` and ``--frontends 2`` side by side;
+11. named sessions on the memory, SQLite and Redis state stores (the cost of write-through),
+    and once in full runs the scale test's failover (nginx, Redis, 3 replicas, kill -9).
 
 Writes ``DIR/results.json`` (top-level ``summary`` of ratios, ``summary_reasons`` for any that
 are null), PNG plots beside it, and on stdout the tables of ``benchmarks.report`` as plain
@@ -34,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import common, engine_overhead, inprocess, report, training_bench
+from . import common, engine_overhead, inprocess, report, state_stores, training_bench
 from . import server_bench as sb
 from .common import SectionSkipped, ratio
 
@@ -59,6 +61,10 @@ SUMMARY_KEYS = (
     "engine_overhead_vs_model_b256",
     "frontends2_vs_1_generate64",
     "frontends2_vs_1_stream16",
+    "store_sqlite_vs_memory_stream16",
+    "store_redis_vs_memory_stream16",
+    "store_redis_step_p50_ms",
+    "failover_s",
 )
 # (key, comparison, target) from the issue. Every run records the verdicts; only a full run's
 # figures are meant to be judged by them (--quick is a smoke test).
@@ -108,6 +114,12 @@ class Profile:
         self.engine_rounds = 1 if quick else 3
         self.frontend_counts = (1, 2)
         self.frontend_rounds = 1 if quick else 2
+        self.store_streams = [1, 16]
+        self.store_rounds = 1 if quick else 2
+        # scripts/scale_test.py's load (the issue's figures); full runs only.
+        self.scale_sessions = 16
+        self.scale_steps = 30
+        self.scale_timeout_s = 240.0
 
 
 def _default_corpus() -> Path | None:
@@ -388,6 +400,92 @@ def frontends(ctx: Context) -> dict[str, Any]:
     }
 
 
+def stores(ctx: Context) -> dict[str, Any]:
+    """StepStream on named sessions (loadgen ``stream-named``: with a durable store every step
+    is a write-through) at each of ``store_streams``, against three servers started side by
+    side, ``--state-store memory``, ``sqlite:///TMP/s.db`` and ``redis://`` a throwaway Redis,
+    loaded in turn per point, the order flipped every round. Each store's steps/s ÷ memory's
+    within a round, median. Then, in full runs only, ``scripts/scale_test.py`` once."""
+    _need_server(ctx)
+    p = ctx.prof
+    out: dict[str, Any] = {"streams": p.store_streams, "rounds": p.store_rounds}
+    rows: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-stores-") as tmp,
+        state_stores.throwaway_redis() as (redis_url, redis_missing),
+    ):
+        urls = {"memory": "memory", "sqlite": f"sqlite:///{Path(tmp) / 's.db'}"}
+        if redis_url is not None:
+            urls["redis"] = redis_url
+        else:
+            out["redis_skipped"] = redis_missing
+        out["stores"] = urls
+        # A commit to a tmpfs costs less than one to a disk: say which this was.
+        out["sqlite_fs"] = state_stores.fs_type(Path(tmp))
+        with contextlib.ExitStack() as stack:
+            servers = {
+                name: stack.enter_context(
+                    sb.running_server(
+                        ctx.model.path,
+                        extra=[*ctx.server_flags(), "--state-store", url],
+                        source=ctx.args.server_src,
+                    )
+                )
+                for name, url in urls.items()
+            }
+            names = list(urls)
+            for r in range(p.store_rounds):
+                order = names if r % 2 == 0 else names[::-1]
+                for c in p.store_streams:
+                    for name in order:
+                        row = sb.drive(
+                            servers[name], _load(ctx, "stream-named", c), ctx.model.vocab_size
+                        )
+                        rows.append({"round": r, "store": name, **row})
+    out["rows"] = rows
+
+    def at(r: int, name: str, c: int) -> dict[str, Any]:
+        return next(x for x in rows if (x["round"], x["store"], x["concurrency"]) == (r, name, c))
+
+    def median(vals: list[float | None]) -> float | None:
+        known = [v for v in vals if v is not None]
+        return float(statistics.median(known)) if known else None
+
+    rounds = range(p.store_rounds)
+    out["vs_memory"] = {
+        name: {
+            f"stream{c}": median(
+                [
+                    ratio(at(r, name, c)["steps_per_s"], at(r, "memory", c)["steps_per_s"])
+                    for r in rounds
+                ]
+            )
+            for c in p.store_streams
+        }
+        for name in urls
+        if name != "memory"
+    }
+    out["rtt_p50_ms"] = {
+        name: {
+            f"stream{c}": median([at(r, name, c)["rtt"]["p50_ms"] for r in rounds])
+            for c in p.store_streams
+        }
+        for name in urls
+    }
+    if ctx.args.quick:
+        out["scale_test"] = {
+            "skipped": "quick mode: the scale test needs nginx, Redis and three more "
+            "replicas; full runs only"
+        }
+    else:
+        # After the three servers stopped: the scale test loads both cores by itself.
+        with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+            out["scale_test"] = state_stores.scale_test(
+                Path(tmp) / "scale.json", p.scale_sessions, p.scale_steps, p.scale_timeout_s
+            )
+    return out
+
+
 # Section n is SECTIONS[n - 1] (what --sections selects); the keys are results.json's.
 SECTIONS: tuple[tuple[str, Section], ...] = (
     ("inprocess_ort", inprocess_ort),
@@ -400,6 +498,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("training", training),
     ("engine_overhead", engine_overhead_section),
     ("frontends", frontends),
+    ("state_stores", stores),
 )
 
 # --- server sweeps -----------------------------------------------------------------------------
@@ -564,7 +663,42 @@ def summarise(ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
     fe = s.get("frontends", {})
     put("frontends2_vs_1_generate64", fe.get("generate_ratio"), "frontends")
     put("frontends2_vs_1_stream16", fe.get("stream_ratio"), "frontends")
+    _summarise_stores(ctx, summary, reasons)
     return summary, reasons
+
+
+def _summarise_stores(ctx: Context, summary: dict[str, Any], reasons: dict[str, str]) -> None:
+    st = ctx.sections.get("state_stores", {})
+    vs, p50 = st.get("vs_memory", {}), st.get("rtt_p50_ms", {})
+
+    def why(store: str) -> str:
+        if "skipped" in st:
+            return ctx.reason("state_stores")
+        if store == "redis" and st.get("redis_skipped"):
+            return f"state_stores: no Redis: {st['redis_skipped']}"
+        return "not measured"
+
+    figures = (
+        ("store_sqlite_vs_memory_stream16", "sqlite", vs.get("sqlite", {}).get("stream16")),
+        ("store_redis_vs_memory_stream16", "redis", vs.get("redis", {}).get("stream16")),
+        ("store_redis_step_p50_ms", "redis", p50.get("redis", {}).get("stream1")),
+    )
+    for key, store, value in figures:
+        summary[key] = value
+        if value is None:
+            reasons[key] = why(store)
+    scale = st.get("scale_test", {})
+    failover = (scale.get("result") or {}).get("failover_s_last")
+    summary["failover_s"] = None if failover is None else float(failover)
+    if failover is None:
+        if "skipped" in st:
+            reasons["failover_s"] = ctx.reason("state_stores")
+        elif "skipped" in scale:
+            reasons["failover_s"] = f"state_stores: scale test skipped: {scale['skipped']}"
+        else:
+            reasons["failover_s"] = (
+                "the scale test reported no failover (no session hit by the kill)"
+            )
 
 
 def check_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:

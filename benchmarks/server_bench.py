@@ -201,7 +201,7 @@ def _wait_serving(target: str, timeout: float) -> None:
 
 @dataclass(frozen=True)
 class LoadSpec:
-    mode: str  # "generate" or "stream"
+    mode: str  # a loadgen --mode: "generate", "stream" or "stream-named"
     concurrency: int
     duration: float
     warmup: float

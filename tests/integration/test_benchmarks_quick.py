@@ -36,6 +36,10 @@ REQUIRED = (
     "engine_overhead_vs_model_b256",
     "frontends2_vs_1_generate64",
     "frontends2_vs_1_stream16",
+    "store_sqlite_vs_memory_stream16",
+    "store_redis_vs_memory_stream16",
+    "store_redis_step_p50_ms",
+    "failover_s",
 )
 SERVER_KEYS = (
     "p1_generate64_vs_inprocess",
@@ -44,7 +48,10 @@ SERVER_KEYS = (
     "p6_session_memory_ratio",
     "frontends2_vs_1_generate64",
     "frontends2_vs_1_stream16",
+    "store_sqlite_vs_memory_stream16",
 )
+# Section 11 with a throwaway Redis (null only when none could be started, with that reason).
+REDIS_KEYS = ("store_redis_vs_memory_stream16", "store_redis_step_p50_ms")
 # In process (the engine with a fake model): measured whenever server/ imports.
 ENGINE_KEYS = (
     "engine_overhead_vs_model_b1",
@@ -103,6 +110,7 @@ def test_sections_ran_or_say_why(quick_run: tuple[subprocess.CompletedProcess[st
         "training",
         "engine_overhead",
         "frontends",
+        "state_stores",
     ):
         assert key in sections
         assert not sections[key].get("failed"), sections[key]
@@ -158,3 +166,30 @@ def test_table_and_plots(quick_run: tuple[subprocess.CompletedProcess[str], dict
     for name in plots:
         head = (Path(data["_out"]) / name).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_state_stores_section(quick_run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
+    """Section 11: named sessions on every store, every acknowledged step read back (the load
+    generator counts STEPS_MISMATCH otherwise), and the scale test left out of quick runs."""
+    proc, data = quick_run
+    summary, reasons = data["summary"], data["summary_reasons"]
+    # The scale test needs nginx and three replicas: full runs only, and the summary says so.
+    assert summary["failover_s"] is None and "quick" in reasons["failover_s"]
+    st = data["sections"]["state_stores"]
+    if server_available() is not None:
+        pytest.skip(server_available())
+    stores = {"memory", "sqlite"} | ({"redis"} if "redis_skipped" not in st else set())
+    assert set(st["stores"]) == stores
+    assert st["stores"]["sqlite"].startswith("sqlite:////")
+    assert {(r["store"], r["concurrency"]) for r in st["rows"]} == {
+        (name, c) for name in stores for c in (1, 16)
+    }
+    for row in st["rows"]:
+        assert row["errors"] == {}, row
+        assert row["steps_per_s"] > 0 and row["rtt"]["n"] > 0
+    for key in REDIS_KEYS:
+        if "redis" in stores:
+            assert summary[key] is not None, reasons.get(key)
+        else:
+            assert summary[key] is None and "Redis" in reasons[key]
+    assert "11. State stores" in proc.stdout
