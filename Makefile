@@ -27,7 +27,7 @@ install: $(STAMP_ALL)
 install-serve: $(STAMP_SERVE)
 
 serve: install-serve
-	$(BIN)/lstm-serve
+	$(BIN)/lstm-serve --reflection
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,13 +2,13 @@
 
 * :func:`build_core`: the engine side (model, state pool, sessions, engine loop, data plane,
   metrics). The engine process (:mod:`server.engine_host`) serves it to the front ends.
-* :func:`grpc_server`: a gRPC server with our service, health and reflection; each front end
-  (:mod:`server.frontend`) runs one over a remote data plane.
+* :func:`grpc_server`: a gRPC server with our service, health and (optionally) reflection;
+  each front end (:mod:`server.frontend`) runs one over a remote data plane.
 * :class:`App`: both in one process (the core behind a local gRPC server). ``lstm-serve`` runs
   the multi-process topology (:mod:`server.supervisor`); App is for embedding the server in a
   Python process: the integration tests use it to read the engine's state and drive its clock.
 
-Start-up of an App: the gRPC server (health NOT_SERVING, reflection) comes up first, the model
+Start-up of an App: the gRPC server (health NOT_SERVING) comes up first, the model
 loads in a worker thread, then health turns SERVING. Drain (:meth:`App.drain`): health
 NOT_SERVING, new requests UNAVAILABLE, in-flight ones get ``drain_grace_s`` to finish, then
 everything stops.
@@ -27,10 +27,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-
+from .auth import Authenticator
 from .batch import StatePool
 from .dataplane import DataPlane, Limits
+from .decode import add_servicer
 from .durable import Durable
 from .engine import Engine
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
@@ -132,7 +132,16 @@ async def build_core(
     if s.state_store != "memory":
         identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
         durable = Durable(open_store(s.state_store), identity)
-    plane = DataPlane(runtime, store, engine, limits, durable)
+    plane = DataPlane(
+        runtime,
+        store,
+        engine,
+        limits,
+        durable,
+        max_sessions_per_principal=s.max_sessions_per_principal,
+        rate_limit_rps=s.rate_limit_rps,
+        expose_build_info=s.expose_build_info,
+    )
     engine.start()
     core = Core(
         settings=s,
@@ -164,31 +173,57 @@ def grpc_server(
     *,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Our service, health and reflection on ``host:port``; ``(server, bound port)``.
+    """Our service, health and (with ``--reflection``) reflection on ``host:port``;
+    ``(server, bound port)``. Requests over ``settings.max_message_bytes()`` get
+    RESOURCE_EXHAUSTED from grpc; undecodable ones INVALID_ARGUMENT (:mod:`server.decode`).
 
     ``reuse_port``: several front-end processes share the port (SO_REUSEPORT; the kernel
     spreads connections over them). Off otherwise, so that a second server on a taken port fails
     instead of silently sharing it. Raises :class:`OSError` when the port cannot be bound.
     """
     s = settings
+    servicer.authenticator = Authenticator(s.auth_tokens, client_certs=bool(s.tls_client_ca))
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ("grpc.max_receive_message_length", 16 << 20),
+            ("grpc.max_receive_message_length", s.max_message_bytes()),
+            # A backstop: responses are bounded by the request limits and the model (the
+            # largest, an all-logits Step, is max_prompt_tokens * V * 4 bytes).
+            ("grpc.max_send_message_length", 64 << 20),
         ]
     )
-    pb_grpc.add_LstmServeServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if s.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     try:
-        port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if s.tls_cert:
+            port = server.add_secure_port(f"{s.host}:{s.port}", server_credentials(s))
+        else:
+            port = server.add_insecure_port(f"{s.host}:{s.port}")
     except RuntimeError:
         port = 0
     if port == 0:
         raise OSError(f"cannot listen on {s.host}:{s.port}")
     return server, port
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS from ``--tls-cert``/``--tls-key``; with ``--tls-client-ca``, client certificates
+    signed by that CA are required (mutual TLS)."""
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(settings.tls_key), read(settings.tls_cert))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 async def set_health(health_servicer: health.aio.HealthServicer, status: int) -> None:

@@ -9,6 +9,7 @@ describes the model. Errors print the status code and message and exit non-zero.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,20 +23,48 @@ from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 SESSION_HEADER = "lstm-session-id"
 
 
-def _route(session_id: str) -> tuple[tuple[str, str], ...] | None:
-    # Every call that names a session carries its id as metadata too, so an L7 proxy in front
-    # of several replicas (nginx: hash $http_lstm_session_id) sends it where the session lives.
-    return ((SESSION_HEADER, session_id),) if session_id else None
+TOKEN_ENV = "LSTM_SERVE_TOKEN"
 
 
 class LstmClient:
     """Blocking client. Every method raises :class:`grpc.RpcError` on a non-OK status."""
 
-    def __init__(self, target: str, *, timeout: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        """``tls_ca`` (PEM file) turns TLS on; ``tls_cert``/``tls_key`` add a client
+        certificate (mutual TLS); ``token`` is sent as ``authorization: Bearer TOKEN``."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls_ca or tls_cert:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+            self.channel = grpc.secure_channel(target, creds)
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.LstmServeStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
+        self._auth: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+
+    def _md(self, session_id: str = "") -> tuple[tuple[str, str], ...]:
+        # Every call that names a session carries its id as metadata too, so an L7 proxy in
+        # front of several replicas (nginx: hash $http_lstm_session_id) sends it where the
+        # session lives.
+        route = ((SESSION_HEADER, session_id),) if session_id else ()
+        return self._auth + route
 
     def close(self) -> None:
         self.channel.close()
@@ -51,7 +80,7 @@ class LstmClient:
         req = pb.CreateSessionRequest(idle_timeout_s=idle_timeout_s, session_id=session_id)
         return str(
             self.stub.CreateSession(
-                req, timeout=self.timeout, metadata=_route(session_id)
+                req, timeout=self.timeout, metadata=self._md(session_id)
             ).session_id
         )
 
@@ -59,21 +88,21 @@ class LstmClient:
         self.stub.CloseSession(
             pb.CloseSessionRequest(session_id=session_id),
             timeout=self.timeout,
-            metadata=_route(session_id),
+            metadata=self._md(session_id),
         )
 
     def reset_session(self, session_id: str) -> None:
         self.stub.ResetSession(
             pb.ResetSessionRequest(session_id=session_id),
             timeout=self.timeout,
-            metadata=_route(session_id),
+            metadata=self._md(session_id),
         )
 
     def get_session(self, session_id: str) -> Any:
         return self.stub.GetSession(
             pb.GetSessionRequest(session_id=session_id),
             timeout=self.timeout,
-            metadata=_route(session_id),
+            metadata=self._md(session_id),
         )
 
     def export_session(self, session_id: str) -> bytes:
@@ -82,7 +111,7 @@ class LstmClient:
             self.stub.ExportSession(
                 pb.ExportSessionRequest(session_id=session_id),
                 timeout=self.timeout,
-                metadata=_route(session_id),
+                metadata=self._md(session_id),
             ).record
         )
 
@@ -93,7 +122,7 @@ class LstmClient:
             self.stub.ImportSession(
                 pb.ImportSessionRequest(record=record, session_id=session_id),
                 timeout=self.timeout,
-                metadata=_route(sid),
+                metadata=self._md(sid),
             ).session_id
         )
 
@@ -103,12 +132,14 @@ class LstmClient:
             self.stub.ForkSession(
                 pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id),
                 timeout=self.timeout,
-                metadata=_route(session_id),
+                metadata=self._md(session_id),
             ).session_id
         )
 
     def model_info(self) -> Any:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._md()
+        )
 
     def step(
         self,
@@ -122,7 +153,7 @@ class LstmClient:
         req = pb.StepRequest(
             session_id=session_id, text=text, token_ids=token_ids, output=output, top_k=top_k
         )
-        return self.stub.Step(req, timeout=self.timeout, metadata=_route(session_id))
+        return self.stub.Step(req, timeout=self.timeout, metadata=self._md(session_id))
 
     def generate(
         self,
@@ -148,7 +179,7 @@ class LstmClient:
         )
         if seed is not None:
             req.seed = seed
-        call = self.stub.Generate(req, timeout=self.timeout, metadata=_route(session_id))
+        call = self.stub.Generate(req, timeout=self.timeout, metadata=self._md(session_id))
         try:
             yield from call
         finally:
@@ -172,6 +203,14 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
         sp.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        sp.add_argument("--tls-ca", default=None, help="PEM CA bundle: connect with TLS")
+        sp.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+        sp.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+        sp.add_argument(
+            "--token",
+            default=os.environ.get(TOKEN_ENV) or None,
+            help=f"bearer token (default: ${TOKEN_ENV})",
+        )
 
     g = sub.add_parser("generate", help="print a generated continuation of a prompt")
     common(g)
@@ -214,7 +253,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        with LstmClient(args.target, timeout=args.timeout) as client:
+        with LstmClient(
+            args.target,
+            timeout=args.timeout,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token=args.token,
+        ) as client:
             sys.exit(_run(client, args))
     except grpc.RpcError as e:
         code = e.code() if hasattr(e, "code") else None
@@ -274,6 +320,13 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
         print(client.fork_session(args.session, args.new_session_id))
         return 0
     return 2
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import secrets
+import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,7 +23,14 @@ import numpy as np
 from .batch import SlotSnapshot
 from .durable import Durable, session_record
 from .engine import Engine, Generation, StepWork
-from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from .errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from .runtime import ModelRuntime
 from .sessions import SESSION_ID, Session, SessionStore
 from .state.record import ModelIdentity, RecordError, SessionRecord
@@ -99,6 +108,25 @@ OUTPUT_ALL = "all"
 OUTPUT_TOP_K = "top_k"
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a request, and until when it may still change anything.
+
+    ``principal``: the authenticated client ("" when authentication is off; then every client
+    is the same principal). ``deadline``: ``time.monotonic()`` value after which the client has
+    given up (None: no deadline); a request never commits a change after it.
+    """
+
+    principal: str = ""
+    deadline: float | None = None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+ANONYMOUS = Caller()
+
+
 class Stream(Protocol):
     """A step stream, as a transport sees it (local :class:`StepStream` or a remote one)."""
 
@@ -112,6 +140,8 @@ class Stream(Protocol):
         token_ids: Sequence[int] = (),
         output: str = OUTPUT_LAST,
         top_k: int = 0,
+        caller: Caller | None = None,
+        request_id: str = "",
     ) -> StepResult: ...
 
     async def close(self, reason: str = "closed") -> None: ...
@@ -129,14 +159,14 @@ class Plane(Protocol):
     async def model_info(self) -> ModelInfo: ...
 
     async def create_session(
-        self, idle_timeout_s: float = 0.0, session_id: str = ""
+        self, idle_timeout_s: float = 0.0, session_id: str = "", *, caller: Caller = ANONYMOUS
     ) -> SessionInfo: ...
 
-    async def close_session(self, session_id: str) -> None: ...
+    async def close_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> None: ...
 
-    async def reset_session(self, session_id: str) -> None: ...
+    async def reset_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> None: ...
 
-    async def get_session(self, session_id: str) -> SessionInfo: ...
+    async def get_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> SessionInfo: ...
 
     async def step(
         self,
@@ -146,18 +176,30 @@ class Plane(Protocol):
         token_ids: Sequence[int] = (),
         output: str = OUTPUT_LAST,
         top_k: int = 0,
+        caller: Caller = ANONYMOUS,
+        request_id: str = "",
     ) -> StepResult: ...
 
-    async def open_stream(self, session_id: str = "") -> Stream: ...
+    async def open_stream(self, session_id: str = "", *, caller: Caller = ANONYMOUS) -> Stream: ...
 
-    async def export_session(self, session_id: str) -> bytes: ...
+    async def export_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> bytes: ...
 
-    async def import_session(self, data: bytes, session_id: str = "") -> str: ...
+    async def import_session(
+        self, data: bytes, session_id: str = "", *, caller: Caller = ANONYMOUS
+    ) -> str: ...
 
-    async def fork_session(self, session_id: str, new_session_id: str = "") -> str: ...
+    async def fork_session(
+        self, session_id: str, new_session_id: str = "", *, caller: Caller = ANONYMOUS
+    ) -> str: ...
 
     def generate(
-        self, session_id: str, prompt: str, params: GenerateParams
+        self,
+        session_id: str,
+        prompt: str,
+        params: GenerateParams,
+        *,
+        caller: Caller = ANONYMOUS,
+        request_id: str = "",
     ) -> AsyncGenerator[GenerateChunk, None]: ...
 
 
@@ -175,12 +217,20 @@ class DataPlane:
         engine: Engine,
         limits: Limits,
         durable: Durable | None = None,
+        *,
+        max_sessions_per_principal: int = 0,
+        rate_limit_rps: float = 0.0,
+        expose_build_info: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.expose_build_info = expose_build_info
         self.spec = runtime.spec
         self.store = store
         self.engine = engine
         self.durable = durable
+        self.max_sessions_per_principal = max_sessions_per_principal
+        self.rate_limit_rps = rate_limit_rps
+        self._buckets: dict[str, tuple[float, float]] = {}
         self.model_identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
         self.limits = limits
         self.draining = False
@@ -194,11 +244,35 @@ class DataPlane:
 
     # --- admission -----------------------------------------------------------------------------
 
-    def _enter(self) -> None:
+    def _enter(self, caller: Caller) -> None:
         if self.draining:
             raise Unavailable("server is draining (shutting down); retry on another replica")
+        if self.rate_limit_rps > 0:
+            self._take_token(caller.principal)
         self.in_flight += 1
         self._idle.clear()
+
+    def _take_token(self, principal: str) -> None:
+        # A token bucket per principal holding two seconds' worth of requests.
+        rps = self.rate_limit_rps
+        burst = max(1.0, 2.0 * rps)
+        now = time.monotonic()
+        tokens, last = self._buckets.get(principal, (burst, now))
+        tokens = min(burst, tokens + (now - last) * rps)
+        if tokens < 1.0:
+            self._buckets[principal] = (tokens, now)
+            raise ResourceExhausted(
+                f"request rate over the limit for this principal (rate_limit_rps={rps:g}); "
+                "retry later"
+            )
+        self._buckets[principal] = (tokens - 1.0, now)
+
+    def _check_quota(self, caller: Caller) -> None:
+        n = self.max_sessions_per_principal
+        if n and self.store.owned_by(caller.principal) >= n:
+            raise ResourceExhausted(
+                f"session quota reached (max_sessions_per_principal={n}); close sessions first"
+            )
 
     def request_done(self) -> None:
         """A request (or stream) that entered is over."""
@@ -217,7 +291,21 @@ class DataPlane:
     # --- sessions ------------------------------------------------------------------------------
 
     async def model_info(self) -> ModelInfo:
+        """The model and the limits. ``config_json`` leaves out what the exporter recorded about
+        the build (checkpoint and corpus SHA-256, library versions: facts for an attacker, not
+        for a client) unless ``expose_build_info``."""
+
+        def public(value: object) -> object:
+            if not isinstance(value, dict):
+                return value
+            return {
+                k: public(v)
+                for k, v in value.items()
+                if not (k == "versions" or k.endswith("sha256"))
+            }
+
         s = self.spec
+        config = dict(s.config) if self.expose_build_info else public(dict(s.config))
         return ModelInfo(
             name=self.runtime.name,
             version=self.runtime.version,
@@ -227,7 +315,7 @@ class DataPlane:
             hidden_size=s.hidden_size,
             preprocess=s.preprocess,
             unk_id=s.unk_id,
-            config_json=json.dumps(dict(s.config), sort_keys=True),
+            config_json=json.dumps(config, sort_keys=True),
             limits=self.limits,
             state_bytes_per_session=s.state_bytes_per_session,
         )
@@ -245,41 +333,48 @@ class DataPlane:
         )
 
     async def create_session(
-        self, idle_timeout_s: float = 0.0, session_id: str = ""
+        self, idle_timeout_s: float = 0.0, session_id: str = "", *, caller: Caller = ANONYMOUS
     ) -> SessionInfo:
-        if not idle_timeout_s >= 0:
-            raise InvalidArgument(f"idle_timeout_s must be >= 0, got {idle_timeout_s}")
+        if not (idle_timeout_s >= 0 and math.isfinite(idle_timeout_s)):
+            raise InvalidArgument(
+                f"idle_timeout_s must be a finite number >= 0, got {idle_timeout_s}"
+            )
         if session_id:
             self._check_new_id(session_id)
-        self._enter()
+        self._enter(caller)
         try:
-            session = self.store.create(idle_timeout_s or None, session_id=session_id)
+            self._check_quota(caller)
+            session = self.store.create(
+                idle_timeout_s or None, session_id=session_id, owner=caller.principal
+            )
             await self._persist_new(session)
             return self._info(session)
         finally:
             self.request_done()
 
-    async def close_session(self, session_id: str) -> None:
+    async def close_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> None:
         self._check_id(session_id)
-        self._enter()
+        self._enter(caller)
         try:
-            session = self.store.local(session_id)
+            session = self._local(session_id, caller)
             if session is not None:
                 self.store.close(session_id)
             if self.durable is not None:
-                if session is None and await self.durable.load(session_id) is None:
-                    raise self._not_found(session_id)
+                if session is None:
+                    record = await self.durable.load(session_id)
+                    if record is None or record.owner != caller.principal:
+                        raise self._not_found(session_id)
                 await self.durable.delete([session_id])
             elif session is None:
                 raise self._not_found(session_id)
         finally:
             self.request_done()
 
-    async def reset_session(self, session_id: str) -> None:
+    async def reset_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> None:
         self._check_id(session_id)
-        self._enter()
+        self._enter(caller)
         try:
-            session = await self.acquire(session_id)
+            session = await self.acquire(session_id, caller)
             snap = self.engine.snapshot(session.slot)
             self.engine.reset(session.slot)
             try:
@@ -292,15 +387,17 @@ class DataPlane:
         finally:
             self.request_done()
 
-    async def get_session(self, session_id: str) -> SessionInfo:
+    async def get_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> SessionInfo:
         self._check_id(session_id)
-        self._enter()
+        self._enter(caller)
         try:
-            session = self.store.local(session_id)
+            session = self._local(session_id, caller)
             if self.durable is not None:
                 # The store is the truth: another replica may have advanced the session since
                 # this process last held it.
                 record = await self.durable.load(session_id)
+                if record is not None and record.owner != caller.principal:
+                    raise self._not_found(session_id)
                 # (A busy copy with no record may be a create that is still committing.)
                 if (
                     record is None
@@ -326,6 +423,8 @@ class DataPlane:
                         busy=False,
                         has_next_distribution=record.logits is not None,
                     )
+            if session is None:
+                raise self._not_found(session_id)
             return self._info(self.store.get(session_id))
         finally:
             self.request_done()
@@ -341,22 +440,33 @@ class DataPlane:
                 f"{session_id[:64]!r}{more}"
             )
 
-    @staticmethod
-    def _not_found(session_id: str) -> NotFound:
-        return NotFound(f"session {session_id[:64]!r} not found (never created, closed or expired)")
+    def _not_found(self, session_id: str) -> NotFound:
+        return NotFound(self.store.why_not_found(session_id))
 
-    async def acquire(self, session_id: str) -> Session:
-        """Hold ``session_id`` for one request, loading it from the durable store when this
-        process does not hold it (after a restart, a failover or a move between replicas).
+    def _local(self, session_id: str, caller: Caller) -> Session | None:
+        """The session if held here and owned by ``caller``. Another principal's session is
+        reported exactly like one that does not exist: no oracle for which ids are taken."""
+        session = self.store.local(session_id)
+        if session is not None and session.owner != caller.principal:
+            raise self._not_found(session_id)
+        return session
 
-        Raises :class:`NotFound`, :class:`Busy`, or :class:`FailedPrecondition` (a record
-        written for another model).
+    async def acquire(self, session_id: str, caller: Caller = ANONYMOUS) -> Session:
+        """Hold ``session_id`` for one request of ``caller``, loading it from the durable store
+        when this process does not hold it (after a restart, a failover or a move between
+        replicas).
+
+        Raises :class:`NotFound` (also for another principal's session), :class:`Busy`, or
+        :class:`FailedPrecondition` (a record written for another model).
         """
-        if self.durable is not None and self.store.local(session_id) is None:
+        if self.durable is not None and self._local(session_id, caller) is None:
             record = await self.durable.load(session_id)
+            if record is not None and record.owner != caller.principal:
+                raise self._not_found(session_id)
             # Another request may have loaded it while this one waited.
             if record is not None and self.store.local(session_id) is None:
                 self._adopt(record)
+        self._local(session_id, caller)
         return self.store.acquire(session_id)
 
     def _adopt(self, record: SessionRecord) -> Session:
@@ -364,6 +474,7 @@ class DataPlane:
             record.idle_timeout_s,
             session_id=record.session_id,
             created_wall=record.created_unix_s,
+            owner=record.owner,
         )
         self.engine.load(session.slot, record.h, record.c, record.logits)
         session.steps = record.steps
@@ -406,12 +517,12 @@ class DataPlane:
             raise self.durable.aborted(session.id)
         session.version += 1
 
-    async def export_session(self, session_id: str) -> bytes:
+    async def export_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> bytes:
         """The session's record as bytes (its current state; nothing changes)."""
         self._check_id(session_id)
-        self._enter()
+        self._enter(caller)
         try:
-            session = await self.acquire(session_id)
+            session = await self.acquire(session_id, caller)
             try:
                 return self._record_of(session, session.id).to_bytes()
             finally:
@@ -419,7 +530,9 @@ class DataPlane:
         finally:
             self.request_done()
 
-    async def import_session(self, data: bytes, session_id: str = "") -> str:
+    async def import_session(
+        self, data: bytes, session_id: str = "", *, caller: Caller = ANONYMOUS
+    ) -> str:
         """A new session from an exported record; its id (``session_id`` or the record's)."""
         try:
             record = SessionRecord.from_bytes(data)
@@ -436,25 +549,27 @@ class DataPlane:
         spec = self.spec
         if record.h.shape != (spec.num_layers, spec.hidden_size):
             raise InvalidArgument("the record's state does not fit this model")
-        self._enter()
+        self._enter(caller)
         try:
-            return await self._create_from(record, new_id)
+            return await self._create_from(record, new_id, caller)
         finally:
             self.request_done()
 
-    async def fork_session(self, session_id: str, new_session_id: str = "") -> str:
+    async def fork_session(
+        self, session_id: str, new_session_id: str = "", *, caller: Caller = ANONYMOUS
+    ) -> str:
         """A copy of ``session_id`` under a new id; the original is unchanged."""
         self._check_id(session_id)
         if new_session_id:
             self._check_new_id(new_session_id)
-        self._enter()
+        self._enter(caller)
         try:
-            session = await self.acquire(session_id)
+            session = await self.acquire(session_id, caller)
             try:
                 record = self._record_of(session, session.id)
             finally:
                 self.store.release(session)
-            return await self._create_from(record, new_session_id)
+            return await self._create_from(record, new_session_id, caller)
         finally:
             self.request_done()
 
@@ -464,8 +579,12 @@ class DataPlane:
         )
         return dataclasses.replace(record, session_id=session_id)
 
-    async def _create_from(self, record: SessionRecord, session_id: str) -> str:
-        session = self.store.create(record.idle_timeout_s or None, session_id=session_id, held=True)
+    async def _create_from(self, record: SessionRecord, session_id: str, caller: Caller) -> str:
+        # The caller owns what it imports or forks, whoever owned the original.
+        self._check_quota(caller)
+        session = self.store.create(
+            record.idle_timeout_s or None, session_id=session_id, held=True, owner=caller.principal
+        )
         self.engine.load(session.slot, record.h, record.c, record.logits)
         session.steps = record.steps
         await self._persist_new(session)
@@ -537,45 +656,76 @@ class DataPlane:
         token_ids: Sequence[int] = (),
         output: str = OUTPUT_LAST,
         top_k: int = 0,
+        caller: Caller = ANONYMOUS,
+        request_id: str = "",
     ) -> StepResult:
         """Feed input to an existing session; returns the requested view of the logits."""
         self._check_id(session_id)
+        self._check_request_id(request_id)
         ids = self.check_step(text, token_ids, output, top_k)
-        self._enter()
+        self._enter(caller)
         try:
-            session = await self.acquire(session_id)
-            return await self.run_step(session, ids, output, top_k)
+            session = await self.acquire(session_id, caller)
+            return await self.run_step(session, ids, output, top_k, caller, request_id)
         finally:
             self.request_done()
 
     async def run_step(
-        self, session: Session, ids: np.ndarray, output: str, top_k: int
+        self,
+        session: Session,
+        ids: np.ndarray,
+        output: str,
+        top_k: int,
+        caller: Caller = ANONYMOUS,
+        request_id: str = "",
     ) -> StepResult:
         """Feed checked ``ids`` to a session the caller holds (busy); releases it.
 
-        On failure or cancellation the session's state is put back as it was.
+        On failure or cancellation the session's state is put back as it was. Nothing is
+        committed once the caller's deadline has passed (:class:`DeadlineExceeded`). A
+        ``request_id`` seen on this session before returns that request's result unchanged.
         """
+        earlier = self.store.recalled(session, request_id)
+        if isinstance(earlier, StepResult):
+            self.store.release(session)
+            return earlier
         snap = self.engine.snapshot(session.slot)
         work = None
         try:
             work = self.engine.submit_step(session.slot, ids, want_all=output == OUTPUT_ALL)
             logits = await work.future
+            self._check_deadline(caller)
             await self._commit(session, steps=session.steps + len(ids))
         except BaseException:
             self._restore(session, snap, work)
             raise
         session.steps += len(ids)
-        self.store.release(session)
         top: list[tuple[int, str, float]] = []
         if output == OUTPUT_TOP_K:
             top = self._top_k(logits[-1], top_k)
-        return StepResult(
+        result = StepResult(
             session.id,
             None if output == OUTPUT_TOP_K else logits,
             top,
             len(ids),
             session.steps,
         )
+        if request_id:
+            self.store.remember(session, request_id, result)
+        self.store.release(session)
+        return result
+
+    @staticmethod
+    def _check_deadline(caller: Caller) -> None:
+        if caller.expired():
+            raise DeadlineExceeded("the client's deadline passed before the request committed")
+
+    @staticmethod
+    def _check_request_id(request_id: str) -> None:
+        if len(request_id) > 128:
+            raise InvalidArgument(
+                f"request_id has {len(request_id)} characters; at most 128 are allowed"
+            )
 
     def _restore(
         self, session: Session, snap: SlotSnapshot, item: StepWork | Generation | None
@@ -592,16 +742,18 @@ class DataPlane:
         order = np.argsort(-p, kind="stable")[:k]
         return [(int(i), self.spec.vocab[i], float(p[i])) for i in order]
 
-    async def open_stream(self, session_id: str = "") -> StepStream:
+    async def open_stream(self, session_id: str = "", *, caller: Caller = ANONYMOUS) -> StepStream:
         """A step stream attached to ``session_id``, or owning a new ephemeral session."""
-        self._enter()
+        self._enter(caller)
         try:
             if session_id:
-                session = await self.acquire(session_id)  # loads it if held elsewhere
+                session = await self.acquire(session_id, caller)  # loads it if held elsewhere
                 self.store.release(session)
                 self.store.attach(session)
-                return StepStream(self, session, owned=False)
-            return StepStream(self, self.store.create(ephemeral=True), owned=True)
+                return StepStream(self, session, owned=False, caller=caller)
+            self._check_quota(caller)
+            ephemeral = self.store.create(ephemeral=True, owner=caller.principal)
+            return StepStream(self, ephemeral, owned=True, caller=caller)
         except BaseException:
             self.request_done()
             raise
@@ -629,7 +781,13 @@ class DataPlane:
         return self.encode(prompt, ()) if prompt else None
 
     async def generate(
-        self, session_id: str, prompt: str, params: GenerateParams
+        self,
+        session_id: str,
+        prompt: str,
+        params: GenerateParams,
+        *,
+        caller: Caller = ANONYMOUS,
+        request_id: str = "",
     ) -> AsyncGenerator[GenerateChunk, None]:
         """Stream a continuation; each chunk holds every token produced since the last one.
 
@@ -638,7 +796,8 @@ class DataPlane:
         (``aclose``) when abandoning it: that cancels the generation and restores the session.
         """
         ids = self.check_generate(prompt, params)
-        self._enter()
+        self._check_request_id(request_id)
+        self._enter(caller)
         session: Session | None = None
         owned = not session_id
         snap: SlotSnapshot | None = None
@@ -646,9 +805,17 @@ class DataPlane:
         ok = False
         try:
             if owned:
-                session = self.store.create(ephemeral=True, held=True)
+                self._check_quota(caller)
+                session = self.store.create(ephemeral=True, held=True, owner=caller.principal)
             else:
-                session = await self.acquire(session_id)
+                session = await self.acquire(session_id, caller)
+                earlier = self.store.recalled(session, request_id)
+                if isinstance(earlier, GenerateChunk):
+                    # A retry of a generation that completed: its whole outcome, once.
+                    self.store.release(session)
+                    ok = True
+                    yield earlier
+                    return
                 snap = self.engine.snapshot(session.slot)
             prompt_tokens = 0 if ids is None else len(ids)
             logits: np.ndarray | None
@@ -676,20 +843,35 @@ class DataPlane:
             item = gen
             self.engine.start_generation(gen, logits)
             first = True
+            sent_ids: list[int] = []
+            sent_text: list[str] = []
             while True:
                 await gen.event.wait()
                 gen.event.clear()
                 delta = gen.drain()
                 if delta is None:
                     continue
+                sent_ids += delta.token_ids
+                sent_text.append(delta.text)
                 if delta.finish is not None:
                     # Commit and release before the last message: a client that reacts to it at
                     # once must find the session free, and an acknowledged generation durable.
+                    self._check_deadline(caller)
                     await self._commit(session, steps=session.steps + prompt_tokens + gen.fed)
                     session.steps += prompt_tokens + gen.fed
                     if owned:
                         self.store.end(session, "closed")
                     else:
+                        if request_id:
+                            whole = GenerateChunk(
+                                session.id,
+                                "".join(sent_text),
+                                sent_ids,
+                                delta.generated,
+                                prompt_tokens,
+                                delta.finish,
+                            )
+                            self.store.remember(session, request_id, whole)
                         self.store.release(session)
                     ok = True
                 yield GenerateChunk(
@@ -717,10 +899,13 @@ class DataPlane:
 class StepStream:
     """One client's step stream: attached to a session, or owning an ephemeral one."""
 
-    def __init__(self, plane: DataPlane, session: Session, *, owned: bool) -> None:
+    def __init__(
+        self, plane: DataPlane, session: Session, *, owned: bool, caller: Caller = ANONYMOUS
+    ) -> None:
         self.plane = plane
         self.session = session
         self.owned = owned
+        self.caller = caller
         self.closed = False
 
     @property
@@ -734,15 +919,20 @@ class StepStream:
         token_ids: Sequence[int] = (),
         output: str = OUTPUT_LAST,
         top_k: int = 0,
+        caller: Caller | None = None,
+        request_id: str = "",
     ) -> StepResult:
+        """One message's step; ``caller`` defaults to the stream's (who opened it)."""
+        caller = caller or self.caller
         plane = self.plane
+        plane._check_request_id(request_id)
         ids = plane.check_step(text, token_ids, output, top_k)
         store = plane.store
         if self.owned:
             session = store.hold(self.session)
         else:
-            session = await plane.acquire(self.session.id)
-        return await plane.run_step(session, ids, output, top_k)
+            session = await plane.acquire(self.session.id, caller)
+        return await plane.run_step(session, ids, output, top_k, caller, request_id)
 
     async def close(self, reason: str = "closed") -> None:
         """End the stream; frees an owned session (``reason``: closed or disconnected)."""

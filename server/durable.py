@@ -130,7 +130,7 @@ def session_record(
         created_unix_s=session.created_wall,
         last_used_unix_s=session.last_used_wall(),
         idle_timeout_s=session.idle_timeout_s,
-        owner="",
+        owner=session.owner,
         version=version,
         model=model,
     )

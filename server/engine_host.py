@@ -23,17 +23,20 @@ import itertools
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import ipc
 from .app import Core, build_core
-from .dataplane import GenerateParams, StepResult, StepStream
+from .dataplane import Caller, GenerateParams, StepResult, StepStream
 from .errors import NotFound
 from .metrics import RequestStats
 from .settings import Settings, settings_from_json
 
 log = logging.getLogger("lstm_serve.engine")
+
+Handler = Callable[["_Frontend", "Caller", list[Any]], Awaitable[Any]]
 
 
 def step_payload(r: StepResult) -> list[Any]:
@@ -61,7 +64,7 @@ class EngineHost:
         self.frontends: set[_Frontend] = set()
         self._server: asyncio.AbstractServer | None = None
         self._stream_ids = itertools.count(1)
-        self._handlers: dict[str, Callable[[_Frontend, int, list[Any]], Awaitable[Any]]] = {
+        self._handlers: dict[str, Handler] = {
             ipc.CREATE: self._create,
             ipc.CLOSE: self._close,
             ipc.RESET: self._reset,
@@ -112,14 +115,16 @@ class EngineHost:
                 if task is not None:
                     task.cancel()
                 return
+            principal, left = msg[2]
+            caller = Caller(str(principal), None if left is None else time.monotonic() + left)
             if op == ipc.GENERATE:
-                coro: Awaitable[None] = self._generate(fe, rid, msg[2:])
+                coro: Awaitable[None] = self._generate(fe, rid, caller, msg[3:])
             else:
                 handler = self._handlers.get(op)
                 if handler is None:
                     self._send(fe, rid, ipc.ERROR, ["InvalidArgument", f"unknown op {op!r}"])
                     return
-                coro = self._unary(fe, rid, handler, msg[2:])
+                coro = self._unary(fe, rid, handler, caller, msg[3:])
         except Exception:  # a malformed message must not stop the engine for everyone
             log.exception("bad message from a front end")
             return
@@ -136,11 +141,12 @@ class EngineHost:
         self,
         fe: _Frontend,
         rid: int,
-        handler: Callable[[_Frontend, int, list[Any]], Awaitable[Any]],
+        handler: Handler,
+        caller: Caller,
         args: list[Any],
     ) -> None:
         try:
-            result = await handler(fe, rid, args)
+            result = await handler(fe, caller, args)
         except asyncio.CancelledError:
             return  # the front end asked for it and expects no reply
         except Exception as e:
@@ -152,30 +158,30 @@ class EngineHost:
 
     # --- handlers --------------------------------------------------------------------------------
 
-    async def _ping(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+    async def _ping(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         return [not self.plane.draining]
 
-    async def _create(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        i = await self.plane.create_session(float(args[0]), args[1])
+    async def _create(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        i = await self.plane.create_session(float(args[0]), args[1], caller=caller)
         return [i.session_id, i.idle_timeout_s, i.state_bytes]
 
-    async def _export(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        return await self.plane.export_session(args[0])
+    async def _export(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        return await self.plane.export_session(args[0], caller=caller)
 
-    async def _import(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        return await self.plane.import_session(args[0], args[1])
+    async def _import(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        return await self.plane.import_session(args[0], args[1], caller=caller)
 
-    async def _fork(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        return await self.plane.fork_session(args[0], args[1])
+    async def _fork(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        return await self.plane.fork_session(args[0], args[1], caller=caller)
 
-    async def _close(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        await self.plane.close_session(args[0])
+    async def _close(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        await self.plane.close_session(args[0], caller=caller)
 
-    async def _reset(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        await self.plane.reset_session(args[0])
+    async def _reset(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        await self.plane.reset_session(args[0], caller=caller)
 
-    async def _get(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        i = await self.plane.get_session(args[0])
+    async def _get(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        i = await self.plane.get_session(args[0], caller=caller)
         return [
             i.session_id,
             i.steps,
@@ -187,31 +193,46 @@ class EngineHost:
             i.has_next_distribution,
         ]
 
-    async def _step(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        sid, text, token_ids, output, top_k = args
-        r = await self.plane.step(sid, text=text, token_ids=token_ids, output=output, top_k=top_k)
+    async def _step(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        sid, text, token_ids, output, top_k, request_id = args
+        r = await self.plane.step(
+            sid,
+            text=text,
+            token_ids=token_ids,
+            output=output,
+            top_k=top_k,
+            caller=caller,
+            request_id=request_id,
+        )
         return step_payload(r)
 
-    async def _stream_open(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        stream = await self.plane.open_stream(args[0])
+    async def _stream_open(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        stream = await self.plane.open_stream(args[0], caller=caller)
         stream_id = next(self._stream_ids)
         fe.streams[stream_id] = stream
         return [stream_id, stream.session_id]
 
-    async def _stream_step(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
-        stream_id, text, token_ids, output, top_k = args
+    async def _stream_step(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        stream_id, text, token_ids, output, top_k, request_id = args
         stream = fe.streams.get(stream_id)
         if stream is None:
             raise NotFound("this stream has ended")
-        r = await stream.step(text=text, token_ids=token_ids, output=output, top_k=top_k)
+        r = await stream.step(
+            text=text,
+            token_ids=token_ids,
+            output=output,
+            top_k=top_k,
+            caller=caller,
+            request_id=request_id,
+        )
         return step_payload(r)
 
-    async def _stream_close(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+    async def _stream_close(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         stream = fe.streams.pop(args[0], None)
         if stream is not None:
             await stream.close(args[1])
 
-    async def _model_info(self, fe: _Frontend, rid: int, args: list[Any]) -> Any:
+    async def _model_info(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         m = await self.plane.model_info()
         lim = m.limits
         return [
@@ -228,8 +249,8 @@ class EngineHost:
             m.state_bytes_per_session,
         ]
 
-    async def _generate(self, fe: _Frontend, rid: int, args: list[Any]) -> None:
-        sid, prompt, max_tokens, temperature, top_k, top_p, seed, stop = args
+    async def _generate(self, fe: _Frontend, rid: int, caller: Caller, args: list[Any]) -> None:
+        sid, prompt, max_tokens, temperature, top_k, top_p, seed, stop, request_id = args
         params = GenerateParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -238,7 +259,7 @@ class EngineHost:
             seed=seed,
             stop=tuple(stop),
         )
-        chunks = self.plane.generate(sid, prompt, params)
+        chunks = self.plane.generate(sid, prompt, params, caller=caller, request_id=request_id)
         try:
             async with contextlib.aclosing(chunks):
                 async for ch in chunks:

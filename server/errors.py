@@ -40,5 +40,13 @@ class ResourceExhausted(ServeError):
     """The session table or a queue is full."""
 
 
+class DeadlineExceeded(ServeError):
+    """The client's deadline passed before the request could commit; nothing was changed."""
+
+
+class Unauthenticated(ServeError):
+    """No valid credential."""
+
+
 class Unavailable(ServeError):
     """The server is loading or draining."""

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -32,6 +33,8 @@ from grpc_health.v1 import health
 from . import ipc
 from .app import NOT_SERVING, SERVING, grpc_server, set_health
 from .dataplane import (
+    ANONYMOUS,
+    Caller,
     GenerateChunk,
     GenerateParams,
     Limits,
@@ -47,6 +50,12 @@ from .settings import Settings, settings_from_json
 log = logging.getLogger("lstm_serve.frontend")
 
 ENGINE_GONE = "the engine process is not running; retry shortly or on another replica"
+
+
+def _ctx(caller: Caller) -> list[Any]:
+    """A request's context on the wire: the principal, and the seconds its client has left."""
+    left = None if caller.deadline is None else max(0.0, caller.deadline - time.monotonic())
+    return [caller.principal, left]
 
 
 def step_result(payload: list[Any]) -> StepResult:
@@ -119,13 +128,13 @@ class RemotePlane:
             raise Unavailable(ENGINE_GONE)
         self.conn.send(msg)
 
-    async def call(self, op: str, *args: Any) -> Any:
+    async def call(self, op: str, *args: Any, caller: Caller = ANONYMOUS) -> Any:
         """One request to the engine and its only reply; cancelling it cancels it there too."""
         rid = next(self._rids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         try:
-            self._send([rid, op, *args])
+            self._send([rid, op, _ctx(caller), *args])
             return await fut
         except asyncio.CancelledError:
             with contextlib.suppress(Unavailable):
@@ -160,10 +169,10 @@ class RemotePlane:
         except TimeoutError:
             return False
 
-    async def _unary(self, op: str, *args: Any) -> Any:
+    async def _unary(self, op: str, *args: Any, caller: Caller = ANONYMOUS) -> Any:
         self._enter()
         try:
-            return await self.call(op, *args)
+            return await self.call(op, *args, caller=caller)
         finally:
             self.request_done()
 
@@ -188,28 +197,34 @@ class RemotePlane:
         return self._model_info
 
     async def create_session(
-        self, idle_timeout_s: float = 0.0, session_id: str = ""
+        self, idle_timeout_s: float = 0.0, session_id: str = "", *, caller: Caller = ANONYMOUS
     ) -> SessionInfo:
-        sid, timeout, state_bytes = await self._unary(ipc.CREATE, float(idle_timeout_s), session_id)
+        sid, timeout, state_bytes = await self._unary(
+            ipc.CREATE, float(idle_timeout_s), session_id, caller=caller
+        )
         return SessionInfo(sid, 0, 0.0, 0.0, timeout, state_bytes, False, False)
 
-    async def export_session(self, session_id: str) -> bytes:
-        return bytes(await self._unary(ipc.EXPORT, session_id))
+    async def export_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> bytes:
+        return bytes(await self._unary(ipc.EXPORT, session_id, caller=caller))
 
-    async def import_session(self, data: bytes, session_id: str = "") -> str:
-        return str(await self._unary(ipc.IMPORT, data, session_id))
+    async def import_session(
+        self, data: bytes, session_id: str = "", *, caller: Caller = ANONYMOUS
+    ) -> str:
+        return str(await self._unary(ipc.IMPORT, data, session_id, caller=caller))
 
-    async def fork_session(self, session_id: str, new_session_id: str = "") -> str:
-        return str(await self._unary(ipc.FORK, session_id, new_session_id))
+    async def fork_session(
+        self, session_id: str, new_session_id: str = "", *, caller: Caller = ANONYMOUS
+    ) -> str:
+        return str(await self._unary(ipc.FORK, session_id, new_session_id, caller=caller))
 
-    async def close_session(self, session_id: str) -> None:
-        await self._unary(ipc.CLOSE, session_id)
+    async def close_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> None:
+        await self._unary(ipc.CLOSE, session_id, caller=caller)
 
-    async def reset_session(self, session_id: str) -> None:
-        await self._unary(ipc.RESET, session_id)
+    async def reset_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> None:
+        await self._unary(ipc.RESET, session_id, caller=caller)
 
-    async def get_session(self, session_id: str) -> SessionInfo:
-        return SessionInfo(*await self._unary(ipc.GET, session_id))
+    async def get_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> SessionInfo:
+        return SessionInfo(*await self._unary(ipc.GET, session_id, caller=caller))
 
     async def step(
         self,
@@ -219,22 +234,41 @@ class RemotePlane:
         token_ids: Any = (),
         output: str = "last",
         top_k: int = 0,
+        caller: Caller = ANONYMOUS,
+        request_id: str = "",
     ) -> StepResult:
         return step_result(
-            await self._unary(ipc.STEP, session_id, text, list(token_ids), output, top_k)
+            await self._unary(
+                ipc.STEP,
+                session_id,
+                text,
+                list(token_ids),
+                output,
+                top_k,
+                request_id,
+                caller=caller,
+            )
         )
 
-    async def open_stream(self, session_id: str = "") -> RemoteStepStream:
+    async def open_stream(
+        self, session_id: str = "", *, caller: Caller = ANONYMOUS
+    ) -> RemoteStepStream:
         self._enter()
         try:
-            stream_id, sid = await self.call(ipc.STREAM_OPEN, session_id)
+            stream_id, sid = await self.call(ipc.STREAM_OPEN, session_id, caller=caller)
         except BaseException:
             self.request_done()
             raise
-        return RemoteStepStream(self, stream_id, sid)
+        return RemoteStepStream(self, stream_id, sid, caller)
 
     async def generate(
-        self, session_id: str, prompt: str, params: GenerateParams
+        self,
+        session_id: str,
+        prompt: str,
+        params: GenerateParams,
+        *,
+        caller: Caller = ANONYMOUS,
+        request_id: str = "",
     ) -> AsyncGenerator[GenerateChunk, None]:
         self._enter()
         rid = next(self._rids)
@@ -246,6 +280,7 @@ class RemotePlane:
                 [
                     rid,
                     ipc.GENERATE,
+                    _ctx(caller),
                     session_id,
                     prompt,
                     params.max_tokens,
@@ -254,6 +289,7 @@ class RemotePlane:
                     params.top_p,
                     params.seed,
                     list(params.stop),
+                    request_id,
                 ]
             )
             while True:
@@ -276,18 +312,35 @@ class RemotePlane:
 class RemoteStepStream:
     """A step stream held in the engine (``stream_id``); the same interface as the local one."""
 
-    def __init__(self, plane: RemotePlane, stream_id: int, session_id: str) -> None:
+    def __init__(
+        self, plane: RemotePlane, stream_id: int, session_id: str, caller: Caller = ANONYMOUS
+    ) -> None:
         self.plane = plane
         self.stream_id = stream_id
         self.session_id = session_id
+        self.caller = caller
         self.closed = False
 
     async def step(
-        self, *, text: str = "", token_ids: Any = (), output: str = "last", top_k: int = 0
+        self,
+        *,
+        text: str = "",
+        token_ids: Any = (),
+        output: str = "last",
+        top_k: int = 0,
+        caller: Caller | None = None,
+        request_id: str = "",
     ) -> StepResult:
         return step_result(
             await self.plane.call(
-                ipc.STREAM_STEP, self.stream_id, text, list(token_ids), output, top_k
+                ipc.STREAM_STEP,
+                self.stream_id,
+                text,
+                list(token_ids),
+                output,
+                top_k,
+                request_id,
+                caller=caller or self.caller,
             )
         )
 
@@ -297,7 +350,9 @@ class RemoteStepStream:
         self.closed = True
         try:
             with contextlib.suppress(Unavailable):
-                await asyncio.shield(self.plane.call(ipc.STREAM_CLOSE, self.stream_id, reason))
+                await asyncio.shield(
+                    self.plane.call(ipc.STREAM_CLOSE, self.stream_id, reason, caller=self.caller)
+                )
         finally:
             self.plane.request_done()
 
@@ -321,6 +376,8 @@ class Frontend:
         await set_health(self.health, NOT_SERVING)
         await server.start()
         loop = asyncio.get_running_loop()
+        # The supervisor forwards SIGHUP: read the tokens file again.
+        loop.add_signal_handler(signal.SIGHUP, self.servicer.authenticator.reload)
         watch = loop.create_task(self._watch())
         await self._wait_engine()
         await set_health(self.health, SERVING)

@@ -13,7 +13,8 @@ asyncio Unix-socket protocol and 10 us for blocking Unix sockets; a client's ste
 tells the engine at once when a front end dies (the kernel closes its socket), and tells a
 front end at once when the engine dies.
 
-Request:  ``[rid, op, *args]``: ``rid`` is the front end's request number (unique per front end).
+Request:  ``[rid, op, ctx, *args]``: ``rid`` is the front end's request number (unique per front
+end); ``ctx`` is ``[principal, seconds left before the client's deadline or None]``.
 Replies:  ``[rid, kind, payload]`` with ``kind``:
 
 * ``RESULT``: the request's only reply;
@@ -39,11 +40,13 @@ from .errors import (
     Aborted,
     AlreadyExists,
     Busy,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     ServeError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -82,8 +85,10 @@ _ERRORS: dict[str, type[ServeError]] = {
         Busy,
         AlreadyExists,
         Aborted,
+        DeadlineExceeded,
         FailedPrecondition,
         ResourceExhausted,
+        Unauthenticated,
         Unavailable,
     )
 }

@@ -3,21 +3,26 @@
 The hot path only adds to integers and numpy bucket arrays (vectorised for a whole batch); the
 Prometheus objects are built at scrape time by :class:`PrometheusMetrics`, a custom collector on
 its own :class:`~prometheus_client.CollectorRegistry` (tests pass their own), served on its own
-HTTP port. Every name has the ``lstm_serve_`` prefix and base units; no label ever carries a
-session id.
+HTTP port, which answers ``/metrics`` and 404 for every other path. Every name has the
+``lstm_serve_`` prefix and base units; no label ever carries a session id. The registry also
+holds prometheus-client's ``process_*`` metrics (CPU, memory, open files) of the process that
+serves it: the engine process in ``lstm-serve``.
 """
 
 from __future__ import annotations
 
 import bisect
+import socket
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -87,10 +92,13 @@ class Histogram:
 
 @dataclass
 class RequestStats:
-    """Per RPC method: completed calls by status code name, and their durations."""
+    """Per RPC method: completed calls by status code name, and their durations; and requests
+    whose bytes were not a valid message (:mod:`server.decode`; each also ends its call, counted
+    in ``counts`` as INVALID_ARGUMENT)."""
 
     counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     durations: dict[str, Histogram] = field(default_factory=dict)
+    undecodable: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def record(self, method: str, code: str, seconds: float) -> None:
         self.counts[(method, code)] += 1
@@ -98,6 +106,9 @@ class RequestStats:
         if hist is None:
             hist = self.durations[method] = Histogram(LATENCY_BUCKETS)
         hist.observe(seconds)
+
+    def record_undecodable(self, method: str) -> None:
+        self.undecodable[method] += 1
 
     # Front-end processes count their own requests and ship what they counted since their last
     # heartbeat to the engine process, which adds it here and serves the sum: one scrape shows
@@ -107,6 +118,7 @@ class RequestStats:
         return [
             [[m, c, n] for (m, c), n in self.counts.items()],
             [[m, h.counts.tolist(), h.total] for m, h in self.durations.items()],
+            [[m, n] for m, n in self.undecodable.items()],
         ]
 
     @classmethod
@@ -118,6 +130,8 @@ class RequestStats:
             hist = out.durations[m] = Histogram(LATENCY_BUCKETS)
             hist.counts += np.asarray(counts, np.int64)
             hist.total = float(total)
+        for m, n in data[2] if len(data) > 2 else ():
+            out.undecodable[m] += int(n)
         return out
 
     def merge(self, other: RequestStats) -> None:
@@ -129,6 +143,8 @@ class RequestStats:
                 mine = self.durations[m] = Histogram(LATENCY_BUCKETS)
             mine.counts += h.counts
             mine.total += h.total
+        for m, n in other.undecodable.items():
+            self.undecodable[m] += n
 
 
 @dataclass
@@ -175,8 +191,8 @@ class PrometheusMetrics(Collector):
         self._sessions_ended = sessions_ended
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(self)
-        self._http: Any = None
-        self._thread: threading.Thread | None = None
+        ProcessCollector(registry=self.registry)
+        self._http: WSGIServer | None = None
         self.port: int | None = None
 
     def describe(self) -> list[Any]:
@@ -202,6 +218,14 @@ class PrometheusMetrics(Collector):
         for method, hist in list(self.requests.durations.items()):
             dur.add_metric([method], hist.buckets(), hist.total)
         yield dur
+        bad = CounterMetricFamily(
+            p + "undecodable_requests",
+            "Request messages whose bytes were not a valid protobuf message, by method.",
+            labels=["method"],
+        )
+        for method, n in list(self.requests.undecodable.items()):
+            bad.add_metric([method], n)
+        yield bad
         s = self.scheduler
         for name, hist, text in (
             ("batch_size", s.batch_size, "Rows (sessions) per model call."),
@@ -248,8 +272,25 @@ class PrometheusMetrics(Collector):
         yield info
 
     def start_http(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; the port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; the port.
+
+        Every other path is 404 (prometheus-client's own server answers the metrics on any
+        path); otherwise this is its ``start_wsgi_server``: a thread per request, no request log.
+        """
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Any:
+            if environ.get("PATH_INFO") == "/metrics":
+                return metrics(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: the metrics are at /metrics\n"]
+
+        family, _, _, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+        self._http = make_server(str(addr[0]), port, app, server_class, handler_class=_QuietHandler)
+        threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()
         self.port = int(self._http.server_port)
         return self.port
 
@@ -258,3 +299,12 @@ class PrometheusMetrics(Collector):
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up shutdown
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: a scrape every few seconds would fill it."""

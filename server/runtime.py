@@ -8,6 +8,7 @@ and the provider reported everywhere (log line, metric label, GetModelInfo) is t
 
 from __future__ import annotations
 
+import json
 import logging
 from importlib import resources
 from pathlib import Path
@@ -27,7 +28,7 @@ from contract.model import (
     ModelSpec,
     validate,
 )
-from contract.repository import MODEL_FILE, ModelLocation, RepositoryError, resolve
+from contract.repository import MANIFEST, MODEL_FILE, ModelLocation, RepositoryError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,41 @@ def resolve_model(spec: str) -> ModelLocation:
         raise ModelLoadError(str(e)) from None
 
 
+# What ``lstm-export --batch`` writes in REPO/manifest.json (export/repository.py owns the format;
+# the server may not import export/, and reads only the file names and hashes).
+_MANIFEST_FORMAT = "lstm-serve-model-repo"
+
+
+def recorded_sha256(path: Path) -> tuple[Path, str] | None:
+    """The SHA-256 that the repository's manifest records for the model file at ``path``.
+
+    ``path`` is ``REPO/NAME/VERSION/FILE``; the manifest is ``REPO/manifest.json``, whose model
+    entries list their files (and a failed entry's last good version's files) with their
+    SHA-256. Returns ``(manifest path, hash)``, or None when there is no manifest or it does not
+    list the file. A manifest that is not readable as one is ignored with a warning: the check
+    is there to catch a damaged or swapped model file, not to refuse models outside a repository.
+    """
+    if len(path.parents) < 3:
+        return None
+    repo = path.parents[2]
+    manifest = repo / MANIFEST
+    if not manifest.is_file():
+        return None
+    rel = path.relative_to(repo).as_posix()
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        if data.get("format") != _MANIFEST_FORMAT:
+            raise ValueError(f"format is not {_MANIFEST_FORMAT!r}")
+        for entry in data["models"].values():
+            for version in (entry, entry.get("previous") or {}):
+                for out in (version.get("outputs") or {}).values():
+                    if out.get("path") == rel:
+                        return manifest, str(out["sha256"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.warning("ignoring %s: not a readable model repository manifest (%s)", manifest, e)
+    return None
+
+
 def _session_options(threads: int, severity: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = severity
@@ -92,6 +128,12 @@ class ModelRuntime:
         # Stored sessions name the model they were computed with (name, version, checksum), so
         # a record is never used with a different model.
         self.checksum = sha256_file(self.location.path)
+        recorded = recorded_sha256(self.location.path)
+        if recorded is not None and recorded[1] != self.checksum:
+            raise ModelLoadError(
+                f"{self.location.path}: SHA-256 mismatch: expected {recorded[1]} (recorded in "
+                f"{recorded[0]}), got {self.checksum}; the file is damaged or was replaced"
+            )
         self.requested_provider = provider
         self.provider_note = ""
         self.session = self._create_session(provider, intra_op_threads)

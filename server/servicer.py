@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -20,10 +21,13 @@ import grpc
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
+from .auth import Authenticator
 from .dataplane import (
+    ANONYMOUS,
     OUTPUT_ALL,
     OUTPUT_LAST,
     OUTPUT_TOP_K,
+    Caller,
     GenerateParams,
     Plane,
     StepResult,
@@ -32,11 +36,13 @@ from .errors import (
     Aborted,
     AlreadyExists,
     Busy,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     ServeError,
+    Unauthenticated,
     Unavailable,
 )
 from .metrics import RequestStats
@@ -52,6 +58,8 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Aborted: grpc.StatusCode.ABORTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
@@ -65,6 +73,8 @@ _OUTPUTS = {
 _FINISH: dict[str, Any] = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
 
 R = TypeVar("R")
+# The current call's caller, set by :func:`rpc` for the handler it wraps (one task per call).
+CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=ANONYMOUS)
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 
@@ -87,6 +97,7 @@ def rpc(method: Handler[R]) -> Handler[R]:
         t0 = time.perf_counter()
         code = "OK"
         try:
+            CALLER.set(self.caller_of(context))
             return await method(self, request, context)
         except ServeError as e:
             status = status_for(e)
@@ -136,6 +147,19 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         # Which front-end process this is (empty in a single-process server); GetModelInfo
         # returns it as trailing metadata, so a client (a test) can tell front ends apart.
         self.frontend_id = ""
+        self.authenticator = Authenticator()
+
+    def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Who calls (:class:`Unauthenticated` without a valid credential when authentication
+        is on) and until when (the client's deadline, if it set one)."""
+        principal = ""
+        if self.authenticator.enabled:
+            principal = self.authenticator.principal(
+                context.invocation_metadata() or (), context.auth_context() or {}
+            )
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + max(0.0, remaining)
+        return Caller(principal, deadline)
 
     def _dp(self) -> Plane:
         if self.plane is None:
@@ -144,7 +168,9 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
 
     @rpc
     async def CreateSession(self, request: Any, context: Any) -> Any:
-        info = await self._dp().create_session(request.idle_timeout_s, request.session_id)
+        info = await self._dp().create_session(
+            request.idle_timeout_s, request.session_id, caller=CALLER.get()
+        )
         return pb.CreateSessionResponse(
             session_id=info.session_id,
             idle_timeout_s=info.idle_timeout_s,
@@ -153,17 +179,17 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
 
     @rpc
     async def CloseSession(self, request: Any, context: Any) -> Any:
-        await self._dp().close_session(request.session_id)
+        await self._dp().close_session(request.session_id, caller=CALLER.get())
         return pb.CloseSessionResponse()
 
     @rpc
     async def ResetSession(self, request: Any, context: Any) -> Any:
-        await self._dp().reset_session(request.session_id)
+        await self._dp().reset_session(request.session_id, caller=CALLER.get())
         return pb.ResetSessionResponse()
 
     @rpc
     async def GetSession(self, request: Any, context: Any) -> Any:
-        i = await self._dp().get_session(request.session_id)
+        i = await self._dp().get_session(request.session_id, caller=CALLER.get())
         return pb.GetSessionResponse(
             session_id=i.session_id,
             steps=i.steps,
@@ -183,6 +209,8 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             token_ids=request.token_ids,
             output=_OUTPUTS.get(request.output, "?"),
             top_k=request.top_k,
+            caller=CALLER.get(),
+            request_id=request.request_id,
         )
         return pb.StepResponse(**_step_fields(result))
 
@@ -192,7 +220,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         first = await context.read()
         if first is grpc.aio.EOF:
             return
-        stream = await plane.open_stream(first.session_id)
+        stream = await plane.open_stream(first.session_id, caller=CALLER.get())
         reason = "disconnected"
         try:
             req = first
@@ -207,6 +235,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
                     token_ids=req.token_ids,
                     output=_OUTPUTS.get(req.output, "?"),
                     top_k=req.top_k,
+                    request_id=req.request_id,
                 )
                 await context.write(pb.StepStreamResponse(**_step_fields(result)))
                 req = await context.read()
@@ -231,7 +260,13 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             seed=request.seed if request.HasField("seed") else None,
             stop=tuple(request.stop),
         )
-        chunks = self._dp().generate(request.session_id, request.prompt, params)
+        chunks = self._dp().generate(
+            request.session_id,
+            request.prompt,
+            params,
+            caller=CALLER.get(),
+            request_id=request.request_id,
+        )
         async with contextlib.aclosing(chunks):
             async for ch in chunks:
                 await context.write(
@@ -247,16 +282,21 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
 
     @rpc
     async def ExportSession(self, request: Any, context: Any) -> Any:
-        return pb.ExportSessionResponse(record=await self._dp().export_session(request.session_id))
+        record = await self._dp().export_session(request.session_id, caller=CALLER.get())
+        return pb.ExportSessionResponse(record=record)
 
     @rpc
     async def ImportSession(self, request: Any, context: Any) -> Any:
-        sid = await self._dp().import_session(request.record, request.session_id)
+        sid = await self._dp().import_session(
+            request.record, request.session_id, caller=CALLER.get()
+        )
         return pb.ImportSessionResponse(session_id=sid)
 
     @rpc
     async def ForkSession(self, request: Any, context: Any) -> Any:
-        sid = await self._dp().fork_session(request.session_id, request.new_session_id)
+        sid = await self._dp().fork_session(
+            request.session_id, request.new_session_id, caller=CALLER.get()
+        )
         return pb.ForkSessionResponse(session_id=sid)
 
     @rpc

@@ -11,7 +11,7 @@ import itertools
 import re
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +25,7 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 GONE_MAX = 10_000
 GONE_TTL_S = 600.0
 QUOTE = 64  # characters of a client's id quoted back in a message
+RECENT_REQUESTS = 16  # request ids remembered per session
 
 
 def quote(sid: str) -> str:
@@ -43,6 +44,8 @@ class Session:
         "id",
         "idle_timeout_s",
         "last_used_mono",
+        "owner",
+        "recent",
         "slot",
         "steps",
         "version",
@@ -62,6 +65,10 @@ class Session:
         self.ephemeral = ephemeral
         self.version = 1  # of its record in a durable state store (committed changes + 1)
         self.attached = 0  # open streams attached to it: never evicted or expired meanwhile
+        self.owner = ""  # the principal that created it ("" without authentication)
+        # Outcomes of the last RECENT_REQUESTS completed requests that carried a request id,
+        # so a retry gets the first attempt's outcome instead of feeding its tokens twice.
+        self.recent: OrderedDict[str, object] | None = None
 
     def last_used_wall(self) -> float:
         return self.created_wall + (self.last_used_mono - self.created_mono)
@@ -111,6 +118,7 @@ class SessionStore:
         self._deadlines: list[tuple[float, int, Session]] = []
         self._tie = itertools.count()
         self._gone: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._owned: Counter[str] = Counter()  # sessions held per principal
         self.stats = SessionStats()
 
     def __len__(self) -> int:
@@ -128,6 +136,7 @@ class SessionStore:
         held: bool = False,
         session_id: str = "",
         created_wall: float | None = None,
+        owner: str = "",
     ) -> Session:
         """A new session with zero state. ``idle_timeout_s`` is capped at the store's default.
 
@@ -151,7 +160,9 @@ class SessionStore:
         wall = self.wall_clock() if created_wall is None else created_wall
         session = Session(sid, slot, now, wall, timeout, ephemeral)
         session.busy = held
+        session.owner = owner
         self._sessions[sid] = session
+        self._owned[owner] += 1
         self._gone.pop(sid, None)
         self._push_deadline(session)
         return session
@@ -267,8 +278,30 @@ class SessionStore:
         if self._sessions.get(session.id) is session:
             self._end(session, reason)
 
+    @staticmethod
+    def remember(session: Session, request_id: str, outcome: object) -> None:
+        """Keep ``outcome`` for a retry of ``request_id`` (the last RECENT_REQUESTS only)."""
+        if session.recent is None:
+            session.recent = OrderedDict()
+        session.recent[request_id] = outcome
+        while len(session.recent) > RECENT_REQUESTS:
+            session.recent.popitem(last=False)
+
+    @staticmethod
+    def recalled(session: Session, request_id: str) -> object | None:
+        if not request_id or session.recent is None:
+            return None
+        return session.recent.get(request_id)
+
+    def owned_by(self, principal: str) -> int:
+        """How many sessions ``principal`` holds here."""
+        return self._owned[principal]
+
     def _end(self, session: Session, reason: str) -> None:
         del self._sessions[session.id]
+        self._owned[session.owner] -= 1
+        if self._owned[session.owner] <= 0:
+            del self._owned[session.owner]
         self.pool.free(session.slot)
         session.slot = -1
         self.stats.ended[reason] += 1

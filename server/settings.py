@@ -102,8 +102,50 @@ class Settings:
         "at most 8.",
         default=0,
     )
+    tls_cert: str = _doc(
+        "PEM certificate chain for TLS on the gRPC port (with --tls-key); empty = plaintext.",
+        default="",
+    )
+    tls_key: str = _doc("PEM private key of --tls-cert.", default="")
+    tls_client_ca: str = _doc(
+        "PEM CA bundle: require client certificates signed by it (mutual TLS); a verified "
+        "certificate's subject common name is the principal when the client sends no token.",
+        default="",
+    )
+    auth_tokens: str = _doc(
+        "File of 'PRINCIPAL TOKEN' lines ('#' comments), reloaded on SIGHUP; clients send "
+        "'authorization: Bearer TOKEN'. Every call but health then needs a valid credential, "
+        "and a session belongs to the principal that created it. Empty = no authentication.",
+        default="",
+    )
+    max_sessions_per_principal: int = _doc(
+        "Most sessions one principal may hold at once (ephemeral ones included); 0 = no quota.",
+        default=0,
+    )
+    rate_limit_rps: float = _doc(
+        "Requests per second one principal may start (a token bucket holding two seconds' "
+        "worth); 0 = no limit.",
+        default=0.0,
+    )
+    reflection: bool = _doc(
+        "Serve gRPC server reflection (grpc.reflection.v1alpha: lists the services and their "
+        "messages, for grpcurl and the like); off = clients need the .proto.",
+        default=False,
+    )
+    expose_build_info: bool = _doc(
+        "GetModelInfo's config_json includes the checkpoint and corpus SHA-256 and the library "
+        "versions the exporter recorded; off = they are left out.",
+        default=False,
+    )
     max_prompt_tokens: int = _doc("Most tokens one Step or Generate prompt may feed.", default=4096)
     max_new_tokens: int = _doc("Most tokens one Generate call may ask for.", default=4096)
+    max_record_bytes: int = _doc(
+        "Largest session record ImportSession must take, in bytes (a record is about 2*L*H*4 + "
+        "V*4 + 1 KiB: 4.3 KiB for the bundled model). The gRPC port accepts request messages "
+        "of up to max(32 * max_prompt_tokens, this) + 64 KiB; bigger ones get "
+        "RESOURCE_EXHAUSTED.",
+        default=256 << 10,
+    )
     drain_grace_s: float = _doc(
         "On SIGTERM/SIGINT: seconds in-flight requests get to finish before being cancelled.",
         default=10.0,
@@ -141,6 +183,7 @@ class Settings:
             "max_prompt_tokens",
             "max_new_tokens",
             "stream_chunk_tokens",
+            "max_record_bytes",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
@@ -148,16 +191,37 @@ class Settings:
             "intra_op_threads",
             "inline_max_rows",
             "frontends",
+            "max_sessions_per_principal",
         ):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("idle_timeout_s",):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("max_queue_delay_ms", "drain_grace_s"):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise bad("tls_cert", "--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise bad("tls_client_ca", "mutual TLS needs --tls-cert and --tls-key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise bad(name, f"file not found: {path}")
+        for name in ("max_queue_delay_ms", "drain_grace_s", "rate_limit_rps"):
             if not getattr(self, name) >= 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         return self
+
+    def max_message_bytes(self) -> int:
+        """The largest request message the gRPC port accepts (bigger: RESOURCE_EXHAUSTED).
+
+        Room for the largest valid request: a Step or Generate prompt of ``max_prompt_tokens``
+        tokens as text (the data plane takes at most 8 characters per token, up to 4 bytes each
+        in UTF-8; as token ids a token is at most 10 bytes), or an ImportSession record of
+        ``max_record_bytes``, plus 64 KiB for the other fields (Generate's stop strings are at
+        most 8 x 64 characters). 320 KiB by default.
+        """
+        prompt = self.max_prompt_tokens * 8 * 4
+        return max(prompt, self.max_record_bytes) + (64 << 10)
 
     def frontend_count(self) -> int:
         """``frontends``, with 0 resolved by the rule in its help text."""
@@ -174,11 +238,18 @@ def settings_from_json(text: str) -> Settings:
     return Settings(**json.loads(text)).validate()
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _convert(f: dataclasses.Field[Any], raw: str, source: str) -> Any:
     kind: type = type(f.default)
     try:
         if kind is bool:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            word = raw.strip().lower()
+            if word not in _TRUE + _FALSE:
+                raise ValueError(word)
+            return word in _TRUE
         return kind(raw.strip()) if kind is not str else raw
     except ValueError:
         raise SettingsError(f"{source}: expected {kind.__name__}, got {raw!r}") from None
@@ -201,11 +272,16 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         description="Serve a stateful LSTM ONNX model over gRPC (environment: LSTM_SERVE_<NAME>).",
     )
     for f in dataclasses.fields(Settings):
+        # A switch may stand alone (--reflection) or take a value (--reflection false).
+        switch: dict[str, Any] = {}
+        if isinstance(f.default, bool):
+            switch = {"nargs": "?", "const": "true"}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=str,
             default=None,
+            **switch,
             metavar=type(f.default).__name__.upper(),
             help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; "
             f"now {getattr(defaults, f.name)!r}]",

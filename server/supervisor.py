@@ -131,6 +131,11 @@ class Supervisor:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def forward(self, sig: int) -> None:
+        """Send ``sig`` to every front end (SIGHUP: reload the tokens file)."""
+        for fe in self.frontends:
+            fe.signal(sig)
+
     def _engine_argv(self) -> list[str]:
         return [
             sys.executable,
@@ -228,6 +233,8 @@ def run(settings: Settings, announce: Callable[[Supervisor], None] | None = None
         sig: signal.signal(sig, lambda *_: sup.request_stop())
         for sig in (signal.SIGTERM, signal.SIGINT)
     }
+    # SIGHUP: the front ends read the tokens file again.
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: sup.forward(signal.SIGHUP))
     try:
         sup.start()
         if announce is not None:

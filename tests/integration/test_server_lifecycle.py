@@ -214,13 +214,23 @@ def test_health_not_serving_while_loading_then_serving_then_draining(
         srv.stop()
 
 
-def test_reflection_lists_the_services(shared_server):
-    with grpc.insecure_channel(shared_server.target) as ch:
+def _reflection_services(target: str) -> set[str]:
+    with grpc.insecure_channel(target) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         req = reflection_pb2.ServerReflectionRequest(list_services="")
-        resp = next(stub.ServerReflectionInfo(iter([req])))
-        names = {s.name for s in resp.list_services_response.service}
+        resp = next(stub.ServerReflectionInfo(iter([req]), timeout=10))
+        return {s.name for s in resp.list_services_response.service}
+
+
+def test_reflection_lists_the_services(start_server):
+    names = _reflection_services(start_server(reflection=True).target)
     assert {"lstmserve.v1.LstmServe", "grpc.health.v1.Health"} <= names
+
+
+def test_reflection_is_off_by_default(shared_server):
+    with pytest.raises(grpc.RpcError) as e:
+        _reflection_services(shared_server.target)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_metrics_endpoint_exposes_every_metric(shared_server, stub_for):

@@ -58,6 +58,33 @@ def test_bad_values_name_the_setting(env, needle):
         from_env(env)
 
 
+def test_switches_take_a_value_or_none():
+    s = Settings()
+    assert (s.reflection, s.expose_build_info) == (False, False)
+    assert from_args(["--reflection"], {}).reflection is True
+    assert from_args(["--reflection", "false"], {"LSTM_SERVE_REFLECTION": "1"}).reflection is False
+    assert from_args([], {"LSTM_SERVE_EXPOSE_BUILD_INFO": "yes"}).expose_build_info is True
+    s = from_args(["--expose-build-info", "--port", "7000"], {})
+    assert s.expose_build_info is True and s.port == 7000
+    with pytest.raises(SettingsError, match="LSTM_SERVE_REFLECTION"):
+        from_env({"LSTM_SERVE_REFLECTION": "maybe"})
+
+
+def test_message_size_limit_covers_the_largest_valid_request():
+    s = Settings()
+    # A prompt of max_prompt_tokens tokens as text (at most 8 characters of up to 4 UTF-8
+    # bytes each) or as token ids (at most 10 bytes each), or a record of max_record_bytes.
+    assert s.max_message_bytes() >= 8 * 4 * s.max_prompt_tokens
+    assert s.max_message_bytes() >= 10 * s.max_prompt_tokens
+    assert s.max_message_bytes() > s.max_record_bytes
+    assert s.max_message_bytes() <= 512 << 10  # a few hundred KB, not the 16 MiB it was
+    big = Settings(max_prompt_tokens=100_000, max_record_bytes=1 << 20)
+    assert big.max_message_bytes() >= 32 * 100_000 > Settings().max_message_bytes()
+    assert Settings(max_record_bytes=8 << 20).max_message_bytes() > 8 << 20
+    with pytest.raises(SettingsError, match="max-record-bytes"):
+        from_env({"LSTM_SERVE_MAX_RECORD_BYTES": "0"})
+
+
 def test_bad_flag_value_names_the_flag():
     with pytest.raises(SettingsError, match="--max-new-tokens"):
         from_args(["--max-new-tokens", "many"], {})

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/lstmserve/v1/lstm_serve.proto\x12\x0clstmserve.v1\"B\n\x14\x43reateSessionRequest\x12\x16\n\x0eidle_timeout_s\x18\x01 \x01(\x01\x12\x12\n\nsession_id\x18\x02 \x01(\t\"X\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0eidle_timeout_s\x18\x02 \x01(\x01\x12\x13\n\x0bstate_bytes\x18\x03 \x01(\x04\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14ResetSessionResponse\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xc3\x01\n\x12GetSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x16\n\x0e\x63reated_unix_s\x18\x03 \x01(\x01\x12\x18\n\x10last_used_unix_s\x18\x04 \x01(\x01\x12\x16\n\x0eidle_timeout_s\x18\x05 \x01(\x01\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x62usy\x18\x07 \x01(\x08\x12\x1d\n\x15has_next_distribution\x18\x08 \x01(\x08\"H\n\x10TokenProbability\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"{\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12(\n\x06output\x18\x04 \x01(\x0e\x32\x18.lstmserve.v1.StepOutput\x12\r\n\x05top_k\x18\x05 \x01(\x05\"\x9a\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12\x11\n\tpositions\x18\x03 \x01(\r\x12+\n\x03top\x18\x04 \x03(\x0b\x32\x1e.lstmserve.v1.TokenProbability\x12\x17\n\x0ftokens_consumed\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\x04\"\x81\x01\n\x11StepStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12(\n\x06output\x18\x04 \x01(\x0e\x32\x18.lstmserve.v1.StepOutput\x12\r\n\x05top_k\x18\x05 \x01(\x05\"\xa0\x01\n\x12StepStreamResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12\x11\n\tpositions\x18\x03 \x01(\r\x12+\n\x03top\x18\x04 \x03(\x0b\x32\x1e.lstmserve.v1.TokenProbability\x12\x17\n\x0ftokens_consumed\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\x04\"\xa6\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x07\n\x05_seed\"\xab\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.lstmserve.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xba\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\r\n\x05vocab\x18\x04 \x03(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\npreprocess\x18\x07 \x01(\t\x12\x0e\n\x06unk_id\x18\x08 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\t \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\n \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x0b \x01(\r\x12\x14\n\x0cmax_sessions\x18\x0c \x01(\r\x12\x16\n\x0emax_batch_size\x18\r \x01(\r\x12\x1f\n\x17state_bytes_per_session\x18\x0e \x01(\x04\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x15\x45xportSessionResponse\x12\x0e\n\x06record\x18\x01 \x01(\x0c\":\n\x14ImportSessionRequest\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\"+\n\x15ImportSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"@\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\")\n\x13\x46orkSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t*y\n\nStepOutput\x12\x1b\n\x17STEP_OUTPUT_UNSPECIFIED\x10\x00\x12\x1b\n\x17STEP_OUTPUT_LAST_LOGITS\x10\x01\x12\x1a\n\x16STEP_OUTPUT_ALL_LOGITS\x10\x02\x12\x15\n\x11STEP_OUTPUT_TOP_K\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xa4\x07\n\tLstmServe\x12X\n\rCreateSession\x12\".lstmserve.v1.CreateSessionRequest\x1a#.lstmserve.v1.CreateSessionResponse\x12U\n\x0c\x43loseSession\x12!.lstmserve.v1.CloseSessionRequest\x1a\".lstmserve.v1.CloseSessionResponse\x12U\n\x0cResetSession\x12!.lstmserve.v1.ResetSessionRequest\x1a\".lstmserve.v1.ResetSessionResponse\x12O\n\nGetSession\x12\x1f.lstmserve.v1.GetSessionRequest\x1a .lstmserve.v1.GetSessionResponse\x12=\n\x04Step\x12\x19.lstmserve.v1.StepRequest\x1a\x1a.lstmserve.v1.StepResponse\x12S\n\nStepStream\x12\x1f.lstmserve.v1.StepStreamRequest\x1a .lstmserve.v1.StepStreamResponse(\x01\x30\x01\x12K\n\x08Generate\x12\x1d.lstmserve.v1.GenerateRequest\x1a\x1e.lstmserve.v1.GenerateResponse0\x01\x12U\n\x0cGetModelInfo\x12!.lstmserve.v1.GetModelInfoRequest\x1a\".lstmserve.v1.GetModelInfoResponse\x12X\n\rExportSession\x12\".lstmserve.v1.ExportSessionRequest\x1a#.lstmserve.v1.ExportSessionResponse\x12X\n\rImportSession\x12\".lstmserve.v1.ImportSessionRequest\x1a#.lstmserve.v1.ImportSessionResponse\x12R\n\x0b\x46orkSession\x12 .lstmserve.v1.ForkSessionRequest\x1a!.lstmserve.v1.ForkSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/lstmserve/v1/lstm_serve.proto\x12\x0clstmserve.v1\"B\n\x14\x43reateSessionRequest\x12\x16\n\x0eidle_timeout_s\x18\x01 \x01(\x01\x12\x12\n\nsession_id\x18\x02 \x01(\t\"X\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0eidle_timeout_s\x18\x02 \x01(\x01\x12\x13\n\x0bstate_bytes\x18\x03 \x01(\x04\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14ResetSessionResponse\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xc3\x01\n\x12GetSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x16\n\x0e\x63reated_unix_s\x18\x03 \x01(\x01\x12\x18\n\x10last_used_unix_s\x18\x04 \x01(\x01\x12\x16\n\x0eidle_timeout_s\x18\x05 \x01(\x01\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x62usy\x18\x07 \x01(\x08\x12\x1d\n\x15has_next_distribution\x18\x08 \x01(\x08\"H\n\x10TokenProbability\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\x8f\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12(\n\x06output\x18\x04 \x01(\x0e\x32\x18.lstmserve.v1.StepOutput\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x9a\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12\x11\n\tpositions\x18\x03 \x01(\r\x12+\n\x03top\x18\x04 \x03(\x0b\x32\x1e.lstmserve.v1.TokenProbability\x12\x17\n\x0ftokens_consumed\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\x04\"\x95\x01\n\x11StepStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12(\n\x06output\x18\x04 \x01(\x0e\x32\x18.lstmserve.v1.StepOutput\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\xa0\x01\n\x12StepStreamResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12\x11\n\tpositions\x18\x03 \x01(\r\x12+\n\x03top\x18\x04 \x03(\x0b\x32\x1e.lstmserve.v1.TokenProbability\x12\x17\n\x0ftokens_consumed\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\x04\"\xba\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\tB\x07\n\x05_seed\"\xab\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.lstmserve.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xba\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\r\n\x05vocab\x18\x04 \x03(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\npreprocess\x18\x07 \x01(\t\x12\x0e\n\x06unk_id\x18\x08 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\t \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\n \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x0b \x01(\r\x12\x14\n\x0cmax_sessions\x18\x0c \x01(\r\x12\x16\n\x0emax_batch_size\x18\r \x01(\r\x12\x1f\n\x17state_bytes_per_session\x18\x0e \x01(\x04\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x15\x45xportSessionResponse\x12\x0e\n\x06record\x18\x01 \x01(\x0c\":\n\x14ImportSessionRequest\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\"+\n\x15ImportSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"@\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\")\n\x13\x46orkSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t*y\n\nStepOutput\x12\x1b\n\x17STEP_OUTPUT_UNSPECIFIED\x10\x00\x12\x1b\n\x17STEP_OUTPUT_LAST_LOGITS\x10\x01\x12\x1a\n\x16STEP_OUTPUT_ALL_LOGITS\x10\x02\x12\x15\n\x11STEP_OUTPUT_TOP_K\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xa4\x07\n\tLstmServe\x12X\n\rCreateSession\x12\".lstmserve.v1.CreateSessionRequest\x1a#.lstmserve.v1.CreateSessionResponse\x12U\n\x0c\x43loseSession\x12!.lstmserve.v1.CloseSessionRequest\x1a\".lstmserve.v1.CloseSessionResponse\x12U\n\x0cResetSession\x12!.lstmserve.v1.ResetSessionRequest\x1a\".lstmserve.v1.ResetSessionResponse\x12O\n\nGetSession\x12\x1f.lstmserve.v1.GetSessionRequest\x1a .lstmserve.v1.GetSessionResponse\x12=\n\x04Step\x12\x19.lstmserve.v1.StepRequest\x1a\x1a.lstmserve.v1.StepResponse\x12S\n\nStepStream\x12\x1f.lstmserve.v1.StepStreamRequest\x1a .lstmserve.v1.StepStreamResponse(\x01\x30\x01\x12K\n\x08Generate\x12\x1d.lstmserve.v1.GenerateRequest\x1a\x1e.lstmserve.v1.GenerateResponse0\x01\x12U\n\x0cGetModelInfo\x12!.lstmserve.v1.GetModelInfoRequest\x1a\".lstmserve.v1.GetModelInfoResponse\x12X\n\rExportSession\x12\".lstmserve.v1.ExportSessionRequest\x1a#.lstmserve.v1.ExportSessionResponse\x12X\n\rImportSession\x12\".lstmserve.v1.ImportSessionRequest\x1a#.lstmserve.v1.ImportSessionResponse\x12R\n\x0b\x46orkSession\x12 .lstmserve.v1.ForkSessionRequest\x1a!.lstmserve.v1.ForkSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.lstmserve.v1.lstm_serve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STEPOUTPUT']._serialized_start=2218
-  _globals['_STEPOUTPUT']._serialized_end=2339
-  _globals['_FINISHREASON']._serialized_start=2341
-  _globals['_FINISHREASON']._serialized_end=2436
+  _globals['_STEPOUTPUT']._serialized_start=2279
+  _globals['_STEPOUTPUT']._serialized_end=2400
+  _globals['_FINISHREASON']._serialized_start=2402
+  _globals['_FINISHREASON']._serialized_end=2497
   _globals['_CREATESESSIONREQUEST']._serialized_start=54
   _globals['_CREATESESSIONREQUEST']._serialized_end=120
   _globals['_CREATESESSIONRESPONSE']._serialized_start=122
@@ -53,34 +53,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSESSIONRESPONSE']._serialized_end=583
   _globals['_TOKENPROBABILITY']._serialized_start=585
   _globals['_TOKENPROBABILITY']._serialized_end=657
-  _globals['_STEPREQUEST']._serialized_start=659
-  _globals['_STEPREQUEST']._serialized_end=782
-  _globals['_STEPRESPONSE']._serialized_start=785
-  _globals['_STEPRESPONSE']._serialized_end=939
-  _globals['_STEPSTREAMREQUEST']._serialized_start=942
-  _globals['_STEPSTREAMREQUEST']._serialized_end=1071
-  _globals['_STEPSTREAMRESPONSE']._serialized_start=1074
-  _globals['_STEPSTREAMRESPONSE']._serialized_end=1234
-  _globals['_GENERATEREQUEST']._serialized_start=1237
-  _globals['_GENERATEREQUEST']._serialized_end=1403
-  _globals['_GENERATERESPONSE']._serialized_start=1406
-  _globals['_GENERATERESPONSE']._serialized_end=1577
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1579
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1600
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1603
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1917
-  _globals['_EXPORTSESSIONREQUEST']._serialized_start=1919
-  _globals['_EXPORTSESSIONREQUEST']._serialized_end=1961
-  _globals['_EXPORTSESSIONRESPONSE']._serialized_start=1963
-  _globals['_EXPORTSESSIONRESPONSE']._serialized_end=2002
-  _globals['_IMPORTSESSIONREQUEST']._serialized_start=2004
-  _globals['_IMPORTSESSIONREQUEST']._serialized_end=2062
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2064
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2107
-  _globals['_FORKSESSIONREQUEST']._serialized_start=2109
-  _globals['_FORKSESSIONREQUEST']._serialized_end=2173
-  _globals['_FORKSESSIONRESPONSE']._serialized_start=2175
-  _globals['_FORKSESSIONRESPONSE']._serialized_end=2216
-  _globals['_LSTMSERVE']._serialized_start=2439
-  _globals['_LSTMSERVE']._serialized_end=3371
+  _globals['_STEPREQUEST']._serialized_start=660
+  _globals['_STEPREQUEST']._serialized_end=803
+  _globals['_STEPRESPONSE']._serialized_start=806
+  _globals['_STEPRESPONSE']._serialized_end=960
+  _globals['_STEPSTREAMREQUEST']._serialized_start=963
+  _globals['_STEPSTREAMREQUEST']._serialized_end=1112
+  _globals['_STEPSTREAMRESPONSE']._serialized_start=1115
+  _globals['_STEPSTREAMRESPONSE']._serialized_end=1275
+  _globals['_GENERATEREQUEST']._serialized_start=1278
+  _globals['_GENERATEREQUEST']._serialized_end=1464
+  _globals['_GENERATERESPONSE']._serialized_start=1467
+  _globals['_GENERATERESPONSE']._serialized_end=1638
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1640
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1661
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1664
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1978
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=1980
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=2022
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_start=2024
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_end=2063
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=2065
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=2123
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2125
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2168
+  _globals['_FORKSESSIONREQUEST']._serialized_start=2170
+  _globals['_FORKSESSIONREQUEST']._serialized_end=2234
+  _globals['_FORKSESSIONRESPONSE']._serialized_start=2236
+  _globals['_FORKSESSIONRESPONSE']._serialized_end=2277
+  _globals['_LSTMSERVE']._serialized_start=2500
+  _globals['_LSTMSERVE']._serialized_end=3432
 # @@protoc_insertion_point(module_scope)
