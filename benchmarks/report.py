@@ -250,6 +250,21 @@ def parts(result: dict[str, Any]) -> list[Part]:
             )
         )
     out.extend(_stores(s.get("state_stores", {})))
+    cs = s.get("create_scaling", {})
+    if "rows" in cs:
+        rows = [[r["sessions"], r["fill_per_s"], r["p50_ms"], r["p99_ms"]] for r in cs["rows"]]
+        out.append(
+            Part(
+                "12. CreateSession with many sessions held",
+                f" ({cs['probes']} creates timed one by one at each size; ms)",
+                Table(["sessions held", "creates/s filling", "p50 ms", "p99 ms"], rows, digits=3),
+            )
+        )
+        out.append(
+            Part(
+                body=f"p50 at the larger size ÷ the smaller: {_f(cs.get('large_vs_small_p50'), 3)}."
+            )
+        )
     loads = ", ".join(
         f"{k} {sec.get('load_average_after', ['?'])[0]}"
         for k, sec in s.items()

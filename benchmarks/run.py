@@ -65,6 +65,7 @@ SUMMARY_KEYS = (
     "store_redis_vs_memory_stream16",
     "store_redis_step_p50_ms",
     "failover_s",
+    "create_session_large_vs_small_p50",
 )
 # (key, comparison, target) from the issue. Every run records the verdicts; only a full run's
 # figures are meant to be judged by them (--quick is a smoke test).
@@ -81,6 +82,7 @@ TARGETS = (
     ("batching_speedup_stream16", ">=", 1.0),
     ("engine_overhead_vs_model_b64", "<=", 0.25),
     ("engine_overhead_vs_model_b256", "<=", 0.15),
+    ("create_session_large_vs_small_p50", "<=", 2.0),
 )
 
 
@@ -115,6 +117,9 @@ class Profile:
         self.frontend_counts = (1, 2)
         self.frontend_rounds = 1 if quick else 2
         self.store_streams = [1, 16]
+        # CreateSession with this many sessions held, small then large (issue 13: 1k vs 100k).
+        self.create_sizes = (200, 2_000) if quick else (1_000, 100_000)
+        self.create_probes = 50 if quick else 300
         self.store_rounds = 1 if quick else 2
         # scripts/scale_test.py's load (the issue's figures); full runs only.
         self.scale_sessions = 16
@@ -336,6 +341,20 @@ def memory(ctx: Context) -> dict[str, Any]:
         return sb.memory(srv, ctx.model, p.sessions, p.warm_sessions)
 
 
+def create_scaling(ctx: Context) -> dict[str, Any]:
+    """CreateSession's latency with few and with many sessions held (it must not grow)."""
+    _need_server(ctx)
+    p = ctx.prof
+    small, large = p.create_sizes
+    flags = [*ctx.server_flags(), "--max-sessions", str(large + p.create_probes + 10)]
+    with sb.running_server(ctx.model.path, extra=flags, source=ctx.args.server_src) as srv:
+        out = sb.create_scaling(srv, small, large, p.create_probes)
+    rows = out["rows"]
+    if rows[0]["p50_ms"] and rows[1]["p50_ms"]:
+        out["large_vs_small_p50"] = rows[1]["p50_ms"] / rows[0]["p50_ms"]
+    return out
+
+
 def training(ctx: Context) -> dict[str, Any]:
     p = ctx.prof
     corpus = ctx.args.corpus or _default_corpus()
@@ -499,6 +518,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("engine_overhead", engine_overhead_section),
     ("frontends", frontends),
     ("state_stores", stores),
+    ("create_scaling", create_scaling),
 )
 
 # --- server sweeps -----------------------------------------------------------------------------
@@ -664,6 +684,11 @@ def summarise(ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
     put("frontends2_vs_1_generate64", fe.get("generate_ratio"), "frontends")
     put("frontends2_vs_1_stream16", fe.get("stream_ratio"), "frontends")
     _summarise_stores(ctx, summary, reasons)
+    put(
+        "create_session_large_vs_small_p50",
+        s.get("create_scaling", {}).get("large_vs_small_p50"),
+        "create_scaling",
+    )
     return summary, reasons
 
 

@@ -402,3 +402,59 @@ async def _memory(
         "bytes_per_session_beyond_1_5x_state": (grown - 1.5 * raw) / sessions,
         "bytes_per_session": grown / sessions,
     }
+
+
+def create_scaling(srv: ServerProcess, small: int, large: int, probes: int) -> dict[str, Any]:
+    """CreateSession latency with ``small`` and then ``large`` sessions already held.
+
+    Sessions are created 64 at a time up to each size; then ``probes`` creates are timed one
+    by one (each closed again, so the table stays at that size), and their p50/p99 reported.
+    """
+    return asyncio.run(_create_scaling(srv, small, large, probes))
+
+
+async def _create_scaling(
+    srv: ServerProcess, small: int, large: int, probes: int
+) -> dict[str, Any]:
+    import grpc
+
+    from protos.lstmserve.v1 import lstm_serve_pb2 as pb
+    from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LstmServeStub(ch)
+        sem = asyncio.Semaphore(64)
+
+        async def one(_: int) -> None:
+            async with sem:
+                await stub.CreateSession(pb.CreateSessionRequest())
+
+        async def fill_to(n: int, have: int) -> None:
+            await asyncio.gather(*(one(i) for i in range(n - have)))
+
+        async def probe() -> list[int]:
+            out = []
+            for _ in range(probes):
+                t0 = time.perf_counter_ns()
+                r = await stub.CreateSession(pb.CreateSessionRequest())
+                out.append(time.perf_counter_ns() - t0)
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=r.session_id))
+            return out
+
+        rows = []
+        have = 0
+        for n in (small, large):
+            t0 = time.perf_counter()
+            await fill_to(n, have)
+            fill_s = time.perf_counter() - t0
+            have = n
+            lat = np.asarray(await probe())
+            rows.append(
+                {
+                    "sessions": n,
+                    "fill_s": round(fill_s, 2),
+                    "fill_per_s": round((n - (rows[-1]["sessions"] if rows else 0)) / fill_s, 1),
+                    **percentiles_ms(lat),
+                }
+            )
+    return {"rows": rows, "probes": probes, "rss_bytes": srv.rss_bytes()}

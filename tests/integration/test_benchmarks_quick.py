@@ -40,6 +40,7 @@ REQUIRED = (
     "store_redis_vs_memory_stream16",
     "store_redis_step_p50_ms",
     "failover_s",
+    "create_session_large_vs_small_p50",
 )
 SERVER_KEYS = (
     "p1_generate64_vs_inprocess",
@@ -49,6 +50,7 @@ SERVER_KEYS = (
     "frontends2_vs_1_generate64",
     "frontends2_vs_1_stream16",
     "store_sqlite_vs_memory_stream16",
+    "create_session_large_vs_small_p50",
 )
 # Section 11 with a throwaway Redis (null only when none could be started, with that reason).
 REDIS_KEYS = ("store_redis_vs_memory_stream16", "store_redis_step_p50_ms")
