@@ -102,7 +102,7 @@ def rpc(method: Handler[R]) -> Handler[R]:
         except ServeError as e:
             status = status_for(e)
             code = status.name
-            await context.abort(status, str(e))
+            await _abort(context, status, str(e))
             raise  # abort raises; this keeps type checkers honest
         except asyncio.CancelledError:
             code = "CANCELLED"
@@ -112,14 +112,26 @@ def rpc(method: Handler[R]) -> Handler[R]:
         except Exception:
             code = "INTERNAL"
             log.exception("%s failed", name)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error in {name}; see server log"
+            await _abort(
+                context, grpc.StatusCode.INTERNAL, f"internal error in {name}; see server log"
             )
             raise
         finally:
             self.requests.record(name, code, time.perf_counter() - t0)
 
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: grpc.StatusCode, message: str) -> None:
+    """Send ``status`` and end the call; quietly give up when the call has ended already."""
+    try:
+        await context.abort(status, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        # The call ended before the status could be sent (the client's deadline passed or it
+        # went away): gRPC has told the client already, and would log this as an error.
+        raise asyncio.CancelledError() from None
 
 
 def _step_fields(result: StepResult) -> dict[str, Any]:
