@@ -71,7 +71,34 @@ def resolve_model(spec: str) -> ModelLocation:
 _MANIFEST_FORMAT = "lstm-serve-model-repo"
 
 
+# The export report bundled beside a model (``lstm-export --report``): its ``fp32``/``int8``
+# entries record each file's SHA-256.
+EXPORT_REPORT = "metrics.json"
+
+
 def recorded_sha256(path: Path) -> tuple[Path, str] | None:
+    """The SHA-256 recorded for the model file at ``path``: by the repository's manifest, or
+    else by the export report beside the file (``metrics.json``: its ``fp32``/``int8`` entries),
+    or None when neither records it."""
+    return _manifest_sha256(path) or _report_sha256(path)
+
+
+def _report_sha256(path: Path) -> tuple[Path, str] | None:
+    report = path.with_name(EXPORT_REPORT)
+    if not report.is_file():
+        return None
+    try:
+        data = json.loads(report.read_text(encoding="utf-8"))
+        for variant in ("fp32", "int8"):
+            entry = data.get(variant) or {}
+            if Path(str(entry.get("path", ""))).name == path.name and entry.get("sha256"):
+                return report, str(entry["sha256"])
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        log.warning("ignoring %s: not a readable export report (%s)", report, e)
+    return None
+
+
+def _manifest_sha256(path: Path) -> tuple[Path, str] | None:
     """The SHA-256 that the repository's manifest records for the model file at ``path``.
 
     ``path`` is ``REPO/NAME/VERSION/FILE``; the manifest is ``REPO/manifest.json``, whose model

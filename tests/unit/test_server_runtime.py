@@ -141,3 +141,21 @@ def test_run_into_writes_the_outputs_in_place_and_rereads_inputs_each_call(
         h, hn = hn, h
         c, cn = cn, c
     assert len(rt._bindings) == 2  # one binding per buffer set, built once
+
+
+def test_a_damaged_bundled_model_is_refused_by_its_export_report(tmp_path: Path):
+    import shutil
+
+    from server.runtime import bundled_model_path
+
+    src = bundled_model_path().parent
+    dst = tmp_path / "timemachine" / "1"
+    shutil.copytree(src, dst)
+    ModelRuntime(str(dst / "model.onnx"), provider="cpu")  # intact: loads
+    data = bytearray((dst / "model.onnx").read_bytes())
+    for i in range(200):  # 200 flipped bytes inside the weights
+        data[len(data) // 2 + i] ^= 0xFF
+    (dst / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="SHA-256 mismatch") as e:
+        ModelRuntime(str(dst / "model.onnx"), provider="cpu")
+    assert "metrics.json" in str(e.value)
