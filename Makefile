@@ -8,7 +8,7 @@ STAMP_ALL := $(VENV)/.installed-all
 STAMP_SERVE := $(VENV)/.installed-serve
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: install install-serve serve test lint imports typecheck unit protos bench bench-quick container-test scale-test clean
+.PHONY: install install-serve serve test lint protolint imports typecheck unit protos bench bench-quick container-test scale-test clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# buf lint, STANDARD rules, over protos/ (buf.yaml).
+protolint: install
+	$(BIN)/buf lint
+
 # Import-layer contracts ([tool.importlinter] in pyproject.toml).
 imports: install
 	$(BIN)/lint-imports --no-cache
@@ -42,7 +46,7 @@ typecheck: install
 
 # The state-store tests start their own redis-server (tests/state_services.py); the deployment
 # tests check the nginx configuration with nginx -t.
-test: install lint imports typecheck
+test: install lint protolint imports typecheck
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install the Debian package redis-server (apt-get install redis-server)" >&2; exit 1; }
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { echo "nginx not found: install the Debian package nginx (apt-get install nginx)" >&2; exit 1; }
 	$(BIN)/pytest -q

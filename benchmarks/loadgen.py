@@ -192,7 +192,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         grpc.aio.insecure_channel(args.target, options=options)
         for _ in range(max(1, min(args.channels, args.concurrency)))
     ]
-    stubs = [pb_grpc.LstmServeStub(ch) for ch in channels]
+    stubs = [pb_grpc.LstmServeServiceStub(ch) for ch in channels]
     for ch in channels:
         await asyncio.wait_for(ch.channel_ready(), timeout=10)
     delay = (start - time.monotonic_ns()) / 1e9

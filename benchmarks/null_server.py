@@ -23,7 +23,7 @@ from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
 
-class NullServicer(pb_grpc.LstmServeServicer):
+class NullServicer(pb_grpc.LstmServeServiceServicer):
     def __init__(self, vocab: int) -> None:
         self.logits = [0.25] * vocab
 
@@ -47,7 +47,7 @@ class NullServicer(pb_grpc.LstmServeServicer):
 
 async def serve(port: int, vocab: int) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_LstmServeServicer_to_server(NullServicer(vocab), server)
+    pb_grpc.add_LstmServeServiceServicer_to_server(NullServicer(vocab), server)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")

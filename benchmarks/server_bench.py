@@ -352,7 +352,7 @@ async def _memory(
     from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(srv.target) as ch:
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         sem = asyncio.Semaphore(64)
 
         async def bounded(call: Any, req: Any) -> Any:
@@ -422,7 +422,7 @@ async def _create_scaling(
     from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(srv.target) as ch:
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         sem = asyncio.Semaphore(64)
 
         async def one(_: int) -> None:

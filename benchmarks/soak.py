@@ -399,7 +399,7 @@ async def soak(
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_rss(srv, rss, stop))
     async with grpc.aio.insecure_channel(srv.target) as ch:
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         drivers = []
         for i in range(sessions):
             r = await stub.CreateSession(pb.CreateSessionRequest(), timeout=CALL_TIMEOUT_S)

@@ -35,7 +35,7 @@ from .durable import Durable
 from .engine import Engine
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
 from .runtime import ModelRuntime, resolve_model
-from .servicer import SERVICE_NAME, LstmServeServicer
+from .servicer import SERVICE_NAME, LstmServeServiceServicer
 from .sessions import SessionStore
 from .settings import Settings
 from .state import ModelIdentity, open_store
@@ -168,7 +168,7 @@ async def _sweep(store: SessionStore, idle_timeout_s: float) -> None:
 
 def grpc_server(
     settings: Settings,
-    servicer: LstmServeServicer,
+    servicer: LstmServeServiceServicer,
     health_servicer: health.aio.HealthServicer,
     *,
     reuse_port: bool = False,
@@ -195,9 +195,9 @@ def grpc_server(
     add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if s.reflection:
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+        reflection.enable_server_reflection(names, server)
+        server.add_generic_rpc_handlers((_reflection_v1(names),))
     try:
         if s.tls_cert:
             port = server.add_secure_port(f"{s.host}:{s.port}", server_credentials(s))
@@ -226,6 +226,27 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
+# grpcio-reflection serves grpc.reflection.v1alpha only; v1 is the same messages on another
+# path (newer tools such as grpcurl ask for v1 first), so the same servicer answers both.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _reflection_v1(names: tuple[str, ...]) -> grpc.GenericRpcHandler:
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
+    servicer = reflection.aio.ReflectionServicer(names)
+    return grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=rpb.ServerReflectionRequest.FromString,
+                response_serializer=rpb.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+
+
 async def set_health(health_servicer: health.aio.HealthServicer, status: int) -> None:
     await health_servicer.set("", status)
     await health_servicer.set(SERVICE_NAME, status)
@@ -246,7 +267,7 @@ class App:
         self.clock = clock
         self.requests = RequestStats()
         self.scheduler_stats = SchedulerStats()
-        self.servicer = LstmServeServicer(self.requests)
+        self.servicer = LstmServeServiceServicer(self.requests)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0

@@ -52,7 +52,7 @@ class LstmClient:
             self.channel = grpc.secure_channel(target, creds)
         else:
             self.channel = grpc.insecure_channel(target)
-        self.stub = pb_grpc.LstmServeStub(self.channel)
+        self.stub = pb_grpc.LstmServeServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
         self._auth: tuple[tuple[str, str], ...] = (

@@ -1,9 +1,10 @@
-"""Registers ``lstmserve.v1.LstmServe``: request bytes that do not parse get INVALID_ARGUMENT.
+"""Registers ``lstmserve.v1.LstmServeService``: request bytes that do not parse get
+INVALID_ARGUMENT.
 
-With the generated ``add_LstmServeServicer_to_server`` grpc deserializes with ``FromString``, and
-bytes that are not a valid message raise inside grpc: the client gets UNKNOWN (INTERNAL on a
-stream) and the server logs a traceback per request, a cheap way to flood the log. Here every
-method's deserializer returns :data:`UNDECODABLE` instead, and:
+With the generated ``add_LstmServeServiceServicer_to_server`` grpc deserializes with
+``FromString``, and bytes that are not a valid message raise inside grpc: the client gets
+UNKNOWN (INTERNAL on a stream) and the server logs a traceback per request, a cheap way to flood
+the log. Here every method's deserializer returns :data:`UNDECODABLE` instead, and:
 
 * a unary request never reaches the servicer: the call is counted (INVALID_ARGUMENT, and in
   ``lstm_serve_undecodable_requests_total``), logged at most once per :data:`LOG_INTERVAL_S`
@@ -29,7 +30,7 @@ from google.protobuf.message import DecodeError
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 
 from .errors import InvalidArgument, ServeError
-from .servicer import LstmServeServicer, status_for
+from .servicer import LstmServeServiceServicer, status_for
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,18 @@ class _Reads:
 
 
 def add_servicer(
-    servicer: LstmServeServicer, server: grpc.aio.Server, *, sparse_log: SparseLog | None = None
+    servicer: LstmServeServiceServicer,
+    server: grpc.aio.Server,
+    *,
+    sparse_log: SparseLog | None = None,
 ) -> None:
-    """Register every method of ``lstmserve.v1.LstmServe`` on ``server`` (the generated
-    ``add_LstmServeServicer_to_server``, with the deserializers described above).
+    """Register every method of ``lstmserve.v1.LstmServeService`` on ``server`` (the generated
+    ``add_LstmServeServiceServicer_to_server``, with the deserializers described above).
 
     Counts go to ``servicer.requests`` as it is at the time of the call (a front end swaps it
     for a fresh one at every heartbeat).
     """
-    service = pb.DESCRIPTOR.services_by_name["LstmServe"]
+    service = pb.DESCRIPTOR.services_by_name["LstmServeService"]
     logger = sparse_log if sparse_log is not None else SparseLog()
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
@@ -142,7 +146,7 @@ def add_servicer(
 
 
 def _unary(
-    servicer: LstmServeServicer,
+    servicer: LstmServeServiceServicer,
     name: str,
     behavior: Callable[[Any, Any], Awaitable[Any]],
     reject: Callable[[], InvalidArgument],

@@ -44,7 +44,7 @@ from .dataplane import (
 )
 from .errors import Unavailable
 from .metrics import RequestStats
-from .servicer import LstmServeServicer
+from .servicer import LstmServeServiceServicer
 from .settings import Settings, settings_from_json
 
 log = logging.getLogger("lstm_serve.frontend")
@@ -363,7 +363,7 @@ class Frontend:
     def __init__(self, settings: Settings, path: str, engine_pid: int, index: int) -> None:
         self.settings = settings
         self.plane = RemotePlane(path, engine_pid)
-        self.servicer = LstmServeServicer(RequestStats())
+        self.servicer = LstmServeServiceServicer(RequestStats())
         self.servicer.plane = self.plane
         self.servicer.frontend_id = str(index)
         self.health = health.aio.HealthServicer()

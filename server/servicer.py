@@ -49,7 +49,7 @@ from .metrics import RequestStats
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServeService"].full_name
 
 _CODES: dict[type[ServeError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -92,7 +92,7 @@ def rpc(method: Handler[R]) -> Handler[R]:
 
     @functools.wraps(method)
     async def wrapper(
-        self: LstmServeServicer, request: Any, context: grpc.aio.ServicerContext
+        self: LstmServeServiceServicer, request: Any, context: grpc.aio.ServicerContext
     ) -> R:
         t0 = time.perf_counter()
         code = "OK"
@@ -150,8 +150,8 @@ def _step_fields(result: StepResult) -> dict[str, Any]:
     return fields
 
 
-class LstmServeServicer(pb_grpc.LstmServeServicer):
-    """``lstmserve.v1.LstmServe``. ``plane`` is None while the model loads (UNAVAILABLE)."""
+class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
+    """``lstmserve.v1.LstmServeService``. ``plane`` is None while the model loads (UNAVAILABLE)."""
 
     def __init__(self, requests: RequestStats) -> None:
         self.plane: Plane | None = None

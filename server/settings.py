@@ -128,7 +128,7 @@ class Settings:
         default=0.0,
     )
     reflection: bool = _doc(
-        "Serve gRPC server reflection (grpc.reflection.v1alpha: lists the services and their "
+        "Serve gRPC server reflection (grpc.reflection.v1 and v1alpha: lists the services and their "
         "messages, for grpcurl and the like); off = clients need the .proto.",
         default=False,
     )

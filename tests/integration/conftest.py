@@ -166,7 +166,7 @@ def stub_for() -> Iterator[Callable[[ServerThread], Any]]:
     def make(srv: ServerThread) -> Any:
         ch = grpc.insecure_channel(srv.target)
         channels.append(ch)
-        return pb_grpc.LstmServeStub(ch)
+        return pb_grpc.LstmServeServiceStub(ch)
 
     yield make
     for ch in channels:

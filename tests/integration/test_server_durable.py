@@ -43,7 +43,7 @@ def test_kill_9_and_restart_keep_every_acknowledged_step(serve, tmp_path: Path, 
     rng = random.Random(random.SystemRandom().randrange(2**32))
     srv = serve("--state-store", sqlite_url(db), "--metrics-port", "-1")
     ch = grpc.insecure_channel(srv.target)
-    stub = pb_grpc.LstmServeStub(ch)
+    stub = pb_grpc.LstmServeServiceStub(ch)
     n = 16
     sids = [stub.CreateSession(pb.CreateSessionRequest()).session_id for _ in range(n)]
     states = {sid: reference.zeros() for sid in sids}
@@ -70,7 +70,7 @@ def test_kill_9_and_restart_keep_every_acknowledged_step(serve, tmp_path: Path, 
     srv.proc.wait(10)
     srv2 = serve("--state-store", sqlite_url(db), "--metrics-port", "-1")
     ch = grpc.insecure_channel(srv2.target)
-    stub = pb_grpc.LstmServeStub(ch)
+    stub = pb_grpc.LstmServeServiceStub(ch)
     for sid in sids:
         info = stub.GetSession(pb.GetSessionRequest(session_id=sid))
         assert info.steps == fed[sid]
@@ -185,7 +185,7 @@ def test_a_record_of_another_model_is_refused(serve, tmp_path: Path, model_path:
     db = tmp_path / "m.db"
     srv = serve("--state-store", sqlite_url(db), "--metrics-port", "-1")
     with grpc.insecure_channel(srv.target) as ch:
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
         stub.Step(pb.StepRequest(session_id=sid, text="the time"))
         record = stub.ExportSession(pb.ExportSessionRequest(session_id=sid)).record
@@ -195,7 +195,7 @@ def test_a_record_of_another_model_is_refused(serve, tmp_path: Path, model_path:
     onnx.save(random_model(VOCAB, hidden_size=24, num_layers=2, seed=99), str(other))
     srv = serve("--state-store", sqlite_url(db), "--metrics-port", "-1", model=other)
     with grpc.insecure_channel(srv.target) as ch:
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         req = pb.StepRequest(session_id=sid, text="x")
         with pytest.raises(grpc.RpcError) as e:
             stub.Step(req)

@@ -1,4 +1,4 @@
-"""Fuzzing every RPC of ``lstmserve.v1.LstmServe`` through one real server.
+"""Fuzzing every RPC of ``lstmserve.v1.LstmServeService`` through one real server.
 
 Two kinds of input per RPC: hypothesis-built messages whose fields take edge values (empty and
 ~100 KB strings, random unicode, NaN/inf/negative floats, ints at their type's limits, unknown
@@ -31,7 +31,7 @@ from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 
 from .conftest import VOCAB, Reference, ServerThread, make_settings
 
-SERVICE = "/lstmserve.v1.LstmServe/"
+SERVICE = "/lstmserve.v1.LstmServeService/"
 VOCAB_INDEX = {c: i for i, c in enumerate(VOCAB)}
 V = len(VOCAB)
 MAX_NEW_TOKENS = 50

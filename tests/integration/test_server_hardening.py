@@ -29,7 +29,7 @@ from server.runtime import recorded_sha256
 
 from .conftest import ROOT, VOCAB, ServerThread, make_settings
 
-SERVICE = pb.DESCRIPTOR.services_by_name["LstmServe"]
+SERVICE = pb.DESCRIPTOR.services_by_name["LstmServeService"]
 # Field 1, length-delimited, with a length varint that never ends: no message parses it.
 BAD = b"\x0a\xff"
 
@@ -97,7 +97,7 @@ def test_undecodable_bytes_get_invalid_argument_on_every_rpc(start_server, refer
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         # The server goes on serving, exactly.
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
         tokens = list(np.random.default_rng().integers(0, len(VOCAB), 17))
         got = stub.Step(pb.StepRequest(session_id=sid, token_ids=tokens))
@@ -123,7 +123,7 @@ def test_undecodable_requests_through_front_ends_reach_the_engines_metrics(serve
     with grpc.insecure_channel(srv.target) as ch:
         _expect_invalid(ch, "Step", [BAD])
         _expect_invalid(ch, "StepStream", [BAD])
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
         assert stub.Step(pb.StepRequest(session_id=sid, text="still")).tokens_consumed == 5
 
@@ -161,7 +161,7 @@ def test_request_size_limit_follows_the_settings(start_server):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # The largest valid prompts fit: 8 characters per token (4 UTF-8 bytes each; a run of
         # non-letters folds to one space), and max_prompt_tokens token ids.
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         n = srv.settings.max_prompt_tokens
         text = "\U0001f600" * (8 * n)
         assert len(pb.StepRequest(text=text).SerializeToString()) > 128 << 10
@@ -288,7 +288,7 @@ def test_get_model_info_shows_build_info_only_when_asked(exported_model):
         srv = ServerThread(make_settings(exported_model, **settings)).start()
         try:
             with grpc.insecure_channel(srv.target) as ch:
-                info = pb_grpc.LstmServeStub(ch).GetModelInfo(pb.GetModelInfoRequest())
+                info = pb_grpc.LstmServeServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest())
             return json.loads(info.config_json)
         finally:
             srv.stop()
@@ -317,7 +317,7 @@ def test_reflection_is_off_by_default_and_on_with_the_flag(start_server, serve):
         _list_services(start_server().target)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     srv = serve("--reflection", "--metrics-port", "-1")  # the real command line
-    assert {"lstmserve.v1.LstmServe", "grpc.health.v1.Health"} <= _list_services(srv.target)
+    assert {"lstmserve.v1.LstmServeService", "grpc.health.v1.Health"} <= _list_services(srv.target)
 
 
 def test_with_authentication_an_anonymous_caller_is_unauthenticated_first(start_server, tmp_path):

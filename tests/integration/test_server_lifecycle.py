@@ -178,7 +178,7 @@ def test_health_not_serving_while_loading_then_serving_then_draining(
     try:
         NOT, OK = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
         assert _health(srv.target) == NOT
-        assert _health(srv.target, "lstmserve.v1.LstmServe") == NOT
+        assert _health(srv.target, "lstmserve.v1.LstmServeService") == NOT
         stub = stub_for(srv)
         with pytest.raises(grpc.RpcError) as e:
             stub.CreateSession(pb.CreateSessionRequest())
@@ -186,7 +186,7 @@ def test_health_not_serving_while_loading_then_serving_then_draining(
         release.set()
         srv.call(srv.app.ready())
         assert _health(srv.target) == OK
-        assert _health(srv.target, "lstmserve.v1.LstmServe") == OK
+        assert _health(srv.target, "lstmserve.v1.LstmServeService") == OK
         # Draining: NOT_SERVING and new work refused while an in-flight request finishes.
         sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
         gate = threading.Event()
@@ -214,17 +214,31 @@ def test_health_not_serving_while_loading_then_serving_then_draining(
         srv.stop()
 
 
-def _reflection_services(target: str) -> set[str]:
+def _reflection_services(target: str, version: str = "v1alpha") -> set[str]:
     with grpc.insecure_channel(target) as ch:
-        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        if version == "v1alpha":
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            call = stub.ServerReflectionInfo
+        else:  # the same messages on the v1 path
+            call = ch.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
         req = reflection_pb2.ServerReflectionRequest(list_services="")
-        resp = next(stub.ServerReflectionInfo(iter([req]), timeout=10))
+        resp = next(call(iter([req]), timeout=10))
         return {s.name for s in resp.list_services_response.service}
 
 
-def test_reflection_lists_the_services(start_server):
-    names = _reflection_services(start_server(reflection=True).target)
-    assert {"lstmserve.v1.LstmServe", "grpc.health.v1.Health"} <= names
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+def test_reflection_lists_the_services(start_server, version):
+    names = _reflection_services(start_server(reflection=True).target, version)
+    assert {
+        "lstmserve.v1.LstmServeService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
 
 
 def test_reflection_is_off_by_default(shared_server):
@@ -315,7 +329,7 @@ def test_sigterm_drains_in_flight_generate_and_exits_zero(model_path: Path, tmp_
         ch = grpc.insecure_channel(target)
         from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
-        stub = pb_grpc.LstmServeStub(ch)
+        stub = pb_grpc.LstmServeServiceStub(ch)
         n = 15000
         call = stub.Generate(pb.GenerateRequest(prompt="the", max_tokens=n))
         first = next(call)

@@ -32,7 +32,7 @@ ATOL = 1e-5
 
 def frontend_of(channel: grpc.Channel) -> str:
     """Which front end serves this channel (GetModelInfo's trailing metadata says)."""
-    _, call = pb_grpc.LstmServeStub(channel).GetModelInfo.with_call(
+    _, call = pb_grpc.LstmServeServiceStub(channel).GetModelInfo.with_call(
         pb.GetModelInfoRequest(), timeout=10
     )
     return dict(call.trailing_metadata())["lstm-serve-frontend"]
@@ -71,7 +71,7 @@ def health(target: str) -> int | None:
 def test_interleaved_sessions_across_two_frontends_match_in_process(serve, reference: Reference):
     srv = serve("--frontends", "2", "--metrics-port", "0", "--prefill-chunk-tokens", "5")
     a, b = channels_on_two_frontends(srv.target)
-    stubs = [pb_grpc.LstmServeStub(a), pb_grpc.LstmServeStub(b)]
+    stubs = [pb_grpc.LstmServeServiceStub(a), pb_grpc.LstmServeServiceStub(b)]
     seed = random.SystemRandom().randrange(2**32)
     rng = random.Random(seed)
     n_sessions = 24
@@ -136,7 +136,7 @@ def test_interleaved_sessions_across_two_frontends_match_in_process(serve, refer
 def test_one_stream_session_used_through_another_frontend(serve, reference: Reference):
     srv = serve("--frontends", "2", "--metrics-port", "-1")
     a, b = channels_on_two_frontends(srv.target)
-    sa, sb = pb_grpc.LstmServeStub(a), pb_grpc.LstmServeStub(b)
+    sa, sb = pb_grpc.LstmServeServiceStub(a), pb_grpc.LstmServeServiceStub(b)
     sid = sa.CreateSession(pb.CreateSessionRequest()).session_id
     # A stream attached to the session on front end A, unary steps on front end B in between.
     gate = threading.Event()
@@ -171,7 +171,7 @@ def test_kill_9_of_a_frontend_the_others_serve_and_it_is_replaced(serve):
     served = 0
     while time.monotonic() - t0 < 3:
         with grpc.insecure_channel(srv.target) as ch:
-            stub = pb_grpc.LstmServeStub(ch)
+            stub = pb_grpc.LstmServeServiceStub(ch)
             try:
                 sid = stub.CreateSession(pb.CreateSessionRequest(), timeout=5).session_id
                 stub.Step(pb.StepRequest(session_id=sid, text="the"), timeout=5)
@@ -193,7 +193,7 @@ def test_kill_9_of_a_frontend_the_others_serve_and_it_is_replaced(serve):
 def test_kill_9_of_the_engine_stops_the_server_non_zero_within_5_s(serve):
     srv = serve("--frontends", "2", "--metrics-port", "-1")
     ch = grpc.insecure_channel(srv.target)
-    stub = pb_grpc.LstmServeStub(ch)
+    stub = pb_grpc.LstmServeServiceStub(ch)
     call = stub.Generate(pb.GenerateRequest(prompt="the", max_tokens=4000))
     next(call)
     assert health(srv.target) == health_pb2.HealthCheckResponse.SERVING

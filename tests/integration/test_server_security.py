@@ -119,7 +119,9 @@ def test_tls_and_tokens_and_ownership(start_server, pki, tmp_path: Path):
     with grpc.insecure_channel(target) as ch:
         assert (
             code_of(
-                lambda: pb_grpc.LstmServeStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+                lambda: pb_grpc.LstmServeServiceStub(ch).GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=5
+                )
             )
             == grpc.StatusCode.UNAVAILABLE
         )

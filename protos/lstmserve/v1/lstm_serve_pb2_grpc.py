@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class LstmServeStub:
+class LstmServeServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,63 +35,63 @@ class LstmServeStub:
             channel: A grpc.Channel.
         """
         self.CreateSession = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/CreateSession',
+                '/lstmserve.v1.LstmServeService/CreateSession',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.CreateSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.CreateSessionResponse.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/CloseSession',
+                '/lstmserve.v1.LstmServeService/CloseSession',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
         self.ResetSession = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/ResetSession',
+                '/lstmserve.v1.LstmServeService/ResetSession',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ResetSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ResetSessionResponse.FromString,
                 _registered_method=True)
         self.GetSession = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/GetSession',
+                '/lstmserve.v1.LstmServeService/GetSession',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionResponse.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/Step',
+                '/lstmserve.v1.LstmServeService/Step',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepResponse.FromString,
                 _registered_method=True)
         self.StepStream = channel.stream_stream(
-                '/lstmserve.v1.LstmServe/StepStream',
+                '/lstmserve.v1.LstmServeService/StepStream',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepStreamRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepStreamResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
-                '/lstmserve.v1.LstmServe/Generate',
+                '/lstmserve.v1.LstmServeService/Generate',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/GetModelInfo',
+                '/lstmserve.v1.LstmServeService/GetModelInfo',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
         self.ExportSession = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/ExportSession',
+                '/lstmserve.v1.LstmServeService/ExportSession',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionResponse.FromString,
                 _registered_method=True)
         self.ImportSession = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/ImportSession',
+                '/lstmserve.v1.LstmServeService/ImportSession',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionResponse.FromString,
                 _registered_method=True)
         self.ForkSession = channel.unary_unary(
-                '/lstmserve.v1.LstmServe/ForkSession',
+                '/lstmserve.v1.LstmServeService/ForkSession',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionResponse.FromString,
                 _registered_method=True)
 
 
-class LstmServeServicer:
+class LstmServeServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateSession(self, request, context):
@@ -177,7 +177,7 @@ class LstmServeServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_LstmServeServicer_to_server(servicer, server):
+def add_LstmServeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSession,
@@ -236,13 +236,13 @@ def add_LstmServeServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'lstmserve.v1.LstmServe', rpc_method_handlers)
+            'lstmserve.v1.LstmServeService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('lstmserve.v1.LstmServe', rpc_method_handlers)
+    server.add_registered_method_handlers('lstmserve.v1.LstmServeService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class LstmServe:
+class LstmServeService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -259,7 +259,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/CreateSession',
+            '/lstmserve.v1.LstmServeService/CreateSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.CreateSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.CreateSessionResponse.FromString,
             options,
@@ -286,7 +286,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/CloseSession',
+            '/lstmserve.v1.LstmServeService/CloseSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.CloseSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.CloseSessionResponse.FromString,
             options,
@@ -313,7 +313,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/ResetSession',
+            '/lstmserve.v1.LstmServeService/ResetSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ResetSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ResetSessionResponse.FromString,
             options,
@@ -340,7 +340,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/GetSession',
+            '/lstmserve.v1.LstmServeService/GetSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionResponse.FromString,
             options,
@@ -367,7 +367,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/Step',
+            '/lstmserve.v1.LstmServeService/Step',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepResponse.FromString,
             options,
@@ -394,7 +394,7 @@ class LstmServe:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/lstmserve.v1.LstmServe/StepStream',
+            '/lstmserve.v1.LstmServeService/StepStream',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepStreamRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepStreamResponse.FromString,
             options,
@@ -421,7 +421,7 @@ class LstmServe:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/lstmserve.v1.LstmServe/Generate',
+            '/lstmserve.v1.LstmServeService/Generate',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GenerateRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GenerateResponse.FromString,
             options,
@@ -448,7 +448,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/GetModelInfo',
+            '/lstmserve.v1.LstmServeService/GetModelInfo',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelInfoResponse.FromString,
             options,
@@ -475,7 +475,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/ExportSession',
+            '/lstmserve.v1.LstmServeService/ExportSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ExportSessionResponse.FromString,
             options,
@@ -502,7 +502,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/ImportSession',
+            '/lstmserve.v1.LstmServeService/ImportSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ImportSessionResponse.FromString,
             options,
@@ -529,7 +529,7 @@ class LstmServe:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lstmserve.v1.LstmServe/ForkSession',
+            '/lstmserve.v1.LstmServeService/ForkSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionResponse.FromString,
             options,
