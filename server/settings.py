@@ -128,8 +128,8 @@ class Settings:
         default=0.0,
     )
     reflection: bool = _doc(
-        "Serve gRPC server reflection (grpc.reflection.v1 and v1alpha: lists the services and their "
-        "messages, for grpcurl and the like); off = clients need the .proto.",
+        "Serve gRPC server reflection (grpc.reflection.v1 and v1alpha: lists the services and "
+        "their messages, for grpcurl and the like); off = clients need the .proto.",
         default=False,
     )
     expose_build_info: bool = _doc(
