@@ -14,6 +14,7 @@ shows one for bug reports).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -25,14 +26,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from contract.args import positive_int
 from contract.repository import MANIFEST
 
+# Nothing here imports torch or onnx at module level: on a server-only install `lstm-export`
+# (even `--help`) must get as far as main() to say which extra is missing.
 from .common import ExportError, one_line
-from .parity import DEFAULT_TOLERANCE
-from .quantize import DEFAULT_PPL_TOLERANCE
 
 if TYPE_CHECKING:
     from .exporter import ExportOptions
 
 PROG = "lstm-export"
+# The modules of the export extra that main() looks for before anything else.
+EXTRA_MODULES = ("torch", "onnx", "onnxscript")
+INSTALL_HINT = "pip install 'lstm-serve[export]'"
 
 
 def _fraction(text: str) -> float:
@@ -56,6 +60,9 @@ def _positive_float(text: str) -> float:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from .parity import DEFAULT_TOLERANCE
+    from .quantize import DEFAULT_PPL_TOLERANCE  # imports onnx: only after main()'s check
+
     p.add_argument(
         "--int8",
         action="store_true",
@@ -272,11 +279,30 @@ def _is_checkpoint_error(exc: BaseException) -> bool:
     return mod is not None and isinstance(exc, mod.CheckpointError)
 
 
-_EXTRA_PACKAGES = {"torch", "onnx", "onnxruntime", "tqdm", "numpy"}
+_EXTRA_PACKAGES = {"torch", "onnx", "onnxscript", "onnxruntime", "tqdm", "numpy"}
+
+
+def missing_module(names: Sequence[str]) -> str | None:
+    """The first of ``names`` that cannot be imported, without importing any (torch's import
+    takes seconds); None when all are there."""
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):  # a finder that refuses it, a half-removed package
+            return name
+    return None
+
+
+def _extra_missing(module: str) -> NoReturn:
+    _fail(f"the export extra is not installed (no module {module!r}): {INSTALL_HINT}", 2)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before parsing, so `--help` on a server-only install says what to install, too.
+    if (missing := missing_module(EXTRA_MODULES)) is not None:
+        _extra_missing(missing)
     signal.signal(signal.SIGTERM, _on_sigterm)
     from contract.model import ContractError
 
@@ -287,13 +313,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ExportError, ContractError) as e:
         _fail(one_line(e), 1)
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in _EXTRA_PACKAGES:
+        root = (e.name or "").split(".")[0]
+        if root not in _EXTRA_PACKAGES:
             raise
-        _fail(
-            f"{one_line(e)}; lstm-export needs the export extra: "
-            ".venv/bin/pip install -c constraints.txt -e '.[export]'",
-            2,
-        )
+        _extra_missing(root)
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         _fail(f"{e.strerror or one_line(e)}{where}", 1)

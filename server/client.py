@@ -1,18 +1,28 @@
 """A small Python client over the generated stubs, and the ``lstm-client`` CLI.
 
 ``lstm-client generate --target HOST:PORT --prompt TEXT --max-tokens N`` prints only the
-continuation, as it arrives. ``step`` prints the next-token distribution's top tokens,
-``health`` exits 0 only when the server is SERVING (the container's HEALTHCHECK), ``info``
-describes the model. Errors print the status code and message and exit non-zero.
+continuation, as it arrives. ``step`` prints the next-token distribution's top tokens (on an
+ephemeral session unless ``--session``), ``health`` exits 0 only when the server is SERVING
+(the container's HEALTHCHECK), ``info`` describes the model.
+
+Exit codes: 0 success; 1 the server answered with an error (``lstm-client: error: CODE:
+message``); 2 a bad argument (``lstm-client: error: ...``, one line, before any call);
+130 interrupted. Never a traceback.
+
+The library checks its arguments the same way: a bad value raises :class:`ValueError` before
+any RPC; everything the server refuses raises :class:`grpc.RpcError`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import queue
+import re
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,13 +31,28 @@ from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
 SESSION_HEADER = "lstm-session-id"
-
-
 TOKEN_ENV = "LSTM_SERVE_TOKEN"
+TLS_CA_ENV = "LSTM_SERVE_TLS_CA"
+PROG = "lstm-client"
+
+# ``output=`` of step and step_stream: a name, or the pb.StepOutput value (older callers).
+OUTPUTS: dict[str, int] = {
+    "last": pb.STEP_OUTPUT_LAST_LOGITS,
+    "all": pb.STEP_OUTPUT_ALL_LOGITS,
+    "top_k": pb.STEP_OUTPUT_TOP_K,
+}
+_OUTPUT_VALUES = frozenset(pb.StepOutput.values())
+_UINT64 = 2**64
+# A gRPC target with a resolver scheme (dns:///h:p, unix:/path, ipv4:..., xds:///...) is taken
+# as given; anything else must be HOST:PORT (a bare host would silently mean port 443).
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d+)$")
+_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p")
 
 
 class LstmClient:
-    """Blocking client. Every method raises :class:`grpc.RpcError` on a non-OK status."""
+    """Blocking client. Every method raises :class:`ValueError` for a bad argument (before any
+    RPC) and :class:`grpc.RpcError` on a non-OK status."""
 
     def __init__(
         self,
@@ -39,8 +64,13 @@ class LstmClient:
         tls_key: str | None = None,
         token: str | None = None,
     ) -> None:
-        """``tls_ca`` (PEM file) turns TLS on; ``tls_cert``/``tls_key`` add a client
-        certificate (mutual TLS); ``token`` is sent as ``authorization: Bearer TOKEN``."""
+        """``target`` is HOST:PORT (or a gRPC URI such as ``unix:/path``); ``timeout`` is each
+        call's deadline in seconds (a stream's: the whole stream's); ``tls_ca`` (PEM file) turns
+        TLS on; ``tls_cert``/``tls_key`` add a client certificate (mutual TLS); ``token`` is
+        sent as ``authorization: Bearer TOKEN``."""
+        check_target(target)
+        if timeout is not None and not (_is_number(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if tls_ca or tls_cert:
@@ -76,7 +106,9 @@ class LstmClient:
         self.close()
 
     def create_session(self, idle_timeout_s: float = 0.0, session_id: str = "") -> str:
-        """A new session; ``session_id`` chooses its id (16-128 of [A-Za-z0-9_-])."""
+        """A new session; ``session_id`` chooses its id (16-128 of [A-Za-z0-9_-]);
+        ``idle_timeout_s`` > 0 overrides the server's idle timeout, 0 keeps it."""
+        _check_non_negative("idle_timeout_s", idle_timeout_s)
         req = pb.CreateSessionRequest(idle_timeout_s=idle_timeout_s, session_id=session_id)
         return str(
             self.stub.CreateSession(
@@ -147,13 +179,24 @@ class LstmClient:
         *,
         text: str = "",
         token_ids: Sequence[int] = (),
-        output: Any = pb.STEP_OUTPUT_LAST_LOGITS,
+        output: str | int = "last",
         top_k: int = 0,
+        request_id: str = "",
     ) -> Any:
-        req = pb.StepRequest(
-            session_id=session_id, text=text, token_ids=token_ids, output=output, top_k=top_k
-        )
+        """Feed ``text`` or ``token_ids`` (exactly one) to a session; a ``StepResponse``.
+
+        ``output``: ``"last"`` (the last position's logits), ``"all"`` (every fed position's),
+        ``"top_k"`` (the ``top_k`` most probable next tokens, no logits)."""
+        fields = _step_fields(text, token_ids, output, top_k, request_id)
+        req = pb.StepRequest(session_id=session_id, **fields)
         return self.stub.Step(req, timeout=self.timeout, metadata=self._md(session_id))
+
+    def step_stream(self, session_id: str = "") -> StepStream:
+        """A :class:`StepStream`: many steps over one StepStream RPC. With ``session_id`` it
+        attaches to that session (which outlives the stream); without, the server makes an
+        ephemeral session that the stream owns and frees when it closes. Use it with ``with``
+        (or call :meth:`StepStream.close`)."""
+        return StepStream(self, session_id)
 
     def generate(
         self,
@@ -167,7 +210,20 @@ class LstmClient:
         seed: int | None = None,
         stop: Sequence[str] = (),
     ) -> Iterator[Any]:
-        """Yield ``GenerateResponse`` messages as they arrive (cancel by closing the iterator)."""
+        """Yield ``GenerateResponse`` messages as they arrive (cancel by closing the iterator).
+
+        Arguments are checked here, before the call starts: ``max_tokens`` >= 1,
+        ``temperature`` >= 0 (0 = greedy), ``top_k`` >= 0 (0 = off), ``top_p`` in [0, 1]
+        (0 = off), ``seed`` in [0, 2**64)."""
+        _check_int("max_tokens", max_tokens, low=1)
+        _check_non_negative("temperature", temperature)
+        _check_int("top_k", top_k, low=0)
+        if not (_is_number(top_p) and 0.0 <= top_p <= 1.0):
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+        if seed is not None:
+            _check_int("seed", seed, low=0, high=_UINT64 - 1)
+        if isinstance(stop, str):
+            raise ValueError("stop must be a sequence of strings, not one string")
         req = pb.GenerateRequest(
             session_id=session_id,
             prompt=prompt,
@@ -179,7 +235,10 @@ class LstmClient:
         )
         if seed is not None:
             req.seed = seed
-        call = self.stub.Generate(req, timeout=self.timeout, metadata=self._md(session_id))
+        return self._generate(req)
+
+    def _generate(self, req: Any) -> Iterator[Any]:
+        call = self.stub.Generate(req, timeout=self.timeout, metadata=self._md(req.session_id))
         try:
             yield from call
         finally:
@@ -196,14 +255,272 @@ class LstmClient:
         return int(resp.status)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lstm-client", description="Talk to an lstm-serve server.")
-    sub = p.add_subparsers(dest="command", required=True)
+_END = None  # tells the request iterator that the client has no more steps
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
-        sp.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-        sp.add_argument("--tls-ca", default=None, help="PEM CA bundle: connect with TLS")
+
+class StepStream:
+    """Steps over one StepStream RPC, one request and its response at a time::
+
+        with client.step_stream() as s:          # an ephemeral session, freed on close
+            s.step(text="the time")
+            top = s.step(text=" trav", output="top_k", top_k=3).top
+
+    ``session_id`` is the attached session's id, or (once the first step has answered) the
+    ephemeral one's. Not thread-safe: one caller steps at a time. A server error raises
+    :class:`grpc.RpcError` and ends the stream (the server closes it); a bad argument raises
+    :class:`ValueError` and sends nothing. :meth:`close` ends the stream and waits until the
+    server has finished with it, so an ephemeral session is gone when it returns.
+    """
+
+    def __init__(self, client: LstmClient, session_id: str = "") -> None:
+        self.session_id = session_id
+        self._attach = session_id
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        # gRPC reads the request iterator on its own thread; it blocks on the queue between
+        # steps and ends when close() puts _END.
+        self._call = client.stub.StepStream(
+            self._feed(), timeout=client.timeout, metadata=client._md(session_id)
+        )
+
+    def _feed(self) -> Iterator[Any]:
+        while (req := self._requests.get()) is not _END:
+            yield req
+
+    def step(
+        self,
+        *,
+        text: str = "",
+        token_ids: Sequence[int] = (),
+        output: str | int = "last",
+        top_k: int = 0,
+        request_id: str = "",
+    ) -> Any:
+        """Feed ``text`` or ``token_ids`` (exactly one); the ``StepStreamResponse``. The
+        arguments mean what they mean in :meth:`LstmClient.step`."""
+        if self._closed:
+            raise ValueError("this step stream is closed")
+        fields = _step_fields(text, token_ids, output, top_k, request_id)
+        # The server binds the stream to the first message's session_id; later ones leave it
+        # empty.
+        req = pb.StepStreamRequest(session_id=self._attach, **fields)
+        self._attach = ""
+        self._requests.put(req)
+        try:
+            resp = next(self._call)
+        except StopIteration:
+            self._end()
+            raise grpc.RpcError("the server ended the step stream") from None
+        except BaseException:
+            self._end()  # an error status (or an interrupt) ends the stream
+            raise
+        if not self.session_id:
+            self.session_id = str(resp.session_id)
+        return resp
+
+    def _end(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._requests.put(_END)
+
+    def close(self) -> None:
+        """Half-close the stream and wait for the server's status (idempotent). Raises
+        :class:`grpc.RpcError` if the stream ends with an error (e.g. its deadline)."""
+        if self._closed:
+            return
+        self._end()
+        for _ in self._call:  # no more responses come: this waits for the final status
+            pass
+
+    def cancel(self) -> None:
+        """End the stream at once, without waiting for the server."""
+        self._end()
+        self._call.cancel()
+
+    def __enter__(self) -> StepStream:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.cancel()  # an error is already on its way up: don't wait or mask it
+
+
+def check_target(target: str) -> None:
+    """Raise :class:`ValueError` unless ``target`` is HOST:PORT (port 1-65535) or a gRPC URI
+    with a known scheme (``dns:``, ``unix:``, ``ipv4:``, ...)."""
+    if not isinstance(target, str) or not target or any(c.isspace() for c in target):
+        raise ValueError(f"target must be HOST:PORT, got {target!r}")
+    m = _HOST_PORT.match(target)
+    if m is not None:
+        if not 1 <= int(m.group(2)) <= 65535:
+            raise ValueError(f"target port must be in 1..65535, got {target!r}")
+        return
+    if _SCHEME.match(target) and target.split(":", 1)[0] in _SCHEMES:
+        return
+    raise ValueError(f"target must be HOST:PORT (e.g. 127.0.0.1:50051), got {target!r}")
+
+
+def output_value(output: str | int) -> int:
+    """The ``pb.StepOutput`` value of ``output``: ``"last"``, ``"all"``, ``"top_k"`` or a
+    ``pb.StepOutput`` value. :class:`ValueError` for anything else."""
+    if isinstance(output, str):
+        if output in OUTPUTS:
+            return OUTPUTS[output]
+    elif isinstance(output, int) and not isinstance(output, bool) and output in _OUTPUT_VALUES:
+        return int(output)
+    names = ", ".join(repr(n) for n in OUTPUTS)
+    raise ValueError(f"output must be one of {names} (or a pb.StepOutput value), got {output!r}")
+
+
+def _step_fields(
+    text: str, token_ids: Sequence[int], output: str | int, top_k: int, request_id: str
+) -> dict[str, Any]:
+    value = output_value(output)
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    if isinstance(token_ids, str | bytes):
+        raise ValueError("token_ids must be a sequence of integers, not a string")
+    ids = list(token_ids)
+    if bool(text) == bool(ids):
+        raise ValueError("give exactly one of text and token_ids (non-empty)")
+    for t in ids:
+        _check_int("token_ids", t, low=0)
+    _check_int("top_k", top_k, low=0)
+    if value == pb.STEP_OUTPUT_TOP_K and top_k < 1:
+        raise ValueError('output="top_k" needs top_k >= 1')
+    if not isinstance(request_id, str):
+        raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+    return {
+        "text": text,
+        "token_ids": ids,
+        "output": value,
+        "top_k": top_k,
+        "request_id": request_id,
+    }
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_int(name: str, value: object, *, low: int, high: int = 2**31 - 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+
+
+def _check_non_negative(name: str, value: object) -> None:
+    if not (_is_number(value) and value >= 0):  # type: ignore[operator]
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (its default prints the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see {self.prog} --help)"
+        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        # Identity, not ==: 0 and 0.0 equal False but are defaults worth showing.
+        empty = (
+            d is None
+            or d is False
+            or d is argparse.SUPPRESS
+            or (isinstance(d, str | list) and not d)
+        )
+        if "default" in text or action.required or empty:
+            return text
+        return super()._get_help_string(action)
+
+
+def _arg_type(check: Any, kind: type = int) -> Any:
+    """An argparse type: ``kind(text)``, then ``check`` (which raises ValueError)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _target(text: str) -> str:
+    try:
+        check_target(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("target ")) from None
+    return text
+
+
+def _range(low: float, high: float | None = None) -> Any:
+    def check(v: float) -> None:
+        if not math.isfinite(v) or v < low or (high is not None and v > high):
+            span = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+            raise ValueError(f"must be {span}, got {v:g}")
+
+    return check
+
+
+def _positive(v: float) -> None:
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"must be > 0, got {v:g}")
+
+
+def _int_range(low: int, high: int | None = None) -> Any:
+    def check(v: int) -> None:
+        if v < low or (high is not None and v > high):
+            span = f">= {low}" if high is None else f"in {low}..{high}"
+            raise ValueError(f"must be {span}, got {v}")
+
+    return check
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Talk to an lstm-serve server. Exit codes: 0 ok, 1 the server refused "
+        "(CODE: message), 2 a bad argument, 130 interrupted.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+        sp.add_argument(
+            "--target", type=_target, default="127.0.0.1:50051", help="HOST:PORT of the server"
+        )
+        sp.add_argument(
+            "--timeout",
+            type=_arg_type(_positive, float),
+            default=None,
+            help="deadline in seconds (default: none)",
+        )
+        sp.add_argument(
+            "--tls-ca",
+            default=os.environ.get(TLS_CA_ENV) or None,
+            help=f"PEM CA bundle: connect with TLS (default: ${TLS_CA_ENV}; a container's "
+            "HEALTHCHECK picks it up this way)",
+        )
         sp.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
         sp.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
         sp.add_argument(
@@ -211,42 +528,67 @@ def _parser() -> argparse.ArgumentParser:
             default=os.environ.get(TOKEN_ENV) or None,
             help=f"bearer token (default: ${TOKEN_ENV})",
         )
+        return sp
 
-    g = sub.add_parser("generate", help="print a generated continuation of a prompt")
-    common(g)
+    non_negative_int = _arg_type(_int_range(0))
+    g = command("generate", "print a generated continuation of a prompt")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument(
+        "--max-tokens",
+        type=_arg_type(_int_range(1)),
+        default=100,
+        help="tokens to generate",
+    )
+    g.add_argument(
+        "--temperature",
+        type=_arg_type(_range(0.0), float),
+        default=0.0,
+        help="0 = greedy",
+    )
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=_arg_type(_range(0.0, 1.0), float), default=0.0, help="0 = off")
+    g.add_argument(
+        "--seed",
+        type=_arg_type(_int_range(0, _UINT64 - 1)),
+        default=None,
+        help="sampling seed (default: random)",
+    )
+    g.add_argument(
+        "--stop", action="append", default=[], help="stop string (repeatable; default: none)"
+    )
     g.add_argument("--session", default="", help="continue this session (default: ephemeral)")
-    s = sub.add_parser("step", help="feed text to a session and print the top next tokens")
-    common(s)
+    s = command("step", "feed text to a session and print the top next tokens")
     s.add_argument("--text", required=True)
-    s.add_argument("--session", default="", help="session id (default: a new one, printed)")
-    s.add_argument("--top-k", type=int, default=5)
-    h = sub.add_parser("health", help="exit 0 only when the server is SERVING")
-    common(h)
-    i = sub.add_parser("info", help="describe the served model")
-    common(i)
-    c = sub.add_parser("create", help="create a session and print its id")
-    common(c)
+    s.add_argument(
+        "--session",
+        default="",
+        help="step this session (default: an ephemeral one, freed afterwards)",
+    )
+    s.add_argument(
+        "--top-k",
+        type=_arg_type(_int_range(1)),
+        default=5,
+        help="how many of the most probable next tokens to print",
+    )
+    command("health", "exit 0 only when the server is SERVING")
+    command("info", "describe the served model")
+    c = command("create", "create a session and print its id")
     c.add_argument("--session-id", default="", help="the id to use (default: the server picks)")
-    c.add_argument("--idle-timeout-s", type=float, default=0.0)
-    e = sub.add_parser("export", help="write a session's record to a file")
-    common(e)
+    c.add_argument(
+        "--idle-timeout-s",
+        type=_arg_type(_range(0.0), float),
+        default=0.0,
+        help="close it after this many idle seconds (0 = the server's setting)",
+    )
+    e = command("export", "write a session's record to a file")
     e.add_argument("--session", required=True)
     e.add_argument("--out", required=True, help="file to write the record to")
-    m = sub.add_parser("import", help="create a session from an exported record")
-    common(m)
+    m = command("import", "create a session from an exported record")
     m.add_argument("--record", required=True, help="file written by export")
     m.add_argument("--session-id", default="", help="the new id (default: the record's)")
-    f = sub.add_parser("fork", help="copy a session under a new id")
-    common(f)
+    f = command("fork", "copy a session under a new id")
     f.add_argument("--session", required=True)
-    f.add_argument("--new-session-id", default="")
+    f.add_argument("--new-session-id", default="", help="the copy's id (default: the server picks)")
     return p
 
 
@@ -261,15 +603,25 @@ def main(argv: list[str] | None = None) -> None:
             tls_key=args.tls_key,
             token=args.token,
         ) as client:
-            sys.exit(_run(client, args))
+            code = _run(client, args)
     except grpc.RpcError as e:
-        code = e.code() if hasattr(e, "code") else None
+        code_ = e.code() if hasattr(e, "code") else None
         details = e.details() if hasattr(e, "details") else str(e)
-        name = code.name if code is not None else "UNKNOWN"
-        print(f"lstm-client: error: {name}: {details}", file=sys.stderr)
-        sys.exit(1)
+        name = code_.name if code_ is not None else "UNKNOWN"
+        _fail(f"{name}: {details}", 1)
+    except ValueError as e:  # the library's own argument checks: a usage error
+        _fail(" ".join(str(e).split()), 2)
+    except OSError as e:  # --tls-ca/--record/--out that cannot be read or written
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _fail(f"{e.strerror or e}{where}", 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _run(client: LstmClient, args: argparse.Namespace) -> int:
@@ -289,9 +641,16 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     if args.command == "step":
-        sid = args.session or client.create_session()
-        resp = client.step(sid, text=args.text, output=pb.STEP_OUTPUT_TOP_K, top_k=args.top_k)
-        print(f"session {sid} steps={resp.steps}")
+        if args.session:
+            resp = client.step(args.session, text=args.text, output="top_k", top_k=args.top_k)
+            label = args.session
+        else:
+            # An ephemeral session owned by the stream: the server frees it when the stream
+            # closes, so a one-off step leaves nothing behind.
+            with client.step_stream() as stream:
+                resp = stream.step(text=args.text, output="top_k", top_k=args.top_k)
+            label = "(ephemeral)"
+        print(f"session {label} steps={resp.steps}")
         for t in resp.top:
             print(f"{t.token!r}\t{t.token_id}\t{t.probability:.4f}")
         return 0

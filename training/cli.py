@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import signal
@@ -25,6 +26,10 @@ from contract.args import positive_int
 PROG = "lstm-train"
 EXIT_USAGE = 2
 EXIT_FAIL = 1
+# The train extra: main() looks for these before anything else (a server-only install has none).
+EXTRA_MODULES = ("torch",)
+_EXTRA_PACKAGES = {"torch", "tqdm", "matplotlib"}
+INSTALL_HINT = "pip install 'lstm-serve[train]'"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -258,8 +263,27 @@ def _one_line(e: BaseException) -> str:
     return msg or type(e).__name__
 
 
+def _missing_module(names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that cannot be imported, without importing any (torch's import
+    takes seconds); None when all are there."""
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):  # a finder that refuses it, a half-removed package
+            return name
+    return None
+
+
+def _extra_missing(module: str) -> NoReturn:
+    _fail(f"the train extra is not installed (no module {module!r}): {INSTALL_HINT}", EXIT_USAGE)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before parsing, so `--help` on a server-only install says what to install, too.
+    if (missing := _missing_module(EXTRA_MODULES)) is not None:
+        _extra_missing(missing)
     _stop_on_sigterm()
     # Every error a user can cause is a ValueError subclass (DataError, TrainError,
     # CheckpointError, ContractError): caught by base class, so nothing imports torch early.
@@ -270,6 +294,13 @@ def main(argv: list[str] | None = None) -> None:
             _train(argv[1:] if argv and argv[0] == "train" else argv)
     except ValueError as e:
         _fail(_one_line(e))
+    except ModuleNotFoundError as e:
+        root = (e.name or "").split(".")[0]
+        if root in _EXTRA_PACKAGES:
+            _extra_missing(root)
+        if os.environ.get("LSTM_SERVE_DEBUG"):
+            raise
+        _fail(f"unexpected {type(e).__name__}: {_one_line(e)} (LSTM_SERVE_DEBUG=1 shows more)")
     except OSError as e:
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         _fail(f"{e.strerror or _one_line(e)}{where}")
