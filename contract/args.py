@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from collections.abc import Sequence
 
 
 def positive_int(text: str) -> int:
@@ -14,3 +16,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def missing_module(names: Sequence[str]) -> str | None:
+    """The first of ``names`` that cannot be imported, without importing any (torch's import
+    takes seconds); None when all are there. For the tools that need an extra installed."""
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):  # a finder that refuses it, a half-removed package
+            return name
+    return None

@@ -14,7 +14,6 @@ shows one for bug reports).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from contract.args import positive_int
+from contract.args import missing_module, positive_int
 from contract.repository import MANIFEST
 
 # Nothing here imports torch or onnx at module level: on a server-only install `lstm-export`
@@ -280,18 +279,6 @@ def _is_checkpoint_error(exc: BaseException) -> bool:
 
 
 _EXTRA_PACKAGES = {"torch", "onnx", "onnxscript", "onnxruntime", "tqdm", "numpy"}
-
-
-def missing_module(names: Sequence[str]) -> str | None:
-    """The first of ``names`` that cannot be imported, without importing any (torch's import
-    takes seconds); None when all are there."""
-    for name in names:
-        try:
-            if importlib.util.find_spec(name) is None:
-                return name
-        except (ImportError, ValueError):  # a finder that refuses it, a half-removed package
-            return name
-    return None
 
 
 def _extra_missing(module: str) -> NoReturn:

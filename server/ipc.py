@@ -36,19 +36,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import (
-    Aborted,
-    AlreadyExists,
-    Busy,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    ServeError,
-    Unauthenticated,
-    Unavailable,
-)
+from .errors import ServeError
 
 # Request ops.
 CREATE = "create"
@@ -77,21 +65,8 @@ ERROR = 3
 HEARTBEAT_S = 0.5
 ENGINE_TIMEOUT_S = 2.0  # a front end waits this long for the engine's first answer, then retries
 
-_ERRORS: dict[str, type[ServeError]] = {
-    cls.__name__: cls
-    for cls in (
-        NotFound,
-        InvalidArgument,
-        Busy,
-        AlreadyExists,
-        Aborted,
-        DeadlineExceeded,
-        FailedPrecondition,
-        ResourceExhausted,
-        Unauthenticated,
-        Unavailable,
-    )
-}
+# Every domain error crosses the wire as itself: all of them are defined in server/errors.py.
+_ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in ServeError.__subclasses__()}
 
 
 def pack(obj: Any) -> bytes:

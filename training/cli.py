@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ import sys
 from dataclasses import asdict, fields, replace
 from typing import NoReturn
 
-from contract.args import positive_int
+from contract.args import missing_module, positive_int
 
 PROG = "lstm-train"
 EXIT_USAGE = 2
@@ -263,18 +262,6 @@ def _one_line(e: BaseException) -> str:
     return msg or type(e).__name__
 
 
-def _missing_module(names: tuple[str, ...]) -> str | None:
-    """The first of ``names`` that cannot be imported, without importing any (torch's import
-    takes seconds); None when all are there."""
-    for name in names:
-        try:
-            if importlib.util.find_spec(name) is None:
-                return name
-        except (ImportError, ValueError):  # a finder that refuses it, a half-removed package
-            return name
-    return None
-
-
 def _extra_missing(module: str) -> NoReturn:
     _fail(f"the train extra is not installed (no module {module!r}): {INSTALL_HINT}", EXIT_USAGE)
 
@@ -282,7 +269,7 @@ def _extra_missing(module: str) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Before parsing, so `--help` on a server-only install says what to install, too.
-    if (missing := _missing_module(EXTRA_MODULES)) is not None:
+    if (missing := missing_module(EXTRA_MODULES)) is not None:
         _extra_missing(missing)
     _stop_on_sigterm()
     # Every error a user can cause is a ValueError subclass (DataError, TrainError,
