@@ -203,7 +203,38 @@ class Plane(Protocol):
     ) -> AsyncGenerator[GenerateChunk, None]: ...
 
 
-class DataPlane:
+class Admission:
+    """Counts the requests (and open streams) in flight, refuses new ones while draining, and
+    lets the drain wait for the last to finish. Shared by the local and the remote plane."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise Unavailable("server is draining (shutting down); retry on another replica")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_done(self) -> None:
+        """A request (or stream) that was admitted is over."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if ``timeout`` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class DataPlane(Admission):
     """Session lifecycle, Step, streams and Generate over an engine and a session store.
 
     The store owns sessions (ids, slots, busy flags); the engine owns their state and decides
@@ -233,10 +264,7 @@ class DataPlane:
         self._buckets: dict[str, tuple[float, float]] = {}
         self.model_identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
         self.limits = limits
-        self.draining = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        super().__init__()
         # Token id -> text as the client sees it (the unknown token prints as nothing).
         self._table = tuple(
             "" if i == self.spec.unk_id else t for i, t in enumerate(self.spec.vocab)
@@ -245,12 +273,9 @@ class DataPlane:
     # --- admission -----------------------------------------------------------------------------
 
     def _enter(self, caller: Caller) -> None:
-        if self.draining:
-            raise Unavailable("server is draining (shutting down); retry on another replica")
-        if self.rate_limit_rps > 0:
+        if self.rate_limit_rps > 0 and not self.draining:
             self._take_token(caller.principal)
-        self.in_flight += 1
-        self._idle.clear()
+        self._admit()
 
     def _take_token(self, principal: str) -> None:
         # A token bucket per principal holding two seconds' worth of requests.
@@ -273,20 +298,6 @@ class DataPlane:
             raise ResourceExhausted(
                 f"session quota reached (max_sessions_per_principal={n}); close sessions first"
             )
-
-    def request_done(self) -> None:
-        """A request (or stream) that entered is over."""
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False if ``timeout`` seconds passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
 
     # --- sessions ------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from . import ipc
 from .app import NOT_SERVING, SERVING, grpc_server, set_health
 from .dataplane import (
     ANONYMOUS,
+    Admission,
     Caller,
     GenerateChunk,
     GenerateParams,
@@ -66,7 +67,7 @@ def step_result(payload: list[Any]) -> StepResult:
     return StepResult(sid, arr, [(int(i), t, float(p)) for i, t, p in top], consumed, steps)
 
 
-class RemotePlane:
+class RemotePlane(Admission):
     """The data plane's interface, served by the engine process on the Unix socket ``path``."""
 
     def __init__(self, path: str, engine_pid: int = 0) -> None:
@@ -75,12 +76,9 @@ class RemotePlane:
         self.conn: ipc.Connection | None = None
         self._rids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any] | asyncio.Queue[tuple[int, Any]]] = {}
-        self.draining = False
-        self.in_flight = 0
+        super().__init__()
         self.engine_alive = True
         self.lost = asyncio.Event()  # set when the engine is gone
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._model_info: ModelInfo | None = None
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -150,24 +148,9 @@ class RemotePlane:
     # --- admission (the same rules as the local data plane) --------------------------------------
 
     def _enter(self) -> None:
-        if self.draining:
-            raise Unavailable("server is draining (shutting down); retry on another replica")
-        if not self.engine_alive:
+        if not self.engine_alive and not self.draining:
             raise Unavailable(ENGINE_GONE)
-        self.in_flight += 1
-        self._idle.clear()
-
-    def request_done(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        self._admit()
 
     async def _unary(self, op: str, *args: Any, caller: Caller = ANONYMOUS) -> Any:
         self._enter()
