@@ -265,6 +265,7 @@ def parts(result: dict[str, Any]) -> list[Part]:
                 body=f"p50 at the larger size ÷ the smaller: {_f(cs.get('large_vs_small_p50'), 3)}."
             )
         )
+    out.extend(_kserve(s.get("kserve_perf_analyzer", {})))
     loads = ", ".join(
         f"{k} {sec.get('load_average_after', ['?'])[0]}"
         for k, sec in s.items()
@@ -272,6 +273,43 @@ def parts(result: dict[str, Any]) -> list[Part]:
     )
     out.append(Part(body=f"Per-section load average at its end: {loads}"))
     return out
+
+
+def _kserve(kq: dict[str, Any]) -> list[Part]:
+    """Section 13: perf_analyzer over KServe v2 beside our StepStream, per concurrency."""
+    if "perf_analyzer" not in kq:
+        return []
+    ours = {r["concurrency"]: r for r in kq["stream"]}
+    rows = []
+    for r in kq["perf_analyzer"]:
+        o = ours.get(r["concurrency"], {})
+        infer = r.get("infer_per_s")
+        steps = o.get("steps_per_s")
+        rows.append(
+            [
+                r["concurrency"],
+                infer if infer is not None else f"failed: {r.get('error', '?')}",
+                r.get("p50_ms"),
+                r.get("p99_ms"),
+                steps,
+                o.get("rtt", {}).get("p50_ms"),
+                o.get("rtt", {}).get("p99_ms"),
+                infer / steps if infer and steps else None,
+            ]
+        )
+    head = ["conc", "PA infer/s", "PA p50", "PA p99", "ours steps/s", "ours p50", "ours p99"]
+    return [
+        Part(
+            "13. KServe v2: perf_analyzer (sequence mode) vs our StepStream",
+            f" (perf_analyzer: ModelStreamInfer, sequences of {kq['sequence_length']} one-token "
+            "requests; ours: benchmarks.loadgen stream, one token per step; same server; ms)",
+            Table([*head, "PA ÷ ours"], rows),
+        ),
+        Part(
+            body="perf_analyzer's infer/s ÷ our steps/s at 16: "
+            f"{_f(kq.get('kserve_vs_lstmserve_16'), 3)}."
+        ),
+    ]
 
 
 def _stores(st: dict[str, Any]) -> list[Part]:

@@ -13,7 +13,9 @@ Sections (each one records its figures or ``skipped`` with the reason; nothing i
 9. the engine's own cost per iteration (a fake model) against the in-process model call;
 10. the server with ``--frontends 1`` and ``--frontends 2`` side by side;
 11. named sessions on the memory, SQLite and Redis state stores (the cost of write-through),
-    and once in full runs the scale test's failover (nginx, Redis, 3 replicas, kill -9).
+    and once in full runs the scale test's failover (nginx, Redis, 3 replicas, kill -9);
+13. Triton's perf_analyzer over the KServe v2 protocol in sequence mode (full runs only),
+    beside our own load generator's StepStream at the same concurrencies.
 
 Writes ``DIR/results.json`` (top-level ``summary`` of ratios, ``summary_reasons`` for any that
 are null), PNG plots beside it, and on stdout the tables of ``benchmarks.report`` as plain
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import common, engine_overhead, inprocess, report, state_stores, training_bench
+from . import perf_analyzer as pa
 from . import server_bench as sb
 from .common import SectionSkipped, ratio
 
@@ -66,6 +69,8 @@ SUMMARY_KEYS = (
     "store_redis_step_p50_ms",
     "failover_s",
     "create_session_large_vs_small_p50",
+    "perf_analyzer_seq_c16_infer_per_s",
+    "kserve_vs_lstmserve_stream16",
 )
 # (key, comparison, target) from the issue. Every run records the verdicts; only a full run's
 # figures are meant to be judged by them (--quick is a smoke test).
@@ -125,6 +130,9 @@ class Profile:
         self.scale_sessions = 16
         self.scale_steps = 30
         self.scale_timeout_s = 240.0
+        # Section 13: perf_analyzer and StepStream at each of these concurrencies.
+        self.kserve_conc = [1, 2, 4, 8, 16, 32, 64]
+        self.kserve_window_ms = 5000
 
 
 def _default_corpus() -> Path | None:
@@ -505,6 +513,46 @@ def stores(ctx: Context) -> dict[str, Any]:
     return out
 
 
+def kserve(ctx: Context) -> dict[str, Any]:
+    """Triton's perf_analyzer (KServe v2 gRPC, sequence mode, ModelStreamInfer; sequences of
+    :data:`benchmarks.perf_analyzer.SEQUENCE_LENGTH` one-token requests) and our load
+    generator (``stream``: one StepStream per caller, one token per step) against one server,
+    point by point at each concurrency. Full runs only: perf_analyzer installs into ``.pa/``."""
+    if ctx.args.quick:
+        raise SectionSkipped(
+            "quick mode: perf_analyzer installs into its own virtual environment (minutes); "
+            "full runs only"
+        )
+    _need_server(ctx)
+    binary, env = pa.ensure()
+    p, V = ctx.prof, ctx.model.vocab_size
+    flags = ctx.server_flags()
+    pa_rows: list[dict[str, Any]] = []
+    ours: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-pa-") as tmp,
+        sb.running_server(ctx.model.path, extra=flags, source=ctx.args.server_src) as srv,
+    ):
+        name = pa.model_name(srv.target)
+        data = pa.write_data(Path(tmp) / "tokens.json", V)
+        for c in p.kserve_conc:
+            pa_rows.append(
+                pa.run(binary, env, srv.target, name, c, data, window_ms=p.kserve_window_ms)
+            )
+            ours.append(sb.drive(srv, _load(ctx, "stream", c), V))
+    at16 = _row_at(pa_rows, "concurrency", 16) or {}
+    ours16 = _row_at(ours, "concurrency", 16) or {}
+    return {
+        "server_flags": flags,
+        "model": name,
+        "sequence_length": pa.SEQUENCE_LENGTH,
+        "perf_analyzer": pa_rows,
+        "stream": ours,
+        # perf_analyzer's infer/s over the KServe protocol ÷ our StepStream's steps/s.
+        "kserve_vs_lstmserve_16": ratio(at16.get("infer_per_s"), ours16.get("steps_per_s")),
+    }
+
+
 # Section n is SECTIONS[n - 1] (what --sections selects); the keys are results.json's.
 SECTIONS: tuple[tuple[str, Section], ...] = (
     ("inprocess_ort", inprocess_ort),
@@ -519,6 +567,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("frontends", frontends),
     ("state_stores", stores),
     ("create_scaling", create_scaling),
+    ("kserve_perf_analyzer", kserve),
 )
 
 # --- server sweeps -----------------------------------------------------------------------------
@@ -689,6 +738,17 @@ def summarise(ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
         s.get("create_scaling", {}).get("large_vs_small_p50"),
         "create_scaling",
     )
+    kq = s.get("kserve_perf_analyzer", {})
+    pa16 = _row_at(kq.get("perf_analyzer"), "concurrency", 16)
+    put(
+        "perf_analyzer_seq_c16_infer_per_s",
+        pa16 and pa16.get("infer_per_s"),
+        "kserve_perf_analyzer",
+    )
+    put("kserve_vs_lstmserve_stream16", kq.get("kserve_vs_lstmserve_16"), "kserve_perf_analyzer")
+    if pa16 and "error" in pa16:
+        for key in ("perf_analyzer_seq_c16_infer_per_s", "kserve_vs_lstmserve_stream16"):
+            reasons[key] = f"kserve_perf_analyzer: perf_analyzer at 16: {pa16['error']}"
     return summary, reasons
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_FILES = ("protos/lstmserve/v1/lstm_serve.proto",)
+PROTO_FILES = ("protos/lstmserve/v1/lstm_serve.proto", "protos/inference/grpc_service.proto")
 
 
 def generate(out: Path) -> list[Path]:

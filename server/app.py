@@ -33,6 +33,7 @@ from .dataplane import DataPlane, Limits
 from .decode import add_servicer
 from .durable import Durable
 from .engine import Engine
+from .kserve import KSERVE_SERVICE_NAME, KServeServicer, add_kserve_servicer
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
 from .runtime import ModelRuntime, resolve_model
 from .servicer import SERVICE_NAME, LstmServeServiceServicer
@@ -193,9 +194,12 @@ def grpc_server(
         ]
     )
     add_servicer(servicer, server)
+    # KServe v2 / Triton beside it, over the same plane (servicer.plane) and authenticator.
+    add_kserve_servicer(KServeServicer(servicer, idle_timeout_s=s.idle_timeout_s), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if s.reflection:
-        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+        names: tuple[str, ...] = (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME)
+        names += (reflection.SERVICE_NAME, REFLECTION_V1)
         reflection.enable_server_reflection(names, server)
         server.add_generic_rpc_handlers((_reflection_v1(names),))
     try:

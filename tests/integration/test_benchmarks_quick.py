@@ -41,7 +41,11 @@ REQUIRED = (
     "store_redis_step_p50_ms",
     "failover_s",
     "create_session_large_vs_small_p50",
+    "perf_analyzer_seq_c16_infer_per_s",
+    "kserve_vs_lstmserve_stream16",
 )
+# Section 13 (perf_analyzer over KServe v2): full runs only; null in quick ones, saying why.
+KSERVE_KEYS = ("perf_analyzer_seq_c16_infer_per_s", "kserve_vs_lstmserve_stream16")
 SERVER_KEYS = (
     "p1_generate64_vs_inprocess",
     "p2_step_overhead_ms_p50",
@@ -195,3 +199,12 @@ def test_state_stores_section(quick_run: tuple[subprocess.CompletedProcess[str],
         else:
             assert summary[key] is None and "Redis" in reasons[key]
     assert "11. State stores" in proc.stdout
+
+
+def test_kserve_section_is_full_runs_only(
+    quick_run: tuple[subprocess.CompletedProcess[str], dict],
+) -> None:
+    _, data = quick_run
+    assert "quick" in data["sections"]["kserve_perf_analyzer"]["skipped"]
+    for key in KSERVE_KEYS:
+        assert data["summary"][key] is None and "quick" in data["summary_reasons"][key]

@@ -1,0 +1,543 @@
+"""KServe v2 / Triton gRPC (``inference.GRPCInferenceService``): a second thin servicer.
+
+It sits beside :class:`~server.servicer.LstmServeServiceServicer` on the same port and over the
+same :class:`~server.dataplane.Plane` (read from that servicer at every call, so it follows the
+plane an :class:`~server.app.App` or a front end sets there), with the same authenticator and
+request metrics. No model logic lives here: tensors and parameters become plane calls.
+
+Sequences follow Triton's sequence batcher. The request parameters ``sequence_id`` (uint64 or
+string; 0 or "" for none), ``sequence_start`` and ``sequence_end`` map onto sessions whose ids
+this module derives from the sequence id (:func:`sequence_session_id`):
+
+* start: a fresh zero state (the session is created, or reset when it exists);
+* neither: continues the sequence; an unknown one is INVALID_ARGUMENT, as in Triton;
+* end: the session is freed after a successful step (a failed one leaves it as it was);
+* no sequence id: the step runs on a zero state in an ephemeral session (Triton would refuse
+  such a request to a sequence model; here it is the stateless way in).
+
+Errors map as Triton's do where Triton defines the case (server/README.md has the table); a
+ModelStreamInfer request that fails is answered with ``error_message`` and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import re
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as kpb
+from protos.inference import grpc_service_pb2_grpc as kpb_grpc
+
+from .dataplane import Caller, ModelInfo, Plane, StepResult
+from .errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServeError,
+    Unavailable,
+)
+from .servicer import LstmServeServiceServicer, _abort, status_for
+
+log = logging.getLogger(__name__)
+
+KSERVE_SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "lstm-serve"
+EXTENSIONS = ("model_configuration", "sequence", "statistics")
+PLATFORM = "onnxruntime_onnx"
+INPUT_TOKENS = "tokens"
+INPUT_TEXT = "text"
+OUTPUT_LOGITS = "logits"
+SEQUENCE_PREFIX = "kserve-seq-"
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{3,115}")
+
+
+class UnknownModel(ServeError):
+    """A model name (or version) this server does not serve."""
+
+
+def sequence_session_id(sequence_id: int | str) -> str:
+    """The session id (16-128 of ``[A-Za-z0-9_-]``) that holds sequence ``sequence_id``.
+
+    Integer ids and string ids never share a session: ``kserve-seq-`` then ``n`` and 20
+    digits, ``s-`` and the string when it is 3-115 such characters, else ``h-`` and 32 hex
+    digits of its SHA-256.
+    """
+    if isinstance(sequence_id, int):
+        return f"{SEQUENCE_PREFIX}n{sequence_id:020d}"
+    if _PLAIN_ID.fullmatch(sequence_id):
+        return f"{SEQUENCE_PREFIX}s-{sequence_id}"
+    digest = hashlib.sha256(sequence_id.encode()).hexdigest()[:32]
+    return f"{SEQUENCE_PREFIX}h-{digest}"
+
+
+@dataclass
+class InferStats:
+    """One model's counts since start (this process): Triton's ModelStatistics fields.
+
+    ``compute_input``: request parsing; ``compute_infer``: the plane calls (engine queue and
+    model time included: the plane does not split them); ``compute_output``: the response.
+    Every request runs alone from the client's view, so executions equal inferences.
+    """
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+    last_inference_ms: int = 0
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    """A request's sequence parameters; ``session_id`` "" for none."""
+
+    label: str  # the id as the client gave it, for messages
+    session_id: str
+    start: bool
+    end: bool
+
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def _code(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, UnknownModel):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, ResourceExhausted):
+        return grpc.StatusCode.UNAVAILABLE  # Triton's answer when its queue is full
+    return status_for(error)
+
+
+def rpc(method: Handler[R]) -> Handler[R]:
+    """Map errors to status codes and record the call (lstm_serve_requests_total)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: KServeServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return await method(self, request, context)
+        except ServeError as e:
+            status = _code(e)
+            code = status.name
+            await _abort(context, status, str(e))
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = "INTERNAL"
+            log.exception("%s failed", name)
+            await _abort(
+                context, grpc.StatusCode.INTERNAL, f"internal error in {name}; see server log"
+            )
+            raise
+        finally:
+            self.base.requests.record(name, code, time.perf_counter() - t0)
+
+    return wrapper
+
+
+def _param(p: Any) -> bool | int | str | float | None:
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def _sequence(parameters: Any) -> _Sequence:
+    raw = _param(parameters["sequence_id"]) if "sequence_id" in parameters else None
+    start = bool(_param(parameters["sequence_start"])) if "sequence_start" in parameters else False
+    end = bool(_param(parameters["sequence_end"])) if "sequence_end" in parameters else False
+    if raw is None or raw == 0 or raw == "":
+        return _Sequence("", "", start, end)
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise InvalidArgument("sequence_id must be an unsigned integer or a string")
+    if isinstance(raw, int) and not 0 < raw < 1 << 64:
+        raise InvalidArgument(f"sequence_id {raw} is not an unsigned 64-bit integer")
+    return _Sequence(str(raw), sequence_session_id(raw), start, end)
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    """A raw BYTES tensor: each element is a 4-byte little-endian length, then its bytes."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InvalidArgument("malformed BYTES tensor data")
+        (n,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + n > len(raw):
+            raise InvalidArgument("malformed BYTES tensor data")
+        out.append(raw[i : i + n])
+        i += n
+    return out
+
+
+class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over ``base.plane`` (None while the model loads).
+
+    ``idle_timeout_s``: the server's session idle timeout, reported as the sequence batcher's
+    ``max_sequence_idle_microseconds`` (an idle sequence is freed like any idle session).
+    """
+
+    def __init__(self, base: LstmServeServiceServicer, *, idle_timeout_s: float) -> None:
+        self.base = base
+        self.idle_timeout_s = idle_timeout_s
+        self.stats = InferStats()
+        self._info: tuple[Plane, ModelInfo] | None = None
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _plane(self) -> Plane:
+        plane = self.base.plane
+        if plane is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return plane
+
+    async def _model(self, plane: Plane) -> ModelInfo:
+        if self._info is None or self._info[0] is not plane:
+            self._info = (plane, await plane.model_info())
+        return self._info[1]
+
+    async def _check_model(self, name: str, version: str) -> tuple[Plane, ModelInfo]:
+        plane = self._plane()
+        info = await self._model(plane)
+        if name != info.name:
+            raise UnknownModel(f"Request for unknown model: '{name}' is not found")
+        if version and version != info.version:
+            raise UnknownModel(
+                f"Request for unknown model: '{name}' version {version} is not found"
+            )
+        return plane, info
+
+    def _ready(self) -> bool:
+        plane = self.base.plane
+        return plane is not None and not plane.draining
+
+    # --- health and metadata -------------------------------------------------------------------
+    # Health is open to every client, as grpc.health.v1 is; the rest needs a credential when
+    # authentication is on.
+
+    @rpc
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return kpb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return kpb.ServerReadyResponse(ready=self._ready())
+
+    @rpc
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        if not self._ready():
+            return kpb.ModelReadyResponse(ready=False)
+        try:
+            await self._check_model(request.name, request.version)
+        except UnknownModel:
+            return kpb.ModelReadyResponse(ready=False)
+        return kpb.ModelReadyResponse(ready=True)
+
+    @rpc
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        self.base.caller_of(context)
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version(SERVER_NAME)
+        except PackageNotFoundError:
+            v = "0"
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=v, extensions=EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        self.base.caller_of(context)
+        _, info = await self._check_model(request.name, request.version)
+        tensor = kpb.ModelMetadataResponse.TensorMetadata
+        return kpb.ModelMetadataResponse(
+            name=info.name,
+            versions=[info.version],
+            platform=PLATFORM,
+            inputs=[
+                tensor(name=INPUT_TOKENS, datatype="INT64", shape=[1, -1]),
+                tensor(name=INPUT_TEXT, datatype="BYTES", shape=[1, 1]),
+            ],
+            outputs=[tensor(name=OUTPUT_LOGITS, datatype="FP32", shape=[1, len(info.vocab)])],
+        )
+
+    @rpc
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        self.base.caller_of(context)
+        _, info = await self._check_model(request.name, request.version)
+        config = kpb.ModelConfig(
+            name=info.name,
+            platform=PLATFORM,
+            backend=SERVER_NAME,
+            max_batch_size=0,
+            input=[
+                kpb.ModelInput(
+                    name=INPUT_TOKENS, data_type=kpb.TYPE_INT64, dims=[1, -1], optional=True
+                ),
+                kpb.ModelInput(
+                    name=INPUT_TEXT, data_type=kpb.TYPE_STRING, dims=[1, 1], optional=True
+                ),
+            ],
+            output=[
+                kpb.ModelOutput(
+                    name=OUTPUT_LOGITS, data_type=kpb.TYPE_FP32, dims=[1, len(info.vocab)]
+                )
+            ],
+            sequence_batching=kpb.ModelSequenceBatching(
+                max_sequence_idle_microseconds=round(self.idle_timeout_s * 1e6)
+            ),
+            model_transaction_policy=kpb.ModelTransactionPolicy(decoupled=False),
+        )
+        return kpb.ModelConfigResponse(config=config)
+
+    @rpc
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        self.base.caller_of(context)
+        plane = self._plane()
+        info = await self._model(plane)
+        if request.name:
+            await self._check_model(request.name, request.version)
+        s = self.stats
+        duration = kpb.StatisticDuration
+        stats = kpb.ModelStatistics(
+            name=info.name,
+            version=info.version,
+            last_inference=s.last_inference_ms,
+            inference_count=s.success_count,
+            execution_count=s.success_count,
+            inference_stats=kpb.InferStatistics(
+                success=duration(count=s.success_count, ns=s.success_ns),
+                fail=duration(count=s.fail_count, ns=s.fail_ns),
+                queue=duration(count=s.success_count, ns=0),
+                compute_input=duration(count=s.success_count, ns=s.compute_input_ns),
+                compute_infer=duration(count=s.success_count, ns=s.compute_infer_ns),
+                compute_output=duration(count=s.success_count, ns=s.compute_output_ns),
+            ),
+        )
+        return kpb.ModelStatisticsResponse(model_stats=[stats])
+
+    # --- inference -----------------------------------------------------------------------------
+
+    @rpc
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._infer(request, self.base.caller_of(context))
+
+    @rpc
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> None:
+        """Requests run concurrently (each in its own task) except that requests of one
+        sequence run in the order they came; responses are written as they complete."""
+        caller = self.base.caller_of(context)
+        write = asyncio.Lock()
+        tails: dict[str, asyncio.Task[None]] = {}
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: Any, before: asyncio.Task[None] | None) -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            try:
+                response = kpb.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, caller)
+                )
+            except ServeError as e:
+                response = kpb.ModelStreamInferResponse(error_message=str(e))
+            except Exception:
+                log.exception("ModelStreamInfer request failed")
+                response = kpb.ModelStreamInferResponse(
+                    error_message="internal error in ModelStreamInfer; see server log"
+                )
+            async with write:
+                await context.write(response)
+
+        try:
+            async for request in request_iterator:
+                key = self._sequence_key(request)
+                task = asyncio.create_task(one(request, tails.get(key) if key else None))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                if key:
+                    tails[key] = task
+                    task.add_done_callback(functools.partial(_forget, tails, key))
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    @staticmethod
+    def _sequence_key(request: Any) -> str:
+        try:
+            return _sequence(request.parameters).session_id
+        except InvalidArgument:
+            return ""
+
+    async def _infer(self, request: Any, caller: Caller) -> Any:
+        """One inference; counts it (success or failure) when the model is ours."""
+        t0 = time.perf_counter_ns()
+        plane, info = await self._check_model(request.model_name, request.model_version)
+        try:
+            ids, text, raw = self._inputs(request)
+            sequence = _sequence(request.parameters)
+            t1 = time.perf_counter_ns()
+            result = await self._run(plane, info, sequence, ids, text, caller)
+            t2 = time.perf_counter_ns()
+            response = self._response(request, info, result, raw)
+        except BaseException:
+            self.stats.fail_count += 1
+            self.stats.fail_ns += time.perf_counter_ns() - t0
+            raise
+        t3 = time.perf_counter_ns()
+        s = self.stats
+        s.success_count += 1
+        s.success_ns += t3 - t0
+        s.compute_input_ns += t1 - t0
+        s.compute_infer_ns += t2 - t1
+        s.compute_output_ns += t3 - t2
+        s.last_inference_ms = time.time_ns() // 1_000_000
+        return response
+
+    def _inputs(self, request: Any) -> tuple[list[int], str, bool]:
+        """``(token ids, text, raw)``: exactly one of the two inputs; raw when the request
+        carried ``raw_input_contents``. Raises InvalidArgument."""
+        inputs = list(request.inputs)
+        raw_contents = list(request.raw_input_contents)
+        raw = bool(raw_contents)
+        if raw and len(raw_contents) != len(inputs):
+            raise InvalidArgument(
+                f"expected {len(inputs)} raw_input_contents (one per input), "
+                f"got {len(raw_contents)}"
+            )
+        if len(inputs) != 1:
+            raise InvalidArgument(
+                f"expected one input, '{INPUT_TOKENS}' or '{INPUT_TEXT}', got {len(inputs)}"
+            )
+        for out in request.outputs:
+            if out.name != OUTPUT_LOGITS:
+                raise InvalidArgument(f"unexpected inference output '{out.name}'")
+        tensor = inputs[0]
+        shape = list(tensor.shape)
+        if tensor.name == INPUT_TOKENS:
+            if tensor.datatype != "INT64":
+                raise InvalidArgument(
+                    f"inference input '{INPUT_TOKENS}' data-type is '{tensor.datatype}', "
+                    "model expects 'INT64'"
+                )
+            if len(shape) != 2 or shape[0] != 1 or shape[1] < 1:
+                raise InvalidArgument(
+                    f"inference input '{INPUT_TOKENS}' has shape {shape}; expected [1, T], T >= 1"
+                )
+            if raw:
+                data = raw_contents[0]
+                if len(data) != 8 * shape[1]:
+                    raise InvalidArgument(
+                        f"inference input '{INPUT_TOKENS}' has {len(data)} bytes of data; "
+                        f"shape {shape} needs {8 * shape[1]}"
+                    )
+                ids = np.frombuffer(data, "<i8").tolist()
+            else:
+                ids = list(tensor.contents.int64_contents)
+                if len(ids) != shape[1]:
+                    raise InvalidArgument(
+                        f"inference input '{INPUT_TOKENS}' has {len(ids)} values; "
+                        f"shape {shape} needs {shape[1]}"
+                    )
+            return ids, "", raw
+        if tensor.name == INPUT_TEXT:
+            if tensor.datatype != "BYTES":
+                raise InvalidArgument(
+                    f"inference input '{INPUT_TEXT}' data-type is '{tensor.datatype}', "
+                    "model expects 'BYTES'"
+                )
+            if shape != [1, 1]:
+                raise InvalidArgument(
+                    f"inference input '{INPUT_TEXT}' has shape {shape}; expected [1, 1]"
+                )
+            elements = (
+                _bytes_elements(raw_contents[0]) if raw else list(tensor.contents.bytes_contents)
+            )
+            if len(elements) != 1:
+                raise InvalidArgument(
+                    f"inference input '{INPUT_TEXT}' has {len(elements)} elements; expected 1"
+                )
+            try:
+                text = elements[0].decode()
+            except UnicodeDecodeError:
+                raise InvalidArgument(f"inference input '{INPUT_TEXT}' is not UTF-8") from None
+            return [], text, raw
+        raise InvalidArgument(f"unexpected inference input '{tensor.name}'")
+
+    async def _run(
+        self,
+        plane: Plane,
+        info: ModelInfo,
+        seq: _Sequence,
+        ids: list[int],
+        text: str,
+        caller: Caller,
+    ) -> StepResult:
+        if not seq.session_id:
+            stream = await plane.open_stream(caller=caller)  # an ephemeral zero state
+            try:
+                return await stream.step(text=text, token_ids=ids, caller=caller)
+            finally:
+                await stream.close()
+        sid = seq.session_id
+        if seq.start:
+            try:
+                await plane.create_session(0.0, sid, caller=caller)
+            except AlreadyExists:
+                await plane.reset_session(sid, caller=caller)
+        try:
+            result = await plane.step(sid, text=text, token_ids=ids, caller=caller)
+        except NotFound:
+            raise InvalidArgument(
+                f"inference request for sequence {seq.label} to model '{info.name}' must "
+                "specify the START flag on the first request of the sequence"
+            ) from None
+        if seq.end:
+            with contextlib.suppress(NotFound):
+                await plane.close_session(sid, caller=caller)
+        return result
+
+    @staticmethod
+    def _response(request: Any, info: ModelInfo, result: StepResult, raw: bool) -> Any:
+        assert result.logits is not None
+        logits = result.logits[-1:]
+        out = kpb.ModelInferResponse.InferOutputTensor(
+            name=OUTPUT_LOGITS, datatype="FP32", shape=[1, logits.shape[1]]
+        )
+        response = kpb.ModelInferResponse(
+            model_name=info.name, model_version=info.version, id=request.id, outputs=[out]
+        )
+        if raw:
+            response.raw_output_contents.append(logits.astype("<f4", copy=False).tobytes())
+        else:
+            response.outputs[0].contents.fp32_contents.extend(logits.ravel().tolist())
+        return response
+
+
+def _forget(tails: dict[str, asyncio.Task[None]], key: str, task: asyncio.Task[None]) -> None:
+    if tails.get(key) is task:
+        del tails[key]
+
+
+def add_kserve_servicer(servicer: KServeServicer, server: grpc.aio.Server) -> None:
+    """Register ``inference.GRPCInferenceService`` on ``server``."""
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
