@@ -1,6 +1,6 @@
 """Triton's ``perf_analyzer`` against the server's KServe v2 gRPC endpoint, in sequence mode.
 
-Installed as /work/shared/notes/perf_analyzer.md found it works on this machine (Debian 12,
+Installed as ../shared/notes/perf_analyzer.md found it works on this machine (Debian 12,
 glibc 2.36, no GPU): its own virtual environment ``.pa/`` (its grpcio/protobuf pins differ
 from ours) with ``tritonclient[grpc]==2.51.0`` (the newest wheel whose bundled binary runs on
 glibc 2.36) and ``nvidia-cuda-runtime-cu12`` (only for ``libcudart.so.12``), plus the Debian
