@@ -152,6 +152,10 @@ def test_interrupted_batch_leaves_nothing_partial(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A test run started in the background by a non-interactive shell inherits SIGINT
+        # ignored, and so would the child (then Ctrl-C is meant not to reach it): give it the
+        # disposition a terminal's foreground job has.
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 60
@@ -178,3 +182,7 @@ def test_interrupted_batch_leaves_nothing_partial(
     onnx_files = {str(p.relative_to(repo)) for p in repo.rglob("*.onnx")}
     listed = {e["outputs"]["fp32"]["path"] for e in manifest["models"].values()}
     assert onnx_files == listed
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
