@@ -183,3 +183,34 @@ def _streaming(
         return await behavior(checked(request_iterator), _Reads(context, check))
 
     return handle
+
+
+def add_checked(servicer: Any, service: Any, messages: Any, server: grpc.aio.Server) -> None:
+    """Register every method of ``service`` (a protobuf service descriptor whose messages are
+    in the module ``messages``) with deserializers that return :data:`UNDECODABLE` for bytes
+    that do not parse; the servicer's methods must handle it (the KServe servicer answers
+    INVALID_ARGUMENT, or an ``error_message`` inside its stream, as Triton does)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        kw: dict[str, Any] = {
+            "request_deserializer": _deserializer(getattr(messages, method.input_type.name)),
+            "response_serializer": getattr(messages, method.output_type.name).SerializeToString,
+        }
+        behavior = getattr(servicer, method.name)
+        if method.client_streaming:
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if method.server_streaming
+                else grpc.stream_unary_rpc_method_handler
+            )
+        else:
+            factory = (
+                grpc.unary_stream_rpc_method_handler
+                if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+        handlers[method.name] = factory(behavior, **kw)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

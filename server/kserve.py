@@ -40,6 +40,7 @@ from protos.inference import grpc_service_pb2 as kpb
 from protos.inference import grpc_service_pb2_grpc as kpb_grpc
 
 from .dataplane import Caller, ModelInfo, Plane, StepResult
+from .decode import UNDECODABLE, SparseLog, add_checked
 from .errors import (
     AlreadyExists,
     InvalidArgument,
@@ -132,6 +133,8 @@ def rpc(method: Handler[R]) -> Handler[R]:
         t0 = time.perf_counter()
         code = "OK"
         try:
+            if request is UNDECODABLE:
+                raise self.undecodable(name)
             return await method(self, request, context)
         except ServeError as e:
             status = _code(e)
@@ -201,6 +204,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self.idle_timeout_s = idle_timeout_s
         self.stats = InferStats()
         self._info: tuple[Plane, ModelInfo] | None = None
+        self._sparse_log = SparseLog()
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -381,8 +385,17 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             for task in tasks:
                 task.cancel()
 
+    def undecodable(self, method: str) -> InvalidArgument:
+        """Count and (sparsely) log a request whose bytes do not parse; the error to answer."""
+        message = f"{method}Request"
+        self.base.requests.record_undecodable(method)
+        self._sparse_log.undecodable(method, message)
+        return InvalidArgument(f"request is not a valid {message}")
+
     @staticmethod
     def _sequence_key(request: Any) -> str:
+        if request is UNDECODABLE:
+            return ""
         try:
             return _sequence(request.parameters).session_id
         except InvalidArgument:
@@ -390,6 +403,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: Any, caller: Caller) -> Any:
         """One inference; counts it (success or failure) when the model is ours."""
+        if request is UNDECODABLE:  # a message of a ModelStreamInfer stream
+            raise self.undecodable("ModelStreamInfer")
         t0 = time.perf_counter_ns()
         plane, info = await self._check_model(request.model_name, request.model_version)
         try:
@@ -539,5 +554,6 @@ def _forget(tails: dict[str, asyncio.Task[None]], key: str, task: asyncio.Task[N
 
 
 def add_kserve_servicer(servicer: KServeServicer, server: grpc.aio.Server) -> None:
-    """Register ``inference.GRPCInferenceService`` on ``server``."""
-    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    """Register ``inference.GRPCInferenceService`` on ``server``; request bytes that do not
+    parse reach the servicer as :data:`server.decode.UNDECODABLE` (INVALID_ARGUMENT)."""
+    add_checked(servicer, kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"], kpb, server)

@@ -413,3 +413,42 @@ def test_through_lstm_serve_front_ends(serve, reference):
     check(out[1], burst, oracle)
     check(out[2], plain, oracle)
     assert out[3][0]["status"] == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_undecodable_requests_get_invalid_argument(start_server):
+    # Raw bytes straight on the channel (no tritonclient needed): every unary RPC answers
+    # INVALID_ARGUMENT; inside a ModelStreamInfer stream the error comes back as the response's
+    # error_message and the stream goes on, as Triton's does.
+    import grpc
+
+    srv = start_server()
+    junk = b"\xff\xff\xff\xff\x0f"  # a field with an invalid varint
+    service = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    with grpc.insecure_channel(srv.target) as ch:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            if method.client_streaming:
+                call = ch.stream_stream(path, request_serializer=None, response_deserializer=None)
+                good = kpb.ModelInferRequest(model_name="nope").SerializeToString()
+                replies = [
+                    kpb.ModelStreamInferResponse.FromString(r)
+                    for r in call(iter([junk, good]), timeout=10)
+                ]
+                # Both answered (requests of no sequence may complete in either order).
+                assert len(replies) == 2 and all(r.error_message for r in replies)
+                assert any(
+                    "not a valid ModelStreamInferRequest" in r.error_message for r in replies
+                )
+                continue
+            call = ch.unary_unary(path, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as e:
+                call(junk, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method.name
+            assert "not a valid" in e.value.details()
+        # Still serving.
+        live = ch.unary_unary(
+            f"/{service.full_name}/ServerLive",
+            request_serializer=kpb.ServerLiveRequest.SerializeToString,
+            response_deserializer=kpb.ServerLiveResponse.FromString,
+        )
+        assert live(kpb.ServerLiveRequest(), timeout=10).live
