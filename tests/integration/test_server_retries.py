@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
+from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
 from .conftest import Reference
 
@@ -49,12 +50,19 @@ def test_a_retry_with_the_same_request_id_is_not_fed_twice(start_server, stub_fo
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize("mode", ["step", "stream", "generate"])
+@pytest.mark.parametrize(
+    ("mode", "processes"),
+    [("step", False), ("stream", False), ("generate", False), ("step", True), ("generate", True)],
+)
 def test_deadlines_raced_against_requests_then_retried_feed_each_request_once(
-    start_server, stub_for, reference: Reference, mode: str
+    start_server, stub_for, serve, reference: Reference, mode: str, processes: bool
 ):
-    srv = start_server()
-    stub = stub_for(srv)
+    # processes: a real lstm-serve, where the front end passes the time left to the engine.
+    if processes:
+        channel = grpc.insecure_channel(serve("--metrics-port", "-1").target)
+        stub = pb_grpc.LstmServeServiceStub(channel)
+    else:
+        stub = stub_for(start_server())
     seed = random.SystemRandom().randrange(2**32)
     rng = random.Random(seed)
     n_sessions, n_requests = 4, 60 if mode != "generate" else 25
