@@ -36,7 +36,7 @@ from .engine import Engine
 from .kserve import KSERVE_SERVICE_NAME, KServeServicer, add_kserve_servicer
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
 from .runtime import ModelRuntime, resolve_model
-from .servicer import SERVICE_NAME, LstmServeServiceServicer
+from .servicer import SERVICE_NAME, LstmServeServiceServicer, QuietPeerGone
 from .sessions import SessionStore
 from .settings import Settings
 from .state import ModelIdentity, open_store
@@ -184,6 +184,9 @@ def grpc_server(
     """
     s = settings
     servicer.authenticator = Authenticator(s.auth_tokens, client_certs=bool(s.tls_client_ca))
+    cygrpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, QuietPeerGone) for f in cygrpc_log.filters):
+        cygrpc_log.addFilter(QuietPeerGone())
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),

@@ -98,7 +98,12 @@ def rpc(method: Handler[R]) -> Handler[R]:
         code = "OK"
         try:
             CALLER.set(self.caller_of(context))
-            return await method(self, request, context)
+            result = await method(self, request, context)
+            if _ended(context):
+                # The client is gone or out of time: gRPC would fail to send the reply and log
+                # the failure as an error with a traceback.
+                raise asyncio.CancelledError()
+            return result
         except ServeError as e:
             status = status_for(e)
             code = status.name
@@ -120,6 +125,20 @@ def rpc(method: Handler[R]) -> Handler[R]:
             self.requests.record(name, code, time.perf_counter() - t0)
 
     return wrapper
+
+
+def _ended(context: grpc.aio.ServicerContext) -> bool:
+    left = context.time_remaining()
+    return context.cancelled() or (left is not None and left <= 0)
+
+
+class QuietPeerGone(logging.Filter):
+    """Drops gRPC's error line for a reply that could not be sent because the call had ended
+    (the client's deadline passed or it went away just as the reply was ready): the race no
+    server can close, already counted as CANCELLED, not worth a traceback in the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("ExecuteBatchError raised in core")
 
 
 async def _abort(context: grpc.aio.ServicerContext, status: grpc.StatusCode, message: str) -> None:
