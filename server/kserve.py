@@ -49,7 +49,7 @@ from .errors import (
     ServeError,
     Unavailable,
 )
-from .servicer import LstmServeServiceServicer, _abort, status_for
+from .servicer import LstmServeServiceServicer, guarded, status_for
 
 log = logging.getLogger(__name__)
 
@@ -130,31 +130,12 @@ def rpc(method: Handler[R]) -> Handler[R]:
 
     @functools.wraps(method)
     async def wrapper(self: KServeServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
-        t0 = time.perf_counter()
-        code = "OK"
-        try:
+        async def call() -> R:
             if request is UNDECODABLE:
                 raise self.undecodable(name)
             return await method(self, request, context)
-        except ServeError as e:
-            status = _code(e)
-            code = status.name
-            await _abort(context, status, str(e))
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            code = "INTERNAL"
-            log.exception("%s failed", name)
-            await _abort(
-                context, grpc.StatusCode.INTERNAL, f"internal error in {name}; see server log"
-            )
-            raise
-        finally:
-            self.base.requests.record(name, code, time.perf_counter() - t0)
+
+        return await guarded(name, context, call, _code, self.base.requests.record)
 
     return wrapper
 

@@ -86,43 +86,59 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+async def guarded(
+    name: str,
+    context: grpc.aio.ServicerContext,
+    call: Callable[[], Awaitable[R]],
+    status_of: Callable[[ServeError], grpc.StatusCode],
+    record: Callable[[str, str, float], None],
+) -> R:
+    """Run one RPC's ``call``: domain errors become ``status_of(error)``, anything unexpected is
+    logged with its traceback and reaches the client as INTERNAL, a reply to a call that has
+    ended is not sent, and the call's code and duration go to ``record``. The one place, for
+    every service (:func:`rpc` here, :func:`server.kserve.rpc`)."""
+    t0 = time.perf_counter()
+    code = "OK"
+    try:
+        result = await call()
+        if _ended(context):
+            # The client is gone or out of time: gRPC would fail to send the reply and log
+            # the failure as an error with a traceback.
+            raise asyncio.CancelledError()
+        return result
+    except ServeError as e:
+        status = status_of(e)
+        code = status.name
+        await _abort(context, status, str(e))
+        raise  # abort raises; this keeps type checkers honest
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        code = "INTERNAL"
+        log.exception("%s failed", name)
+        await _abort(context, grpc.StatusCode.INTERNAL, f"internal error in {name}; see server log")
+        raise
+    finally:
+        record(name, code, time.perf_counter() - t0)
+
+
 def rpc(method: Handler[R]) -> Handler[R]:
-    """Map errors to status codes and record the call's code and duration (the one place)."""
+    """Map errors to status codes and record the call's code and duration (:func:`guarded`);
+    the caller (principal, deadline) is known to the handler as :data:`CALLER`."""
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(
         self: LstmServeServiceServicer, request: Any, context: grpc.aio.ServicerContext
     ) -> R:
-        t0 = time.perf_counter()
-        code = "OK"
-        try:
-            CALLER.set(self.caller_of(context))
-            result = await method(self, request, context)
-            if _ended(context):
-                # The client is gone or out of time: gRPC would fail to send the reply and log
-                # the failure as an error with a traceback.
-                raise asyncio.CancelledError()
-            return result
-        except ServeError as e:
-            status = status_for(e)
-            code = status.name
-            await _abort(context, status, str(e))
-            raise  # abort raises; this keeps type checkers honest
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            code = "INTERNAL"
-            log.exception("%s failed", name)
-            await _abort(
-                context, grpc.StatusCode.INTERNAL, f"internal error in {name}; see server log"
-            )
-            raise
-        finally:
-            self.requests.record(name, code, time.perf_counter() - t0)
+        async def call() -> R:
+            CALLER.set(self.caller_of(context))  # UNAUTHENTICATED is mapped like any error
+            return await method(self, request, context)
+
+        return await guarded(name, context, call, status_for, self.requests.record)
 
     return wrapper
 
