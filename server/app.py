@@ -198,7 +198,8 @@ def grpc_server(
     )
     add_servicer(servicer, server)
     # KServe v2 / Triton beside it, over the same plane (servicer.plane) and authenticator.
-    add_kserve_servicer(KServeServicer(servicer, idle_timeout_s=s.idle_timeout_s), server)
+    servicer.kserve = KServeServicer(servicer, idle_timeout_s=s.idle_timeout_s)
+    add_kserve_servicer(servicer.kserve, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if s.reflection:
         names: tuple[str, ...] = (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME)

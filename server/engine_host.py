@@ -31,7 +31,7 @@ from . import ipc
 from .app import Core, build_core
 from .dataplane import Caller, GenerateParams, StepResult, StepStream
 from .errors import NotFound
-from .metrics import RequestStats
+from .metrics import InferStats, RequestStats
 from .settings import Settings, settings_from_json
 
 log = logging.getLogger("lstm_serve.engine")
@@ -62,6 +62,8 @@ class EngineHost:
         self.plane = core.plane
         self.path = path
         self.frontends: set[_Frontend] = set()
+        # The KServe service's inference counts, shipped by the front ends (ModelStatistics).
+        self.infer_stats = InferStats()
         self._server: asyncio.AbstractServer | None = None
         self._stream_ids = itertools.count(1)
         self._handlers: dict[str, Handler] = {
@@ -78,6 +80,7 @@ class EngineHost:
             ipc.IMPORT: self._import,
             ipc.FORK: self._fork,
             ipc.PING: self._ping,
+            ipc.INFER_STATS: self._infer_stats,
         }
 
     def _connection(self) -> ipc.Connection:
@@ -109,6 +112,8 @@ class EngineHost:
             rid, op = msg[0], msg[1]
             if op == ipc.HEARTBEAT:
                 self.core.requests.merge(RequestStats.from_wire(msg[2]))
+                if len(msg) > 3 and msg[3] is not None:
+                    self.infer_stats.merge(InferStats.from_wire(msg[3]))
                 return
             if op == ipc.CANCEL:
                 task = fe.tasks.get(rid)
@@ -160,6 +165,9 @@ class EngineHost:
 
     async def _ping(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         return [not self.plane.draining]
+
+    async def _infer_stats(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        return self.infer_stats.to_wire()
 
     async def _create(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         i = await self.plane.create_session(float(args[0]), args[1], caller=caller)

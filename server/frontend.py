@@ -141,9 +141,14 @@ class RemotePlane(Admission):
         finally:
             self._waiting.pop(rid, None)
 
-    def heartbeat(self, stats: RequestStats) -> None:
+    def heartbeat(self, stats: RequestStats, infer: list[int] | None = None) -> None:
+        """Ship request counts (and the KServe service's inference counts) to the engine."""
         with contextlib.suppress(Unavailable):
-            self._send([0, ipc.HEARTBEAT, stats.to_wire()])
+            self._send([0, ipc.HEARTBEAT, stats.to_wire(), infer])
+
+    async def infer_stats(self) -> list[int]:
+        """The KServe inference counts every front end has shipped to the engine."""
+        return list(await self.call(ipc.INFER_STATS))
 
     # --- admission (the same rules as the local data plane) --------------------------------------
 
@@ -383,7 +388,7 @@ class Frontend:
             await server.stop(0.5 if clean else 0)
             code = 0
         watch.cancel()
-        self.plane.heartbeat(self._take_stats())
+        self.plane.heartbeat(self._take_stats(), self._take_infer_stats())
         await asyncio.sleep(0.05)  # let the last heartbeat leave
         self.plane.close()
         return code
@@ -391,6 +396,10 @@ class Frontend:
     def _take_stats(self) -> RequestStats:
         stats, self.servicer.requests = self.servicer.requests, RequestStats()
         return stats
+
+    def _take_infer_stats(self) -> list[int] | None:
+        kserve = self.servicer.kserve
+        return None if kserve is None else kserve.take_stats().to_wire()
 
     async def _wait_engine(self) -> None:
         while True:
@@ -425,7 +434,7 @@ class Frontend:
                 return
             n += 1
             if n % int(ipc.HEARTBEAT_S / 0.1) == 0:
-                self.plane.heartbeat(self._take_stats())
+                self.plane.heartbeat(self._take_stats(), self._take_infer_stats())
 
 
 async def run(settings: Settings, path: str, engine_pid: int, index: int) -> int:

@@ -53,6 +53,7 @@ EXPORT = "export"
 IMPORT = "import"
 FORK = "fork"
 PING = "ping"
+INFER_STATS = "infer_stats"
 CANCEL = "cancel"
 HEARTBEAT = "heartbeat"
 

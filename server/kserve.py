@@ -49,6 +49,7 @@ from .errors import (
     ServeError,
     Unavailable,
 )
+from .metrics import InferStats
 from .servicer import LstmServeServiceServicer, guarded, status_for
 
 log = logging.getLogger(__name__)
@@ -81,25 +82,6 @@ def sequence_session_id(sequence_id: int | str) -> str:
         return f"{SEQUENCE_PREFIX}s-{sequence_id}"
     digest = hashlib.sha256(sequence_id.encode()).hexdigest()[:32]
     return f"{SEQUENCE_PREFIX}h-{digest}"
-
-
-@dataclass
-class InferStats:
-    """One model's counts since start (this process): Triton's ModelStatistics fields.
-
-    ``compute_input``: request parsing; ``compute_infer``: the plane calls (engine queue and
-    model time included: the plane does not split them); ``compute_output``: the response.
-    Every request runs alone from the client's view, so executions equal inferences.
-    """
-
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    compute_input_ns: int = 0
-    compute_infer_ns: int = 0
-    compute_output_ns: int = 0
-    last_inference_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -300,7 +282,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         info = await self._model(plane)
         if request.name:
             await self._check_model(request.name, request.version)
-        s = self.stats
+        s = await self._totals(plane)
         duration = kpb.StatisticDuration
         stats = kpb.ModelStatistics(
             name=info.name,
@@ -318,6 +300,21 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             ),
         )
         return kpb.ModelStatisticsResponse(model_stats=[stats])
+
+    async def _totals(self, plane: Plane) -> InferStats:
+        """This process's counts, plus, in a front end, what every front end shipped to the
+        engine (this one's not yet shipped counts are its own ``stats``)."""
+        shipped = getattr(plane, "infer_stats", None)
+        total = InferStats()
+        if shipped is not None:
+            total.merge(InferStats.from_wire(await shipped()))
+        total.merge(self.stats)
+        return total
+
+    def take_stats(self) -> InferStats:
+        """What this process counted since the last call (a front end's heartbeat ships it)."""
+        stats, self.stats = self.stats, InferStats()
+        return stats
 
     # --- inference -----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ serves it: the engine process in ``lstm-serve``.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import socket
 import threading
 from collections import defaultdict
@@ -156,6 +157,42 @@ class SchedulerStats:
     model_call: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     queue_depth: int = 0
+
+
+@dataclass
+class InferStats:
+    """One model's counts since start (this process): Triton's ModelStatistics fields.
+
+    ``compute_input``: request parsing; ``compute_infer``: the plane calls (engine queue and
+    model time included: the plane does not split them); ``compute_output``: the response.
+    Every request runs alone from the client's view, so executions equal inferences.
+    """
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+    last_inference_ms: int = 0
+
+    # Front ends ship what they counted since their last heartbeat to the engine, which adds
+    # it up, so ModelStatistics answers for the whole server whichever front end it reaches.
+
+    def to_wire(self) -> list[int]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_wire(cls, data: list[int]) -> InferStats:
+        return cls(*(int(x) for x in data))
+
+    def merge(self, other: InferStats) -> None:
+        for f in dataclasses.fields(self):
+            if f.name == "last_inference_ms":
+                self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass

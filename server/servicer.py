@@ -195,6 +195,8 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
         # returns it as trailing metadata, so a client (a test) can tell front ends apart.
         self.frontend_id = ""
         self.authenticator = Authenticator()
+        # The KServe v2 servicer beside this one, when grpc_server added it.
+        self.kserve: Any = None
 
     def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:
         """Who calls (:class:`Unauthenticated` without a valid credential when authentication

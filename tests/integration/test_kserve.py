@@ -452,3 +452,47 @@ def test_undecodable_requests_get_invalid_argument(start_server):
             response_deserializer=kpb.ServerLiveResponse.FromString,
         )
         assert live(kpb.ServerLiveRequest(), timeout=10).live
+
+
+def test_model_statistics_count_every_front_end(serve):
+    # Each front end ships its counts to the engine with its heartbeats: ModelStatistics
+    # through either front end reports the calls both served.
+    import time
+
+    from protos.inference import grpc_service_pb2_grpc as kpb_grpc
+
+    from .test_server_processes import channels_on_two_frontends
+
+    srv = serve("--frontends", "2", "--metrics-port", "-1")
+    a, b = channels_on_two_frontends(srv.target)
+    stubs = [kpb_grpc.GRPCInferenceServiceStub(ch) for ch in (a, b)]
+    name = stubs[0].ModelMetadata(kpb.ModelMetadataRequest(name="tiny"), timeout=10).name
+    req = kpb.ModelInferRequest(
+        model_name=name,
+        inputs=[
+            kpb.ModelInferRequest.InferInputTensor(
+                name="tokens",
+                datatype="INT64",
+                shape=[1, 2],
+                contents=kpb.InferTensorContents(int64_contents=[3, 4]),
+            )
+        ],
+    )
+    n = {0: 5, 1: 7}
+    for i, count in n.items():
+        for _ in range(count):
+            stubs[i].ModelInfer(req, timeout=10)
+    deadline = time.monotonic() + 5
+    while True:
+        counts = [
+            s.ModelStatistics(kpb.ModelStatisticsRequest(name=name), timeout=10)
+            .model_stats[0]
+            .inference_count
+            for s in stubs
+        ]
+        if counts == [12, 12] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert counts == [12, 12]
+    for ch in (a, b):
+        ch.close()
