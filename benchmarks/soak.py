@@ -49,9 +49,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from contract.model import INPUT_C0, INPUT_H0, INPUT_TOKENS, ModelSpec, validate
+from contract.model import ModelSpec, validate
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from tests.reference import Reference, State
 
 from .common import BUNDLED_MODEL, load_average, machine, versions, write_json
 from .server_bench import ServerProcess, running_server
@@ -69,42 +70,6 @@ WORDS = PROMPT_TEXT.split()  # greedy Generate prompts: 1-3 of these words
 # Statuses the abuse above may draw; anything else (UNKNOWN, INTERNAL, UNAVAILABLE, ...) is a
 # finding.
 EXPECTED = {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "FAILED_PRECONDITION"}
-
-State = tuple[np.ndarray, np.ndarray]
-
-
-class Reference:
-    """In-process ONNX Runtime, one session at a time, state carried by hand: the oracle."""
-
-    def __init__(self, path: str, spec: ModelSpec) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        self.L, self.H = spec.num_layers, spec.hidden_size
-
-    def zeros(self) -> State:
-        z = np.zeros((self.L, 1, self.H), np.float32)
-        return z, z.copy()
-
-    def feed(self, tokens: list[int], state: State) -> tuple[np.ndarray, State]:
-        """Logits ``[T, V]`` and the new state after feeding ``tokens``."""
-        t = np.asarray(tokens, np.int64).reshape(-1, 1)
-        logits, h, c = self.sess.run(
-            None, {INPUT_TOKENS: t, INPUT_H0: state[0], INPUT_C0: state[1]}
-        )
-        return logits[:, 0], (h, c)
-
-    def greedy(self, prompt: list[int], n: int, state: State) -> tuple[list[int], State]:
-        """``n`` greedy tokens after ``prompt``, and the state once the last one is fed (the
-        server's state after a Generate holds prompt + every generated token)."""
-        logits, state = self.feed(prompt, state)
-        out: list[int] = []
-        for _ in range(n):
-            out.append(int(np.argmax(logits[-1])))
-            logits, state = self.feed([out[-1]], state)
-        return out, state
 
 
 @dataclass
@@ -323,7 +288,7 @@ class Driver:
     async def do_generate(self) -> None:
         prompt = " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(1, 3)))
         n = self.rng.randint(1, 32)
-        want, after = self.ref.greedy(self.spec.encode(prompt), n, self.state)
+        want, after = self.ref.greedy_with_state(self.spec.encode(prompt), n, self.state)
         applied = len(self.spec.encode(prompt)) + n
         req = pb.GenerateRequest(session_id=self.sid, prompt=prompt, max_tokens=n, temperature=0)
         call = self.stub.Generate(req, timeout=CALL_TIMEOUT_S)
@@ -393,7 +358,7 @@ def rss_verdict(samples: list[tuple[float, int]]) -> dict[str, Any]:
 async def soak(
     srv: ServerProcess, path: str, spec: ModelSpec, minutes: float, sessions: int, seed: int
 ) -> dict[str, Any]:
-    ref = Reference(path, spec)
+    ref = Reference(path)
     tally = Tally()
     rss: list[tuple[float, int]] = []
     stop = asyncio.Event()

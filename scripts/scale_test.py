@@ -38,12 +38,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.client import LstmClient  # noqa: E402
+from tests.reference import Reference  # noqa: E402
 from tests.state_services import ServiceError, redis_server  # noqa: E402
 
 MODEL = ROOT / "server" / "model_repo" / "timemachine" / "1" / "model.onnx"
@@ -83,27 +83,6 @@ def need(binary: str, package: str) -> str:
     if not path:
         raise SystemExit(f"scale-test: {binary} not found: install the Debian package {package}")
     return path
-
-
-class Reference:
-    """In-process ONNX Runtime, one session at a time (the oracle)."""
-
-    def __init__(self, path: Path) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        h0 = self.sess.get_inputs()[1].shape
-        self.shape = (int(h0[0]), 1, int(h0[2]))
-        self.lock = threading.Lock()
-
-    def zeros(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.zeros(self.shape, np.float32), np.zeros(self.shape, np.float32)
-
-    def feed(self, tokens: list[int], state):
-        t = np.asarray(tokens, np.int64).reshape(-1, 1)
-        with self.lock:
-            logits, h, c = self.sess.run(None, {"tokens": t, "h0": state[0], "c0": state[1]})
-        return logits[:, 0], (h, c)
 
 
 class Replica:

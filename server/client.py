@@ -149,12 +149,11 @@ class LstmClient:
 
     def import_session(self, record: bytes, session_id: str = "") -> str:
         """A new session from :meth:`export_session`'s bytes; its id."""
-        sid = session_id
         return str(
             self.stub.ImportSession(
                 pb.ImportSessionRequest(record=record, session_id=session_id),
                 timeout=self.timeout,
-                metadata=self._md(sid),
+                metadata=self._md(session_id),
             ).session_id
         )
 

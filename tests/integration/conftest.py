@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
-import onnxruntime as ort
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -29,6 +27,7 @@ from export.graph import random_model
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from server.app import App
 from server.settings import Settings
+from tests.reference import Reference
 
 T = TypeVar("T")
 
@@ -171,41 +170,6 @@ def stub_for() -> Iterator[Callable[[ServerThread], Any]]:
     yield make
     for ch in channels:
         ch.close()
-
-
-class Reference:
-    """In-process ONNX Runtime, one session at a time, state carried by hand: the oracle."""
-
-    def __init__(self, path: Path) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        h0 = self.sess.get_inputs()[1].shape
-        self.L, self.H = int(h0[0]), int(h0[2])
-
-    def zeros(self) -> tuple[np.ndarray, np.ndarray]:
-        z = np.zeros((self.L, 1, self.H), np.float32)
-        return z, z.copy()
-
-    def feed(
-        self, tokens: list[int], state: tuple[np.ndarray, np.ndarray]
-    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """Logits ``[T, V]`` and the new state after feeding ``tokens`` to one session."""
-        t = np.asarray(tokens, np.int64).reshape(-1, 1)
-        logits, h, c = self.sess.run(None, {"tokens": t, "h0": state[0], "c0": state[1]})
-        return logits[:, 0], (h, c)
-
-    def greedy(
-        self, prompt: list[int], n: int, state: tuple[np.ndarray, np.ndarray] | None = None
-    ) -> list[int]:
-        state = state or self.zeros()
-        logits, state = self.feed(prompt, state)
-        out: list[int] = []
-        for _ in range(n):
-            tok = int(np.argmax(logits[-1]))
-            out.append(tok)
-            logits, state = self.feed([tok], state)
-        return out
 
 
 @pytest.fixture(scope="session")
