@@ -8,7 +8,7 @@ STAMP_ALL := $(VENV)/.installed-all
 STAMP_SERVE := $(VENV)/.installed-serve
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: install install-serve serve test lint protolint imports typecheck unit protos bench bench-quick container-test scale-test clean
+.PHONY: install install-serve system-deps serve test lint protolint imports typecheck unit protos bench bench-quick container-test scale-test clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,12 @@ install: $(STAMP_ALL)
 
 install-serve: $(STAMP_SERVE)
 
+# What `make serve` passes on top of the defaults; the test suite starts the same command beside
+# itself (tests/integration/conftest.py) to prove it never needs the default ports.
+SERVE_FLAGS := --reflection
+
 serve: install-serve
-	$(BIN)/lstm-serve --reflection
+	$(BIN)/lstm-serve $(SERVE_FLAGS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -44,11 +48,14 @@ imports: install
 typecheck: install
 	$(BIN)/mypy
 
-# The state-store tests start their own redis-server (tests/state_services.py); the deployment
-# tests check the nginx configuration with nginx -t.
-test: install lint protolint imports typecheck
-	@command -v redis-server >/dev/null || { echo "redis-server not found: install the Debian package redis-server (apt-get install redis-server)" >&2; exit 1; }
-	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { echo "nginx not found: install the Debian package nginx (apt-get install nginx)" >&2; exit 1; }
+# Debian's redis-server and nginx: the state-store tests start their own redis-server
+# (tests/state_services.py), the deployment tests check nginx configurations with nginx -t and the
+# scale test proxies through nginx. Installed with apt-get as root, else a message naming the
+# command; .ci/run runs the same script.
+system-deps:
+	@bash scripts/system-deps.sh
+
+test: install system-deps lint protolint imports typecheck
 	$(BIN)/pytest -q
 
 protos: install
@@ -69,8 +76,8 @@ bench-quick: $(STAMP_BENCH)
 	$(BIN)/python -m benchmarks.run --quick
 
 # nginx + redis-server + three replicas as plain processes on loopback, kill -9 of one mid-run
-# (installs the Debian packages when missing and root; see deploy/README.md).
-scale-test: install
+# (see deploy/README.md).
+scale-test: install system-deps
 	$(BIN)/python scripts/scale_test.py --out .bench/scale-test.json
 
 # Builds the image on a local Debian base and runs it for real (root, apt; see deploy/README.md).

@@ -374,29 +374,46 @@ else
 fi
 
 # --- 8. metrics ----------------------------------------------------------------------------------
-"$PY" - "$metrics_port" >"$WORK/out/metrics.txt" <<'PYEOF' || die "metrics scrape failed"
-import sys, urllib.request
-with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10) as r:
-    assert r.status == 200, r.status
-    sys.stdout.write(r.read().decode())
-PYEOF
-"$PY" - "$WORK/out/metrics.txt" "$SHORT_TOKENS" <<'PYEOF' || die "the container's metrics are not what the server exports"
-import sys
+# The engine's counters reach the metrics port with the front end's next heartbeat (0.5 s): poll
+# until the Generate just served is counted, rather than scraping once and racing it.
+"$PY" - "$metrics_port" "$SHORT_TOKENS" "$WORK/out/metrics.txt" <<'PYEOF' || die "the container's metrics are not what the server exports"
+import sys, time, urllib.request
 from prometheus_client.parser import text_string_to_metric_families
-samples = {}
-for family in text_string_to_metric_families(open(sys.argv[1]).read()):
-    for s in family.samples:
-        samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-def value(name, **labels):
+
+port, want_tokens, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+def scrape():
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200, r.status
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return text, samples
+
+def value(samples, name, **labels):
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
 # One health check and one greedy Generate have been served; the model runs on the CPU here.
-assert value("lstm_serve_requests_total", method="Generate", code="OK") >= 1, "Generate not counted"
-decoded = value("lstm_serve_tokens_processed_total", phase="decode")
-assert decoded >= int(sys.argv[2]) - 1, f"decode tokens {decoded} < the {sys.argv[2]} generated"
+deadline = time.monotonic() + 15  # 30 heartbeats
+scrapes = 0
+while True:
+    text, samples = scrape()
+    scrapes += 1
+    generated = value(samples, "lstm_serve_requests_total", method="Generate", code="OK")
+    decoded = value(samples, "lstm_serve_tokens_processed_total", phase="decode")
+    if (generated >= 1 and decoded >= want_tokens - 1) or time.monotonic() > deadline:
+        break
+    time.sleep(0.25)
+open(out, "w").write(text)
+assert generated >= 1, f"Generate not counted after {scrapes} scrapes over 15 s"
+assert decoded >= want_tokens - 1, f"decode tokens {decoded} < the {want_tokens} generated"
 info = [k for k in samples if k[0] == "lstm_serve_model_info"]
 assert info and ("provider", "CPUExecutionProvider") in info[0][1], info
-print(f"metrics: {len({k[0] for k in samples})} series names, Generate OK counted, "
-      f"{decoded:.0f} decode tokens, provider CPUExecutionProvider", file=sys.stderr)
+print(f"metrics: {len({k[0] for k in samples})} series names, Generate OK counted "
+      f"(scrape {scrapes}), {decoded:.0f} decode tokens, provider CPUExecutionProvider",
+      file=sys.stderr)
 PYEOF
 
 # --- 9. Prometheus with deploy/prometheus.yml scrapes the container ------------------------------

@@ -67,21 +67,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def need(binary: str, package: str) -> str:
-    """The path of ``binary``; installs Debian's ``package`` when missing and allowed."""
+def need(binary: str) -> str:
+    """The path of ``binary``; ``scripts/system-deps.sh`` installs it first when missing."""
     path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
     if path:
         return path
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        log(f"installing {package}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["apt-get", "install", "-y", "-q", package]
-        if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-            subprocess.run(cmd, env=env, capture_output=True)
-        path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
+    log(f"{binary} missing: running scripts/system-deps.sh")
+    if subprocess.run(["bash", str(ROOT / "scripts" / "system-deps.sh")]).returncode != 0:
+        raise SystemExit(f"scale-test: {binary} not found (scripts/system-deps.sh said why above)")
+    path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
     if not path:
-        raise SystemExit(f"scale-test: {binary} not found: install the Debian package {package}")
+        raise SystemExit(f"scale-test: {binary} still not found after scripts/system-deps.sh")
     return path
 
 
@@ -144,7 +140,7 @@ class Replica:
 
 @contextlib.contextmanager
 def nginx(listen_port: int, replicas: list[Replica], workdir: Path) -> Iterator[str]:
-    binary = need("nginx", "nginx")
+    binary = need("nginx")
     prefix = workdir / "nginx"
     prefix.mkdir()
     render = ROOT / "deploy" / "nginx" / "render.py"
@@ -244,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="whole run, seconds")
     a = p.parse_args(argv)
     deadline = time.monotonic() + a.timeout
-    need("redis-server", "redis-server")
-    need("nginx", "nginx")
+    need("redis-server")
+    need("nginx")
     ref = Reference(MODEL)
     workdir = Path(tempfile.mkdtemp(prefix="lstm-scale-"))
     replicas: list[Replica] = []

@@ -5,8 +5,8 @@ One helper, usable from pytest (the ``redis_url`` fixture) and from a script::
     python -m tests.state_services      # starts one, prints its URL, stops on Ctrl-C
 
 The server has no persistence (``--save "" --appendonly no``) and runs in a temporary folder,
-so nothing is left behind. If ``redis-server`` is missing it is installed with apt when that is
-possible (root with apt-get, as in CI); otherwise the caller fails, naming the Debian package.
+so nothing is left behind. If ``redis-server`` is missing, ``scripts/system-deps.sh`` installs it
+(root with apt-get, as in CI); otherwise the caller fails with its message naming the command.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-PACKAGE = "redis-server"
+SYSTEM_DEPS = Path(__file__).resolve().parents[1] / "scripts" / "system-deps.sh"
 MISSING = (
     "redis-server not found: install the Debian package redis-server (apt-get install redis-server)"
 )
@@ -33,27 +34,20 @@ class ServiceError(RuntimeError):
 
 
 def find_redis_server(install: bool = True) -> str:
-    """Path of ``redis-server``, installing the Debian package first if allowed and possible.
+    """Path of ``redis-server``, installed first by ``scripts/system-deps.sh`` when missing.
 
-    Installs only as root with apt-get on PATH; runs ``apt-get update`` if the first install
-    fails. Raises ServiceError naming the package otherwise.
+    That script is the one install step that ``make test`` and ``.ci/run`` share (apt-get as
+    root); otherwise it names the command. Raises ServiceError with its message.
     """
     path = shutil.which("redis-server")
     if path:
         return path
-    if not (install and os.geteuid() == 0 and shutil.which("apt-get")):
+    if not install:
         raise ServiceError(MISSING)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", PACKAGE]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = " ".join(done.stderr.split()[-30:])
-            raise ServiceError(f"{MISSING}; apt-get install failed: {tail}")
+    done = subprocess.run(["bash", str(SYSTEM_DEPS)], capture_output=True, text=True)
     path = shutil.which("redis-server")
-    if not path:
-        raise ServiceError(MISSING)
+    if done.returncode != 0 or not path:
+        raise ServiceError(f"{MISSING}; {SYSTEM_DEPS.name}: {' '.join(done.stderr.split())}")
     return path
 
 

@@ -2,6 +2,9 @@
 
 The server runs in this process on its own event loop thread (so tests can read its state and
 drive its clock); the SIGTERM test starts a real ``lstm-serve`` subprocess instead.
+
+The whole integration suite runs beside ``make serve`` (:func:`beside_make_serve`): the default
+ports are held by a real server for its whole run, so a test that binds one fails at once.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -180,13 +185,76 @@ def reference(model_path: Path) -> Reference:
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def port_in_use(port: int) -> bool:
+    """Something listens on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def make_serve_command() -> list[str]:
+    """``make serve``'s command line, from the Makefile's ``SERVE_FLAGS`` (one source of truth)."""
+    for line in (ROOT / "Makefile").read_text(encoding="utf-8").splitlines():
+        if line.startswith("SERVE_FLAGS"):
+            flags = shlex.split(line.split("=", 1)[1])
+            return [sys.executable, "-m", "server.cli", *flags]
+    raise AssertionError("the Makefile has no SERVE_FLAGS line")
+
+
+class BesideServe:
+    """The default ports, and the ``make serve`` this suite started on them (None: one was
+    already running, e.g. in a developer's other terminal)."""
+
+    def __init__(self) -> None:
+        defaults = Settings()
+        self.ports = (defaults.port, defaults.metrics_port)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def beside_make_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BesideServe]:
+    """Every integration test runs while ``make serve`` holds the default gRPC and metrics ports.
+
+    If nothing holds them, the same command ``make serve`` runs is started here on them; a test
+    whose server reached for a default port then fails with "address in use" (or, for the
+    SO_REUSEPORT gRPC port, shares it and answers wrongly) instead of passing by luck.
+    """
+    beside = BesideServe()
+    if not any(port_in_use(p) for p in beside.ports):
+        log = tmp_path_factory.mktemp("make-serve") / "serve.log"
+        with log.open("wb") as out:
+            beside.proc = subprocess.Popen(
+                make_serve_command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "LSTM_SERVE_PROVIDER": "cpu"},
+                cwd=ROOT,
+            )
+        deadline = time.monotonic() + 90
+        while not all(port_in_use(p) for p in beside.ports):
+            if beside.proc.poll() is not None or time.monotonic() > deadline:
+                beside.proc.kill()
+                raise AssertionError(f"make serve's command did not start: {log.read_text()}")
+            time.sleep(0.2)
+    yield beside
+    if beside.proc is not None:
+        beside.proc.send_signal(signal.SIGTERM)
+        try:
+            beside.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            beside.proc.kill()
+            beside.proc.wait()
+
+
 class Served:
     """A real ``lstm-serve`` subprocess; its port, pids and output lines."""
 
     def __init__(self, model: Path, *args: str) -> None:
         env = {**os.environ, "LSTM_SERVE_PROVIDER": "cpu"}
+        # Free ports unless the test says otherwise (a later flag wins).
+        ports = ["--port", "0", "--metrics-port", "0"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--model", str(model), "--port", "0", *args],
+            [sys.executable, "-m", "server.cli", "--model", str(model), *ports, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
