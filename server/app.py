@@ -20,7 +20,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,7 +36,8 @@ from .durable import Durable
 from .engine import Engine
 from .kserve import KSERVE_SERVICE_NAME, KServeServicer, add_kserve_servicer
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
-from .runtime import ModelRuntime, resolve_model
+from .models import Models, Version, run_periodically
+from .runtime import ModelRuntime, bundled_model_path, resolve_model
 from .servicer import SERVICE_NAME, LstmServeServiceServicer, QuietPeerGone
 from .sessions import SessionStore
 from .settings import Settings
@@ -49,44 +51,93 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @dataclass
 class Core:
-    """The engine side of a server, built by :func:`build_core`."""
+    """The engine side of a server, built by :func:`build_core`: the models (each loaded
+    version with its engine, sessions and data plane) behind one plane."""
 
     settings: Settings
-    runtime: ModelRuntime
-    store: SessionStore
-    engine: Engine
-    plane: DataPlane
+    models: Models
     requests: RequestStats
     scheduler_stats: SchedulerStats
     registry: CollectorRegistry
     metrics: PrometheusMetrics | None = None
     metrics_port: int | None = None
-    sweeper: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    # The default model's newest version (what requests naming no model use; tests read these).
+    @property
+    def plane(self) -> Models:
+        return self.models
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        return self.models.default().runtime
+
+    @property
+    def store(self) -> SessionStore:
+        return self.models.default().store
+
+    @property
+    def engine(self) -> Engine:
+        return self.models.default().engine
+
+    def describe(self) -> str:
+        loaded = sorted(self.models.versions.values(), key=lambda v: (v.name, v.number))
+        default = self.models.default().runtime.describe()
+        others = [f"{v.name} v{v.version}" for v in loaded if v is not self.models.default()]
+        return default + (f" (also loaded: {', '.join(others)})" if others else "")
 
     def start_metrics(self) -> None:
         """Serve ``/metrics`` (when ``metrics_port >= 0``): every counter of the server."""
-        s, store, runtime = self.settings, self.store, self.runtime
+        s, models = self.settings, self.models
         if s.metrics_port < 0:
             return
+
+        def loaded() -> list[ModelInfoStats]:
+            return [
+                ModelInfoStats(
+                    v.name,
+                    v.version,
+                    v.runtime.provider,
+                    v.state,
+                    len(v.store),
+                    v.memory_bytes(),
+                )
+                for v in list(models.versions.values())
+            ]
+
+        def ended() -> dict[str, int]:
+            # Every reason, zeros included (a Counter sum would drop them).
+            total = dict(models.ended_unloaded)
+            for v in list(models.versions.values()):
+                for reason, n in v.store.stats.ended.items():
+                    total[reason] = total.get(reason, 0) + n
+            return total
+
         self.metrics = PrometheusMetrics(
             requests=self.requests,
             scheduler=self.scheduler_stats,
-            model=ModelInfoStats(runtime.name, runtime.version, runtime.provider),
-            sessions_active=lambda: len(store),
-            state_bytes=lambda: store.state_bytes,
-            sessions_ended=lambda: dict(store.stats.ended),
+            models=loaded,
+            sessions_active=lambda: sum(len(v.store) for v in list(models.versions.values())),
+            state_bytes=lambda: sum(v.store.state_bytes for v in list(models.versions.values())),
+            sessions_ended=ended,
             registry=self.registry,
         )
         self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
 
     async def stop(self) -> None:
-        if self.sweeper is not None:
-            self.sweeper.cancel()
-        await self.engine.stop()
-        if self.plane.durable is not None:
-            await self.plane.durable.store.close()
+        for task in self.tasks:
+            task.cancel()
+        await self.models.stop()
+        if self.models.durable_store is not None:
+            await self.models.durable_store.close()
         if self.metrics is not None:
             self.metrics.stop_http()
+
+
+def bundled_repository() -> Path:
+    """``server/model_repo``: the repository served when neither --model nor
+    --model-repository is given."""
+    return bundled_model_path().parents[2]
 
 
 async def build_core(
@@ -97,74 +148,102 @@ async def build_core(
     requests: RequestStats | None = None,
     scheduler_stats: SchedulerStats | None = None,
 ) -> Core:
-    """Load the model (in a worker thread) and start the engine. Raises :class:`ModelLoadError`."""
+    """Load the models (in a worker thread) and start their engines. Raises
+    :class:`ModelLoadError` when the default model cannot be served."""
     s = settings
     loop = asyncio.get_running_loop()
-    runtime = await loop.run_in_executor(
-        None,
-        lambda: ModelRuntime(s.model, provider=s.provider, intra_op_threads=s.intra_op_threads),
-    )
-    spec = runtime.spec
-    pool = StatePool(spec.num_layers, spec.hidden_size, spec.vocab_size, s.max_sessions)
-    store = SessionStore(
-        pool,
-        max_sessions=s.max_sessions,
-        idle_timeout_s=s.idle_timeout_s,
-        eviction=s.eviction,
-        clock=clock,
-        durable=s.state_store != "memory",
-    )
     stats = scheduler_stats if scheduler_stats is not None else SchedulerStats()
-    plane: DataPlane | None = None
-    engine = Engine(
-        runtime,
-        pool,
-        max_batch_size=s.max_batch_size,
-        max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
-        max_queue_size=s.max_queue_size,
-        prefill_chunk_tokens=s.prefill_chunk_tokens,
-        inline_max_rows=s.inline_max_rows,
-        stream_chunk_tokens=s.stream_chunk_tokens,
-        stats=stats,
-        open_requests=lambda: plane.in_flight if plane is not None else 1,
-    )
     limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)
-    durable = None
-    if s.state_store != "memory":
-        identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
-        durable = Durable(open_store(s.state_store), identity)
-    plane = DataPlane(
-        runtime,
-        store,
-        engine,
-        limits,
-        durable,
-        max_sessions_per_principal=s.max_sessions_per_principal,
-        rate_limit_rps=s.rate_limit_rps,
-        expose_build_info=s.expose_build_info,
+    durable_store = open_store(s.state_store) if s.state_store != "memory" else None
+
+    def load(path: str) -> ModelRuntime:
+        runtime = ModelRuntime(path, provider=s.provider, intra_op_threads=s.intra_op_threads)
+        runtime.smoke_test()
+        return runtime
+
+    def build(runtime: ModelRuntime) -> Version:
+        spec = runtime.spec
+        pool = StatePool(spec.num_layers, spec.hidden_size, spec.vocab_size, s.max_sessions)
+        store = SessionStore(
+            pool,
+            max_sessions=s.max_sessions,
+            idle_timeout_s=s.idle_timeout_s,
+            eviction=s.eviction,
+            clock=clock,
+            durable=durable_store is not None,
+        )
+        planes: list[DataPlane] = []
+        engine = Engine(
+            runtime,
+            pool,
+            max_batch_size=s.max_batch_size,
+            max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+            max_queue_size=s.max_queue_size,
+            prefill_chunk_tokens=s.prefill_chunk_tokens,
+            inline_max_rows=s.inline_max_rows,
+            stream_chunk_tokens=s.stream_chunk_tokens,
+            stats=stats,
+            open_requests=lambda: planes[0].in_flight if planes else 1,
+        )
+        durable = None
+        if durable_store is not None:
+            identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
+            durable = Durable(durable_store, identity)
+        plane = DataPlane(
+            runtime,
+            store,
+            engine,
+            limits,
+            durable,
+            max_sessions_per_principal=s.max_sessions_per_principal,
+            rate_limit_rps=s.rate_limit_rps,
+            expose_build_info=s.expose_build_info,
+        )
+        plane.owned_by = models.owned_by
+        plane._buckets = models.buckets
+        planes.append(plane)
+        engine.start()
+        return Version(runtime.name, runtime.version, runtime, store, engine, plane)
+
+    models = Models(
+        load=load,
+        build=build,
+        repository=None if s.model else Path(s.model_repository or bundled_repository()),
+        single=s.model,
+        default_model=s.default_model,
+        control_mode=s.model_control_mode,
+        version_drain_s=s.version_drain_s,
+        admins=s.admins(),
+        auth=bool(s.auth_tokens),
+        durable_store=durable_store,
+        clock=clock,
     )
-    engine.start()
+    try:
+        await models.start()
+    except BaseException:
+        await models.stop()
+        if durable_store is not None:
+            await durable_store.close()
+        raise
     core = Core(
         settings=s,
-        runtime=runtime,
-        store=store,
-        engine=engine,
-        plane=plane,
+        models=models,
         requests=requests if requests is not None else RequestStats(),
         scheduler_stats=stats,
         registry=registry if registry is not None else CollectorRegistry(),
     )
-    core.sweeper = loop.create_task(_sweep(store, s.idle_timeout_s))
+    core.tasks.append(
+        loop.create_task(
+            run_periodically(models.tick, lambda: min(1.0, s.idle_timeout_s / 4), "housekeeping")
+        )
+    )
+    if models.control_mode == "poll":
+        core.tasks.append(
+            loop.create_task(
+                run_periodically(models.scan, lambda: s.repository_poll_s, "repository scan")
+            )
+        )
     return core
-
-
-async def _sweep(store: SessionStore, idle_timeout_s: float) -> None:
-    interval = min(1.0, idle_timeout_s / 4)
-    while True:
-        await asyncio.sleep(interval)
-        n = store.expire_idle()
-        if n:
-            log.debug("expired %d idle sessions", n)
 
 
 def grpc_server(
@@ -297,7 +376,7 @@ class App:
         return self.core.store if self.core else None
 
     @property
-    def plane(self) -> DataPlane | None:
+    def plane(self) -> Models | None:
         return self.core.plane if self.core else None
 
     @property
@@ -306,7 +385,8 @@ class App:
 
     async def start(self) -> None:
         """Bind the ports and begin loading the model (see :meth:`ready`)."""
-        resolve_model(self.settings.model)  # a missing model is reported before anything listens
+        if self.settings.model:  # a missing model is reported before anything listens
+            resolve_model(self.settings.model)
         server, self.port = grpc_server(self.settings, self.servicer, self.health)
         await set_health(self.health, NOT_SERVING)
         await server.start()
@@ -325,7 +405,7 @@ class App:
         self.core = core
         self.servicer.plane = core.plane
         await set_health(self.health, SERVING)
-        log.info("loaded %s", core.runtime.describe())
+        log.info("loaded %s", core.describe())
 
     async def ready(self) -> None:
         """Wait for the model; re-raises a load failure (ModelLoadError, OSError)."""

@@ -14,7 +14,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,6 +57,8 @@ class SessionInfo:
     state_bytes: int
     busy: bool
     has_next_distribution: bool
+    model_name: str = ""
+    model_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,45 @@ class Caller:
 ANONYMOUS = Caller()
 
 
+# A model version's state (server/models.py has the life cycle).
+LOADING = "LOADING"
+READY = "READY"
+RETIRING = "RETIRING"
+UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a request names: a model (empty = the default one) and a version (empty = its
+    newest READY one)."""
+
+    name: str = ""
+    version: str = ""
+
+    def describe(self) -> str:
+        return f"{self.name or '(default)'} version {self.version or '(newest)'}"
+
+
+ANY_MODEL = ModelRef()
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    version: str
+    state: str
+    reason: str = ""
+    sessions: int = 0
+    memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    version_policy: str
+    versions: tuple[VersionStatus, ...]
+    is_default: bool
+
+
 class Stream(Protocol):
     """A step stream, as a transport sees it (local :class:`StepStream` or a remote one)."""
 
@@ -152,14 +193,21 @@ class Plane(Protocol):
     :class:`server.frontend.RemotePlane` over the engine process. Raises :mod:`server.errors`."""
 
     draining: bool
-    in_flight: int
+
+    @property
+    def in_flight(self) -> int: ...
 
     async def wait_idle(self, timeout: float) -> bool: ...
 
-    async def model_info(self) -> ModelInfo: ...
+    async def model_info(self, model: ModelRef = ANY_MODEL) -> ModelInfo: ...
 
     async def create_session(
-        self, idle_timeout_s: float = 0.0, session_id: str = "", *, caller: Caller = ANONYMOUS
+        self,
+        idle_timeout_s: float = 0.0,
+        session_id: str = "",
+        *,
+        caller: Caller = ANONYMOUS,
+        model: ModelRef = ANY_MODEL,
     ) -> SessionInfo: ...
 
     async def close_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> None: ...
@@ -178,9 +226,12 @@ class Plane(Protocol):
         top_k: int = 0,
         caller: Caller = ANONYMOUS,
         request_id: str = "",
+        model: ModelRef = ANY_MODEL,
     ) -> StepResult: ...
 
-    async def open_stream(self, session_id: str = "", *, caller: Caller = ANONYMOUS) -> Stream: ...
+    async def open_stream(
+        self, session_id: str = "", *, caller: Caller = ANONYMOUS, model: ModelRef = ANY_MODEL
+    ) -> Stream: ...
 
     async def export_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> bytes: ...
 
@@ -200,7 +251,14 @@ class Plane(Protocol):
         *,
         caller: Caller = ANONYMOUS,
         request_id: str = "",
+        model: ModelRef = ANY_MODEL,
     ) -> AsyncGenerator[GenerateChunk, None]: ...
+
+    async def list_models(self) -> tuple[str, list[ModelStatus]]: ...
+
+    async def load_model(self, name: str, *, caller: Caller = ANONYMOUS) -> ModelStatus: ...
+
+    async def unload_model(self, name: str, *, caller: Caller = ANONYMOUS) -> ModelStatus: ...
 
 
 class Admission:
@@ -262,6 +320,9 @@ class DataPlane(Admission):
         self.max_sessions_per_principal = max_sessions_per_principal
         self.rate_limit_rps = rate_limit_rps
         self._buckets: dict[str, tuple[float, float]] = {}
+        # Sessions a principal holds, for the quota. Several versions' planes share one count
+        # (and one rate-limit bucket) when the model repository sets them (server/models.py).
+        self.owned_by: Callable[[str], int] = store.owned_by
         self.model_identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
         self.limits = limits
         super().__init__()
@@ -294,7 +355,7 @@ class DataPlane(Admission):
 
     def _check_quota(self, caller: Caller) -> None:
         n = self.max_sessions_per_principal
-        if n and self.store.owned_by(caller.principal) >= n:
+        if n and self.owned_by(caller.principal) >= n:
             raise ResourceExhausted(
                 f"session quota reached (max_sessions_per_principal={n}); close sessions first"
             )
@@ -341,6 +402,8 @@ class DataPlane(Admission):
             state_bytes=self.engine.state_bytes_per_slot,
             busy=session.busy,
             has_next_distribution=self.engine.has_next(session.slot),
+            model_name=self.runtime.name,
+            model_version=self.runtime.version,
         )
 
     async def create_session(
@@ -433,6 +496,8 @@ class DataPlane(Admission):
                         state_bytes=self.engine.state_bytes_per_slot,
                         busy=False,
                         has_next_distribution=record.logits is not None,
+                        model_name=record.model.name,
+                        model_version=record.model.version,
                     )
             if session is None:
                 raise self._not_found(session_id)

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import ipc
 from .app import Core, build_core
-from .dataplane import Caller, GenerateParams, StepResult, StepStream
+from .dataplane import Caller, GenerateParams, ModelRef, StepResult, Stream
 from .errors import NotFound
 from .metrics import InferStats, RequestStats
 from .settings import Settings, settings_from_json
@@ -51,7 +51,7 @@ class _Frontend:
     def __init__(self) -> None:
         self.conn: ipc.Connection | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.streams: dict[int, StepStream] = {}
+        self.streams: dict[int, Stream] = {}
 
 
 class EngineHost:
@@ -79,6 +79,9 @@ class EngineHost:
             ipc.EXPORT: self._export,
             ipc.IMPORT: self._import,
             ipc.FORK: self._fork,
+            ipc.LIST_MODELS: self._list_models,
+            ipc.LOAD_MODEL: self._load_model,
+            ipc.UNLOAD_MODEL: self._unload_model,
             ipc.PING: self._ping,
             ipc.INFER_STATS: self._infer_stats,
         }
@@ -170,8 +173,19 @@ class EngineHost:
         return self.infer_stats.to_wire()
 
     async def _create(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
-        i = await self.plane.create_session(float(args[0]), args[1], caller=caller)
-        return [i.session_id, i.idle_timeout_s, i.state_bytes]
+        model = ModelRef(args[2], args[3])
+        i = await self.plane.create_session(float(args[0]), args[1], caller=caller, model=model)
+        return [i.session_id, i.idle_timeout_s, i.state_bytes, i.model_name, i.model_version]
+
+    async def _list_models(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        mode, models = await self.plane.list_models()
+        return [mode, [ipc.status_payload(m) for m in models]]
+
+    async def _load_model(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        return ipc.status_payload(await self.plane.load_model(args[0], caller=caller))
+
+    async def _unload_model(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        return ipc.status_payload(await self.plane.unload_model(args[0], caller=caller))
 
     async def _export(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         return await self.plane.export_session(args[0], caller=caller)
@@ -199,10 +213,12 @@ class EngineHost:
             i.state_bytes,
             i.busy,
             i.has_next_distribution,
+            i.model_name,
+            i.model_version,
         ]
 
     async def _step(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
-        sid, text, token_ids, output, top_k, request_id = args
+        sid, text, token_ids, output, top_k, request_id, name, version = args
         r = await self.plane.step(
             sid,
             text=text,
@@ -211,11 +227,14 @@ class EngineHost:
             top_k=top_k,
             caller=caller,
             request_id=request_id,
+            model=ModelRef(name, version),
         )
         return step_payload(r)
 
     async def _stream_open(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
-        stream = await self.plane.open_stream(args[0], caller=caller)
+        stream = await self.plane.open_stream(
+            args[0], caller=caller, model=ModelRef(args[1], args[2])
+        )
         stream_id = next(self._stream_ids)
         fe.streams[stream_id] = stream
         return [stream_id, stream.session_id]
@@ -241,7 +260,7 @@ class EngineHost:
             await stream.close(args[1])
 
     async def _model_info(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
-        m = await self.plane.model_info()
+        m = await self.plane.model_info(ModelRef(args[0], args[1]))
         lim = m.limits
         return [
             m.name,
@@ -258,7 +277,8 @@ class EngineHost:
         ]
 
     async def _generate(self, fe: _Frontend, rid: int, caller: Caller, args: list[Any]) -> None:
-        sid, prompt, max_tokens, temperature, top_k, top_p, seed, stop, request_id = args
+        sid, prompt, max_tokens, temperature, top_k, top_p, seed, stop, request_id = args[:9]
+        model = ModelRef(args[9], args[10])
         params = GenerateParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -267,7 +287,9 @@ class EngineHost:
             seed=seed,
             stop=tuple(stop),
         )
-        chunks = self.plane.generate(sid, prompt, params, caller=caller, request_id=request_id)
+        chunks = self.plane.generate(
+            sid, prompt, params, caller=caller, request_id=request_id, model=model
+        )
         try:
             async with contextlib.aclosing(chunks):
                 async for ch in chunks:
@@ -329,8 +351,8 @@ async def run(settings: Settings, path: str) -> int:
     await host.start()
     core.start_metrics()
     metrics_port = core.metrics_port if core.metrics_port is not None else -1
-    print(f"ENGINE READY {metrics_port} {core.runtime.describe()}", flush=True)
-    log.info("engine: %s", core.runtime.describe())
+    print(f"ENGINE READY {metrics_port} {core.describe()}", flush=True)
+    log.info("engine: %s", core.describe())
     try:
         await stop.wait()
     finally:

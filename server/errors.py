@@ -50,3 +50,7 @@ class Unauthenticated(ServeError):
 
 class Unavailable(ServeError):
     """The server is loading or draining."""
+
+
+class PermissionDenied(ServeError):
+    """The caller is authenticated but may not do this (model control without admin rights)."""

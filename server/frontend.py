@@ -34,14 +34,18 @@ from . import ipc
 from .app import NOT_SERVING, SERVING, grpc_server, set_health
 from .dataplane import (
     ANONYMOUS,
+    ANY_MODEL,
     Admission,
     Caller,
     GenerateChunk,
     GenerateParams,
     Limits,
     ModelInfo,
+    ModelRef,
+    ModelStatus,
     SessionInfo,
     StepResult,
+    VersionStatus,
 )
 from .errors import Unavailable
 from .metrics import RequestStats
@@ -67,6 +71,11 @@ def step_result(payload: list[Any]) -> StepResult:
     return StepResult(sid, arr, [(int(i), t, float(p)) for i, t, p in top], consumed, steps)
 
 
+def _status(r: list[Any]) -> ModelStatus:
+    name, policy, rows, is_default = r
+    return ModelStatus(name, policy, tuple(VersionStatus(*row) for row in rows), is_default)
+
+
 class RemotePlane(Admission):
     """The data plane's interface, served by the engine process on the Unix socket ``path``."""
 
@@ -79,7 +88,9 @@ class RemotePlane(Admission):
         super().__init__()
         self.engine_alive = True
         self.lost = asyncio.Event()  # set when the engine is gone
-        self._model_info: ModelInfo | None = None
+        # (name, version) -> (expiry, info): a named version's info never changes; the newest
+        # version of a model may, after a rollout, so that answer is kept for a second only.
+        self._model_info: dict[tuple[str, str], tuple[float, ModelInfo]] = {}
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -166,31 +177,51 @@ class RemotePlane(Admission):
 
     # --- the plane's interface -------------------------------------------------------------------
 
-    async def model_info(self) -> ModelInfo:
-        if self._model_info is None:
-            r = await self._unary(ipc.MODEL_INFO)
-            self._model_info = ModelInfo(
-                name=r[0],
-                version=r[1],
-                provider=r[2],
-                vocab=tuple(r[3]),
-                num_layers=r[4],
-                hidden_size=r[5],
-                preprocess=r[6],
-                unk_id=r[7],
-                config_json=r[8],
-                limits=Limits(*r[9]),
-                state_bytes_per_session=r[10],
-            )
-        return self._model_info
+    async def model_info(self, model: ModelRef = ANY_MODEL) -> ModelInfo:
+        key = (model.name, model.version)
+        cached = self._model_info.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        r = await self._unary(ipc.MODEL_INFO, model.name, model.version)
+        info = ModelInfo(
+            name=r[0],
+            version=r[1],
+            provider=r[2],
+            vocab=tuple(r[3]),
+            num_layers=r[4],
+            hidden_size=r[5],
+            preprocess=r[6],
+            unk_id=r[7],
+            config_json=r[8],
+            limits=Limits(*r[9]),
+            state_bytes_per_session=r[10],
+        )
+        self._model_info[key] = (now + (1e18 if model.version else 1.0), info)
+        return info
 
     async def create_session(
-        self, idle_timeout_s: float = 0.0, session_id: str = "", *, caller: Caller = ANONYMOUS
+        self,
+        idle_timeout_s: float = 0.0,
+        session_id: str = "",
+        *,
+        caller: Caller = ANONYMOUS,
+        model: ModelRef = ANY_MODEL,
     ) -> SessionInfo:
-        sid, timeout, state_bytes = await self._unary(
-            ipc.CREATE, float(idle_timeout_s), session_id, caller=caller
+        sid, timeout, state_bytes, name, version = await self._unary(
+            ipc.CREATE, float(idle_timeout_s), session_id, model.name, model.version, caller=caller
         )
-        return SessionInfo(sid, 0, 0.0, 0.0, timeout, state_bytes, False, False)
+        return SessionInfo(sid, 0, 0.0, 0.0, timeout, state_bytes, False, False, name, version)
+
+    async def list_models(self) -> tuple[str, list[ModelStatus]]:
+        mode, rows = await self._unary(ipc.LIST_MODELS)
+        return mode, [_status(r) for r in rows]
+
+    async def load_model(self, name: str, *, caller: Caller = ANONYMOUS) -> ModelStatus:
+        return _status(await self._unary(ipc.LOAD_MODEL, name, caller=caller))
+
+    async def unload_model(self, name: str, *, caller: Caller = ANONYMOUS) -> ModelStatus:
+        return _status(await self._unary(ipc.UNLOAD_MODEL, name, caller=caller))
 
     async def export_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> bytes:
         return bytes(await self._unary(ipc.EXPORT, session_id, caller=caller))
@@ -224,6 +255,7 @@ class RemotePlane(Admission):
         top_k: int = 0,
         caller: Caller = ANONYMOUS,
         request_id: str = "",
+        model: ModelRef = ANY_MODEL,
     ) -> StepResult:
         return step_result(
             await self._unary(
@@ -234,16 +266,20 @@ class RemotePlane(Admission):
                 output,
                 top_k,
                 request_id,
+                model.name,
+                model.version,
                 caller=caller,
             )
         )
 
     async def open_stream(
-        self, session_id: str = "", *, caller: Caller = ANONYMOUS
+        self, session_id: str = "", *, caller: Caller = ANONYMOUS, model: ModelRef = ANY_MODEL
     ) -> RemoteStepStream:
         self._enter()
         try:
-            stream_id, sid = await self.call(ipc.STREAM_OPEN, session_id, caller=caller)
+            stream_id, sid = await self.call(
+                ipc.STREAM_OPEN, session_id, model.name, model.version, caller=caller
+            )
         except BaseException:
             self.request_done()
             raise
@@ -257,6 +293,7 @@ class RemotePlane(Admission):
         *,
         caller: Caller = ANONYMOUS,
         request_id: str = "",
+        model: ModelRef = ANY_MODEL,
     ) -> AsyncGenerator[GenerateChunk, None]:
         self._enter()
         rid = next(self._rids)
@@ -278,6 +315,8 @@ class RemotePlane(Admission):
                     params.seed,
                     list(params.stop),
                     request_id,
+                    model.name,
+                    model.version,
                 ]
             )
             while True:

@@ -52,6 +52,9 @@ MODEL_INFO = "model_info"
 EXPORT = "export"
 IMPORT = "import"
 FORK = "fork"
+LIST_MODELS = "list_models"
+LOAD_MODEL = "load_model"
+UNLOAD_MODEL = "unload_model"
 PING = "ping"
 INFER_STATS = "infer_stats"
 CANCEL = "cancel"
@@ -166,3 +169,9 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before the call: do it now
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def status_payload(m: Any) -> list[Any]:
+    """A :class:`~server.dataplane.ModelStatus` on the wire."""
+    rows = [[v.version, v.state, v.reason, v.sessions, v.memory_bytes] for v in m.versions]
+    return [m.name, m.version_policy, rows, m.is_default]

@@ -39,7 +39,7 @@ import numpy as np
 from protos.inference import grpc_service_pb2 as kpb
 from protos.inference import grpc_service_pb2_grpc as kpb_grpc
 
-from .dataplane import Caller, ModelInfo, Plane, StepResult
+from .dataplane import RETIRING, Caller, ModelInfo, ModelRef, ModelStatus, Plane, StepResult
 from .decode import UNDECODABLE, SparseLog, add_checked
 from .errors import (
     AlreadyExists,
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 KSERVE_SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "lstm-serve"
-EXTENSIONS = ("model_configuration", "sequence", "statistics")
+EXTENSIONS = ("model_configuration", "model_repository", "sequence", "statistics")
 PLATFORM = "onnxruntime_onnx"
 INPUT_TOKENS = "tokens"
 INPUT_TEXT = "text"
@@ -122,6 +122,31 @@ def rpc(method: Handler[R]) -> Handler[R]:
     return wrapper
 
 
+def _q(text: str) -> str:
+    """A client's string in a message: quoted, at most 64 characters of it."""
+    return f"'{text[:64]}'" + ("..." if len(text) > 64 else "")
+
+
+def _index_rows(models: list[ModelStatus], ready_only: bool) -> list[Any]:
+    """RepositoryIndex rows: one per version; a retiring version shows as Triton's UNLOADING
+    (it still serves the sessions pinned to it)."""
+    rows = []
+    for m in models:
+        for v in m.versions:
+            if ready_only and v.state != "READY":
+                continue
+            state, reason = v.state, v.reason
+            if state == RETIRING:
+                state = "UNLOADING"
+                reason = reason or f"retiring: serves the {v.sessions} session(s) pinned to it"
+            rows.append(
+                kpb.RepositoryIndexResponse.ModelIndex(
+                    name=m.name, version=v.version, state=state, reason=reason
+                )
+            )
+    return rows
+
+
 def _param(p: Any) -> bool | int | str | float | None:
     kind = p.WhichOneof("parameter_choice")
     return None if kind is None else getattr(p, kind)
@@ -166,7 +191,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self.base = base
         self.idle_timeout_s = idle_timeout_s
         self.stats = InferStats()
-        self._info: tuple[Plane, ModelInfo] | None = None
+        # (plane, name, version) -> (expiry, info): a named version's info never changes; the
+        # newest version of a model may after a rollout, so that answer is kept for a second.
+        self._infos: dict[tuple[int, str, str], tuple[float, ModelInfo]] = {}
         self._sparse_log = SparseLog()
 
     # --- helpers -------------------------------------------------------------------------------
@@ -177,20 +204,30 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("the model is still loading; retry shortly")
         return plane
 
-    async def _model(self, plane: Plane) -> ModelInfo:
-        if self._info is None or self._info[0] is not plane:
-            self._info = (plane, await plane.model_info())
-        return self._info[1]
+    async def _model(self, plane: Plane, name: str = "", version: str = "") -> ModelInfo:
+        key = (id(plane), name, version)
+        now = time.monotonic()
+        cached = self._infos.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        info = await plane.model_info(ModelRef(name, version))
+        if len(self._infos) > 1024:
+            self._infos.clear()
+        self._infos[key] = (now + (1e18 if version else 1.0), info)
+        return info
 
     async def _check_model(self, name: str, version: str) -> tuple[Plane, ModelInfo]:
         plane = self._plane()
-        info = await self._model(plane)
-        if name != info.name:
-            raise UnknownModel(f"Request for unknown model: '{name}' is not found")
-        if version and version != info.version:
+        if not name:
+            raise UnknownModel("Request for unknown model: '' is not found")
+        try:
+            info = await self._model(plane, name, version)
+        except NotFound:
             raise UnknownModel(
-                f"Request for unknown model: '{name}' version {version} is not found"
-            )
+                f"Request for unknown model: {_q(name)} is not found"
+                if not version
+                else f"Request for unknown model: {_q(name)} version {_q(version)} is not found"
+            ) from None
         return plane, info
 
     def _ready(self) -> bool:
@@ -279,9 +316,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         self.base.caller_of(context)
         plane = self._plane()
-        info = await self._model(plane)
         if request.name:
-            await self._check_model(request.name, request.version)
+            _, info = await self._check_model(request.name, request.version)
+        else:
+            info = await self._model(plane)
         s = await self._totals(plane)
         duration = kpb.StatisticDuration
         stats = kpb.ModelStatistics(
@@ -389,7 +427,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             ids, text, raw = self._inputs(request)
             sequence = _sequence(request.parameters)
             t1 = time.perf_counter_ns()
-            result = await self._run(plane, info, sequence, ids, text, caller)
+            result = await self._run(
+                plane, info, sequence, ids, text, caller, request.model_version
+            )
             t2 = time.perf_counter_ns()
             response = self._response(request, info, result, raw)
         except BaseException:
@@ -484,9 +524,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         ids: list[int],
         text: str,
         caller: Caller,
+        version: str = "",
     ) -> StepResult:
+        # Sessions are pinned to the version they start on; a request that names no version
+        # continues a sequence on whatever version it started on.
+        pinned = ModelRef(info.name, version)
         if not seq.session_id:
-            stream = await plane.open_stream(caller=caller)  # an ephemeral zero state
+            stream = await plane.open_stream(caller=caller, model=pinned)  # a zero state
             try:
                 return await stream.step(text=text, token_ids=ids, caller=caller)
             finally:
@@ -494,11 +538,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         sid = seq.session_id
         if seq.start:
             try:
-                await plane.create_session(0.0, sid, caller=caller)
+                await plane.create_session(0.0, sid, caller=caller, model=pinned)
             except AlreadyExists:
                 await plane.reset_session(sid, caller=caller)
         try:
-            result = await plane.step(sid, text=text, token_ids=ids, caller=caller)
+            result = await plane.step(sid, text=text, token_ids=ids, caller=caller, model=pinned)
         except NotFound:
             raise InvalidArgument(
                 f"inference request for sequence {seq.label} to model '{info.name}' must "
@@ -508,6 +552,28 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             with contextlib.suppress(NotFound):
                 await plane.close_session(sid, caller=caller)
         return result
+
+    # --- model repository extension ----------------------------------------------------------
+
+    @rpc
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        self.base.caller_of(context)
+        _, models = await self._plane().list_models()
+        return kpb.RepositoryIndexResponse(models=_index_rows(models, request.ready))
+
+    @rpc
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        caller = self.base.caller_of(context)
+        await self._plane().load_model(request.model_name, caller=caller)
+        self._infos.clear()
+        return kpb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        caller = self.base.caller_of(context)
+        await self._plane().unload_model(request.model_name, caller=caller)
+        self._infos.clear()
+        return kpb.RepositoryModelUnloadResponse()
 
     @staticmethod
     def _response(request: Any, info: ModelInfo, result: StepResult, raw: bool) -> Any:

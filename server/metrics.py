@@ -16,7 +16,7 @@ import dataclasses
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -197,9 +197,14 @@ class InferStats:
 
 @dataclass
 class ModelInfoStats:
+    """One loaded model version, as the metrics show it."""
+
     name: str
     version: str
     provider: str
+    state: str = "READY"
+    sessions: int = 0
+    memory_bytes: int = 0
 
 
 class PrometheusMetrics(Collector):
@@ -214,7 +219,7 @@ class PrometheusMetrics(Collector):
         *,
         requests: RequestStats,
         scheduler: SchedulerStats,
-        model: ModelInfoStats,
+        models: Callable[[], Sequence[ModelInfoStats]],
         sessions_active: Callable[[], int],
         state_bytes: Callable[[], int],
         sessions_ended: Callable[[], dict[str, int]],
@@ -222,7 +227,7 @@ class PrometheusMetrics(Collector):
     ) -> None:
         self.requests = requests
         self.scheduler = scheduler
-        self.model = model
+        self._models = models
         self._sessions_active = sessions_active
         self._state_bytes = state_bytes
         self._sessions_ended = sessions_ended
@@ -297,16 +302,28 @@ class PrometheusMetrics(Collector):
         for reason, n in self._sessions_ended().items():
             ended.add_metric([reason], n)
         yield ended
-        info = InfoMetricFamily(p + "model", "The model being served.")
-        info.add_metric(
-            [],
-            {
-                "name": self.model.name,
-                "version": self.model.version,
-                "provider": self.model.provider,
-            },
+        info = InfoMetricFamily(
+            p + "model", "Each loaded model version (state READY or RETIRING).", labels=["state"]
         )
+        sessions = GaugeMetricFamily(
+            p + "model_sessions",
+            "Sessions held per loaded model version.",
+            labels=["model", "version"],
+        )
+        memory = GaugeMetricFamily(
+            p + "model_memory_bytes",
+            "Bytes held per loaded model version: the model file plus its sessions' state.",
+            labels=["model", "version"],
+        )
+        for m in self._models():
+            info.add_metric(
+                [m.state], {"name": m.name, "version": m.version, "provider": m.provider}
+            )
+            sessions.add_metric([m.name, m.version], m.sessions)
+            memory.add_metric([m.name, m.version], m.memory_bytes)
         yield info
+        yield sessions
+        yield memory
 
     def start_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; the port.

@@ -237,6 +237,29 @@ class ModelRuntime:
             return None
         return sess
 
+    def smoke_test(self) -> None:
+        """One real inference (two tokens, two rows, zero state) before any request may reach the
+        model: shapes as the contract says and every output finite. Raises ModelLoadError."""
+        s = self.spec
+        tokens = np.zeros((2, 2), np.int64)
+        tokens[1] = min(1, s.vocab_size - 1)
+        h = np.zeros((s.num_layers, 2, s.hidden_size), np.float32)
+        try:
+            logits, hn, cn = self.run(tokens, h, h.copy())
+        except Exception as e:  # ORT raises its own exception types
+            raise ModelLoadError(f"{self.location.path}: the smoke inference failed: {e}") from None
+        want = {"logits": (2, 2, s.vocab_size), "hn": h.shape, "cn": h.shape}
+        for name, out in (("logits", logits), ("hn", hn), ("cn", cn)):
+            if tuple(out.shape) != want[name]:
+                raise ModelLoadError(
+                    f"{self.location.path}: the smoke inference gave {name} of shape "
+                    f"{tuple(out.shape)}, expected {want[name]}"
+                )
+            if not np.isfinite(out).all():
+                raise ModelLoadError(
+                    f"{self.location.path}: the smoke inference gave non-finite {name}"
+                )
+
     def run(
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,6 +29,8 @@ from .dataplane import (
     OUTPUT_TOP_K,
     Caller,
     GenerateParams,
+    ModelRef,
+    ModelStatus,
     Plane,
     StepResult,
 )
@@ -40,6 +42,7 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     ServeError,
     Unauthenticated,
@@ -60,6 +63,7 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     Aborted: grpc.StatusCode.ABORTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
@@ -169,6 +173,29 @@ async def _abort(context: grpc.aio.ServicerContext, status: grpc.StatusCode, mes
         raise asyncio.CancelledError() from None
 
 
+def _model(request: Any) -> ModelRef:
+    """The model a request names (its ``model_name`` / ``model_version`` fields)."""
+    return ModelRef(request.model_name, request.model_version)
+
+
+def _status_pb(m: ModelStatus) -> Any:
+    return pb.ModelStatus(
+        name=m.name,
+        version_policy=m.version_policy,
+        is_default=m.is_default,
+        versions=[
+            pb.ModelVersionStatus(
+                version=v.version,
+                state=v.state,
+                reason=v.reason,
+                sessions=v.sessions,
+                memory_bytes=v.memory_bytes,
+            )
+            for v in m.versions
+        ],
+    )
+
+
 def _step_fields(result: StepResult) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "session_id": result.session_id,
@@ -218,12 +245,14 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
     @rpc
     async def CreateSession(self, request: Any, context: Any) -> Any:
         info = await self._dp().create_session(
-            request.idle_timeout_s, request.session_id, caller=CALLER.get()
+            request.idle_timeout_s, request.session_id, caller=CALLER.get(), model=_model(request)
         )
         return pb.CreateSessionResponse(
             session_id=info.session_id,
             idle_timeout_s=info.idle_timeout_s,
             state_bytes=info.state_bytes,
+            model_name=info.model_name,
+            model_version=info.model_version,
         )
 
     @rpc
@@ -248,6 +277,8 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
             state_bytes=i.state_bytes,
             busy=i.busy,
             has_next_distribution=i.has_next_distribution,
+            model_name=i.model_name,
+            model_version=i.model_version,
         )
 
     @rpc
@@ -260,6 +291,7 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
             top_k=request.top_k,
             caller=CALLER.get(),
             request_id=request.request_id,
+            model=_model(request),
         )
         return pb.StepResponse(**_step_fields(result))
 
@@ -269,7 +301,7 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
         first = await context.read()
         if first is grpc.aio.EOF:
             return
-        stream = await plane.open_stream(first.session_id, caller=CALLER.get())
+        stream = await plane.open_stream(first.session_id, caller=CALLER.get(), model=_model(first))
         reason = "disconnected"
         try:
             req = first
@@ -315,6 +347,7 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
             params,
             caller=CALLER.get(),
             request_id=request.request_id,
+            model=_model(request),
         )
         async with contextlib.aclosing(chunks):
             async for ch in chunks:
@@ -350,7 +383,7 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
 
     @rpc
     async def GetModelInfo(self, request: Any, context: Any) -> Any:
-        m = await self._dp().model_info()
+        m = await self._dp().model_info(_model(request))
         if self.frontend_id:
             context.set_trailing_metadata((("lstm-serve-frontend", self.frontend_id),))
         return pb.GetModelInfoResponse(
@@ -369,3 +402,20 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
             max_batch_size=m.limits.max_batch_size,
             state_bytes_per_session=m.state_bytes_per_session,
         )
+
+    @rpc
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        mode, models = await self._dp().list_models()
+        return pb.ListModelsResponse(
+            models=[_status_pb(m) for m in models], model_control_mode=mode
+        )
+
+    @rpc
+    async def LoadModel(self, request: Any, context: Any) -> Any:
+        status = await self._dp().load_model(request.model_name, caller=CALLER.get())
+        return pb.LoadModelResponse(model=_status_pb(status))
+
+    @rpc
+    async def UnloadModel(self, request: Any, context: Any) -> Any:
+        status = await self._dp().unload_model(request.model_name, caller=CALLER.get())
+        return pb.UnloadModelResponse(model=_status_pb(status))

@@ -293,6 +293,15 @@ class SessionStore:
             return None
         return session.recent.get(request_id)
 
+    def ids_and_owners(self) -> list[tuple[str, str]]:
+        """Every session held, as (id, owner)."""
+        return [(s.id, s.owner) for s in self._sessions.values()]
+
+    def end_all(self, reason: str) -> None:
+        """End every session (its version is being unloaded)."""
+        for session in list(self._sessions.values()):
+            self._end(session, reason)
+
     def owned_by(self, principal: str) -> int:
         """How many sessions ``principal`` holds here."""
         return self._owned[principal]

@@ -17,6 +17,7 @@ from typing import Any
 ENV_PREFIX = "LSTM_SERVE_"
 PROVIDERS = ("auto", "cuda", "cpu")
 EVICTION_POLICIES = ("refuse", "lru")
+CONTROL_MODES = ("none", "poll", "explicit")
 
 
 class SettingsError(ValueError):
@@ -41,8 +42,36 @@ class Settings:
         default=9090,
     )
     model: str = _doc(
-        "Model: an .onnx file, a version folder holding model.onnx, or a repository folder "
-        "NAME/VERSION/model.onnx (highest version wins). Empty = the bundled model.",
+        "One model: an .onnx file, a version folder holding model.onnx, or a model folder "
+        "NAME/VERSION/model.onnx (highest version wins). Empty = serve --model-repository.",
+        default="",
+    )
+    model_repository: str = _doc(
+        "A model repository REPO/NAME/VERSION/model.onnx: every model in it is served, each "
+        "under the version policy in REPO/NAME/config.json (default: the latest version). "
+        "Empty = the bundled repository (unless --model is given).",
+        default="",
+    )
+    default_model: str = _doc(
+        "The model that requests naming none use. Empty = the repository's only model, or "
+        "'timemachine' when there are several.",
+        default="",
+    )
+    model_control_mode: str = _doc(
+        "none (load at start), poll (rescan the repository every --repository-poll-s: new "
+        "versions load, versions out of the policy retire) or explicit (only LoadModel / "
+        "UnloadModel and KServe RepositoryModelLoad / RepositoryModelUnload change anything).",
+        default="none",
+    )
+    repository_poll_s: float = _doc("Seconds between repository scans in poll mode.", default=5.0)
+    version_drain_s: float = _doc(
+        "A retired version (out of the policy, or unloaded) stays loaded for the sessions pinned "
+        "to it until they end or this many seconds pass; then they get FAILED_PRECONDITION.",
+        default=600.0,
+    )
+    admin_principals: str = _doc(
+        "Comma-separated principals that may load and unload models when --auth-tokens is set "
+        "(without authentication every client may, in explicit mode).",
         default="",
     )
     provider: str = _doc(
@@ -171,6 +200,22 @@ class Settings:
                 "state_store",
                 f"must be memory, sqlite:///PATH or redis://HOST:PORT/DB, got {self.state_store!r}",
             )
+        if self.model_control_mode not in CONTROL_MODES:
+            raise bad(
+                "model_control_mode",
+                f"must be one of {', '.join(CONTROL_MODES)}, got {self.model_control_mode!r}",
+            )
+        if self.model and self.model_repository:
+            raise bad(
+                "model_repository", "give --model (one model) or --model-repository, not both"
+            )
+        if self.model and self.model_control_mode != "none":
+            raise bad(
+                "model_control_mode", "poll and explicit need --model-repository, not --model"
+            )
+        for name in ("repository_poll_s", "version_drain_s"):
+            if not getattr(self, name) > 0:
+                raise bad(name, f"must be > 0, got {getattr(self, name)}")
         if self.eviction not in EVICTION_POLICIES:
             raise bad(
                 "eviction", f"must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}"
@@ -210,6 +255,9 @@ class Settings:
             if not getattr(self, name) >= 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         return self
+
+    def admins(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.admin_principals.split(",") if p.strip())
 
     def max_message_bytes(self) -> int:
         """The largest request message the gRPC port accepts (bigger: RESOURCE_EXHAUSTED).

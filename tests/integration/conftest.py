@@ -253,8 +253,10 @@ class Served:
         env = {**os.environ, "LSTM_SERVE_PROVIDER": "cpu"}
         # Free ports unless the test says otherwise (a later flag wins).
         ports = ["--port", "0", "--metrics-port", "0"]
+        # A test that serves a repository (--model-repository) gives no single model.
+        one = [] if "--model-repository" in args else ["--model", str(model)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--model", str(model), *ports, *args],
+            [sys.executable, "-m", "server.cli", *one, *ports, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -287,9 +287,20 @@ def test_metrics_endpoint_exposes_every_metric(shared_server, stub_for):
     for reason in ("expired", "evicted", "disconnected"):
         assert ("lstm_serve_sessions_ended_total", (("reason", reason),)) in samples
     info = value(
-        "lstm_serve_model_info", name="model", version="1", provider="CPUExecutionProvider"
+        "lstm_serve_model_info",
+        name="model",
+        version="1",
+        provider="CPUExecutionProvider",
+        state="READY",
     )
     assert info == 1
+    assert value("lstm_serve_model_sessions", model="model", version="1") == value(
+        "lstm_serve_sessions_active"
+    )
+    weights = shared_server.app.core.models.default().runtime.location.path.stat().st_size
+    assert value("lstm_serve_model_memory_bytes", model="model", version="1") == (
+        weights + value("lstm_serve_session_state_bytes")
+    )
     assert "lstm_serve_queue_depth" in fams
     assert keep not in body  # never a session id in a label
     assert sid not in body

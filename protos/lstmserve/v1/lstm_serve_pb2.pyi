@@ -28,22 +28,30 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("idle_timeout_s", "session_id")
+    __slots__ = ("idle_timeout_s", "session_id", "model_name", "model_version")
     IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     idle_timeout_s: float
     session_id: str
-    def __init__(self, idle_timeout_s: _Optional[float] = ..., session_id: _Optional[str] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, idle_timeout_s: _Optional[float] = ..., session_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session_id", "idle_timeout_s", "state_bytes")
+    __slots__ = ("session_id", "idle_timeout_s", "state_bytes", "model_name", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     idle_timeout_s: float
     state_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., idle_timeout_s: _Optional[float] = ..., state_bytes: _Optional[int] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., idle_timeout_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -72,7 +80,7 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class GetSessionResponse(_message.Message):
-    __slots__ = ("session_id", "steps", "created_unix_s", "last_used_unix_s", "idle_timeout_s", "state_bytes", "busy", "has_next_distribution")
+    __slots__ = ("session_id", "steps", "created_unix_s", "last_used_unix_s", "idle_timeout_s", "state_bytes", "busy", "has_next_distribution", "model_name", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +89,8 @@ class GetSessionResponse(_message.Message):
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
     HAS_NEXT_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     steps: int
     created_unix_s: float
@@ -89,7 +99,9 @@ class GetSessionResponse(_message.Message):
     state_bytes: int
     busy: bool
     has_next_distribution: bool
-    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., idle_timeout_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., busy: _Optional[bool] = ..., has_next_distribution: _Optional[bool] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., idle_timeout_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., busy: _Optional[bool] = ..., has_next_distribution: _Optional[bool] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TokenProbability(_message.Message):
     __slots__ = ("token_id", "token", "probability")
@@ -102,20 +114,24 @@ class TokenProbability(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "text", "token_ids", "output", "top_k", "request_id")
+    __slots__ = ("session_id", "text", "token_ids", "output", "top_k", "request_id", "model_name", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     output: StepOutput
     top_k: int
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("session_id", "logits", "positions", "top", "tokens_consumed", "steps")
@@ -134,20 +150,24 @@ class StepResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., tokens_consumed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class StepStreamRequest(_message.Message):
-    __slots__ = ("session_id", "text", "token_ids", "output", "top_k", "request_id")
+    __slots__ = ("session_id", "text", "token_ids", "output", "top_k", "request_id", "model_name", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     output: StepOutput
     top_k: int
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class StepStreamResponse(_message.Message):
     __slots__ = ("session_id", "logits", "positions", "top", "tokens_consumed", "steps")
@@ -166,7 +186,7 @@ class StepStreamResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., tokens_consumed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "request_id")
+    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "request_id", "model_name", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +196,8 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt: str
     max_tokens: int
@@ -185,7 +207,9 @@ class GenerateRequest(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("session_id", "text", "token_ids", "finish_reason", "generated_tokens", "prompt_tokens")
@@ -204,8 +228,12 @@ class GenerateResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model_name", "model_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("name", "version", "provider", "vocab", "num_layers", "hidden_size", "preprocess", "unk_id", "config_json", "max_prompt_tokens", "max_new_tokens", "max_sessions", "max_batch_size", "state_bytes_per_session")
@@ -278,3 +306,65 @@ class ForkSessionResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelVersionStatus(_message.Message):
+    __slots__ = ("version", "state", "reason", "sessions", "memory_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    state: str
+    reason: str
+    sessions: int
+    memory_bytes: int
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., sessions: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("name", "version_policy", "versions", "is_default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version_policy: str
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
+    is_default: bool
+    def __init__(self, name: _Optional[str] = ..., version_policy: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "model_control_mode")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONTROL_MODE_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    model_control_mode: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., model_control_mode: _Optional[str] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelStatus
+    def __init__(self, model: _Optional[_Union[ModelStatus, _Mapping]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelStatus
+    def __init__(self, model: _Optional[_Union[ModelStatus, _Mapping]] = ...) -> None: ...

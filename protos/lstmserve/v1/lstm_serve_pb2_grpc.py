@@ -89,6 +89,21 @@ class LstmServeServiceStub:
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/lstmserve.v1.LstmServeService/ListModels',
+                request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/lstmserve.v1.LstmServeService/LoadModel',
+                request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/lstmserve.v1.LstmServeService/UnloadModel',
+                request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class LstmServeServiceServicer:
@@ -176,6 +191,30 @@ class LstmServeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model of the repository and each version's state (loaded, loading, retiring,
+        unavailable with the reason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Loads (or reloads) a model's versions under its version policy (model control mode
+        explicit only; with --auth-tokens, an admin principal only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Retires every version of a model: no new sessions; pinned sessions go on until they end or
+        the version drain time passes (explicit mode only; admin only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LstmServeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +272,21 @@ def add_LstmServeServiceServicer_to_server(servicer, server):
                     servicer.ForkSession,
                     request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionRequest.FromString,
                     response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelRequest.FromString,
+                    response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelRequest.FromString,
+                    response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +586,87 @@ class LstmServeService:
             '/lstmserve.v1.LstmServeService/ForkSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServeService/ListModels',
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServeService/LoadModel',
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelRequest.SerializeToString,
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServeService/UnloadModel',
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelRequest.SerializeToString,
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
