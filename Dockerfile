@@ -63,6 +63,10 @@ RUN --mount=type=secret,id=ca_bundle \
     && /opt/lstm-serve/bin/python -m pip uninstall -y -q --disable-pip-version-check pip setuptools \
     && /opt/lstm-serve/bin/python -c 'import server.cli, server.client'
 
+# The model repository the server serves: a copy of the bundled one, at a fixed path that a
+# volume can replace (deploy/compose.yaml, deploy/k8s; server/README.md, "Model repository").
+COPY server/model_repo /models
+
 ENV PATH=/opt/lstm-serve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -71,6 +75,7 @@ ENV PATH=/opt/lstm-serve/bin:$PATH \
     LSTM_SERVE_PORT=50051 \
     LSTM_SERVE_METRICS_PORT=9090 \
     LSTM_SERVE_PROVIDER=auto \
+    LSTM_SERVE_MODEL_REPOSITORY=/models \
     LSTM_SERVE_DRAIN_GRACE_S=8
 
 # gRPC, Prometheus metrics.

@@ -10,7 +10,8 @@
 # keyed by the code that builds it; everything else (storage, config, containers, images) lives
 # in a temporary folder that is removed at exit.
 #
-# Checks, in order: the image builds; it holds no torch/onnx and the repository's bundled model;
+# Checks, in order: the image builds; it holds no torch/onnx and the repository's bundled model
+# (in the package and in the repository it serves, /models);
 # it runs as a numeric non-root user and declares its health check and stop signal; it turns
 # healthy (`podman healthcheck run`);
 # greedy `lstm-client generate` against it prints exactly what a local server (host venv, same
@@ -280,9 +281,10 @@ bad = [m for m in ("torch", "onnx") if u.find_spec(m)]
 if bad:
     sys.exit(f"the runtime venv holds {bad}")
 import server
-model = pathlib.Path(server.__file__).parent / "model_repo/timemachine/1/model.onnx"
-if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != sys.argv[1]:
-    sys.exit(f"the bundled model in the image ({model}) is not the repository'"'"'s")' \
+for model in (pathlib.Path(server.__file__).parent / "model_repo/timemachine/1/model.onnx",
+              pathlib.Path("/models/timemachine/1/model.onnx")):
+    if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != sys.argv[1]:
+        sys.exit(f"the bundled model in the image ({model}) is not the repository'"'"'s")' \
     "$model_sha" >"$WORK/contents.log" 2>&1 ||
     { grep -v systemd "$WORK/contents.log" >&2; die "the image's contents are wrong (above)"; }
 
@@ -354,6 +356,8 @@ cmp -s "$WORK/out/ref-short.txt" "$WORK/out/ctr-short.txt" || {
 log "generate: container text == local text ($(wc -c <"$WORK/out/ctr-short.txt") bytes)"
 # No GPU here: the server must say it serves from the CPU, without ONNX Runtime's CUDA error spam.
 podman logs "$CTR" >"$WORK/out/container-start.log" 2>&1
+grep -q '/models/timemachine/1/model.onnx' "$WORK/out/container-start.log" ||
+    { cat "$WORK/out/container-start.log" >&2; die "the container does not serve its repository /models"; }
 grep -q 'provider CPUExecutionProvider' "$WORK/out/container-start.log" ||
     { cat "$WORK/out/container-start.log" >&2; die "the container's log does not name the CPU provider"; }
 if grep -E '\[E:onnxruntime|Traceback' "$WORK/out/container-start.log" >&2; then

@@ -37,7 +37,7 @@ from .engine import Engine
 from .kserve import KSERVE_SERVICE_NAME, KServeServicer, add_kserve_servicer
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
 from .models import Models, Version, run_periodically
-from .runtime import ModelRuntime, bundled_model_path, resolve_model
+from .runtime import ModelRuntime, bundled_model_path, check_model_source
 from .servicer import SERVICE_NAME, LstmServeServiceServicer, QuietPeerGone
 from .sessions import SessionStore
 from .settings import Settings
@@ -385,8 +385,8 @@ class App:
 
     async def start(self) -> None:
         """Bind the ports and begin loading the model (see :meth:`ready`)."""
-        if self.settings.model:  # a missing model is reported before anything listens
-            resolve_model(self.settings.model)
+        # A missing model or repository is reported before anything starts.
+        check_model_source(self.settings.model, self.settings.model_repository)
         server, self.port = grpc_server(self.settings, self.servicer, self.health)
         await set_health(self.health, NOT_SERVING)
         await server.start()

@@ -26,6 +26,7 @@ from .engine import Engine, Generation, StepWork
 from .errors import (
     AlreadyExists,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -323,6 +324,9 @@ class DataPlane(Admission):
         # Sessions a principal holds, for the quota. Several versions' planes share one count
         # (and one rate-limit bucket) when the model repository sets them (server/models.py).
         self.owned_by: Callable[[str], int] = store.owned_by
+        # Set when this plane's model version has been unloaded (server/models.py): a request
+        # still reaching it (an open stream's next message) gets this error for its session.
+        self.gone: Callable[[str], FailedPrecondition] | None = None
         self.model_identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
         self.limits = limits
         super().__init__()
@@ -1001,6 +1005,8 @@ class StepStream:
         """One message's step; ``caller`` defaults to the stream's (who opened it)."""
         caller = caller or self.caller
         plane = self.plane
+        if plane.gone is not None:
+            raise plane.gone(self.session.id)
         plane._check_request_id(request_id)
         ids = plane.check_step(text, token_ids, output, top_k)
         store = plane.store

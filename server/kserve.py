@@ -252,7 +252,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return kpb.ModelReadyResponse(ready=False)
         try:
             await self._check_model(request.name, request.version)
-        except UnknownModel:
+        except (UnknownModel, Unavailable):  # unknown, or no version ready
             return kpb.ModelReadyResponse(ready=False)
         return kpb.ModelReadyResponse(ready=True)
 

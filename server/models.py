@@ -182,6 +182,7 @@ class Models:
         self.durable_store = durable_store
         self.clock = clock
         self.versions: dict[tuple[str, str], Version] = {}
+        self._unloading: list[Version] = []  # out of routing, engine still running
         self.models: dict[str, _Model] = {}
         self._failures: dict[tuple[str, str], _Failure] = {}
         self._loading: set[tuple[str, str]] = set()
@@ -203,16 +204,16 @@ class Models:
     @draining.setter
     def draining(self, value: bool) -> None:
         self._draining = value
-        for v in self.versions.values():
+        for v in [*self.versions.values(), *self._unloading]:
             v.plane.draining = value
 
     @property
     def in_flight(self) -> int:
-        return sum(v.plane.in_flight for v in self.versions.values())
+        return sum(v.plane.in_flight for v in [*self.versions.values(), *self._unloading])
 
     async def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        for v in list(self.versions.values()):
+        for v in [*self.versions.values(), *self._unloading]:
             if not await v.plane.wait_idle(max(0.0, deadline - time.monotonic())):
                 return False
         return True
@@ -369,27 +370,32 @@ class Models:
             if v.state != RETIRING:
                 continue
             if (len(v.store) == 0 and v.plane.in_flight == 0) or self.clock() >= v.retire_deadline:
-                await self._unload(v)
+                self._unload(v)
+        for v in list(self._unloading):
+            # Requests already running finish (a generation is bounded by max_new_tokens); an
+            # open stream's next message is refused, which ends it.
+            if v.plane.in_flight == 0:
+                self._unloading.remove(v)
+                v.store.end_all("expired")
+                self.ended_unloaded.update(v.store.stats.ended)
+                await v.engine.stop()
+                log.info("model %s version %s unloaded", v.name, v.version)
 
-    async def _unload(self, v: Version) -> None:
+    def _unload(self, v: Version) -> None:
+        """No request reaches ``v`` any more; its engine stops once the last one has ended."""
         if self.versions.get((v.name, v.version)) is not v:
             return
         del self.versions[(v.name, v.version)]
-        v.plane.draining = True
         for sid, owner in v.store.ids_and_owners():
             self._gone[sid] = _Gone(v.name, v.version, owner)
             self._gone.move_to_end(sid)
         while len(self._gone) > _GONE_MAX:
             self._gone.popitem(last=False)
-        # Requests still running on it end first (a generation past the deadline is cut short).
-        await v.plane.wait_idle(1.0)
-        v.store.end_all("expired")
-        self.ended_unloaded.update(v.store.stats.ended)
-        await v.engine.stop()
-        log.info("model %s version %s unloaded", v.name, v.version)
+        v.plane.gone = lambda sid: self._version_gone(sid, v.name, v.version)
+        self._unloading.append(v)
 
     async def stop(self) -> None:
-        for v in list(self.versions.values()):
+        for v in [*self.versions.values(), *self._unloading]:
             await v.engine.stop()
 
     # --- model control -------------------------------------------------------------------------
@@ -552,6 +558,11 @@ class Models:
     # --- the plane's interface -----------------------------------------------------------------
 
     async def model_info(self, model: ModelRef = ANY_MODEL) -> ModelInfo:
+        # A named version answers while it is loaded at all (a retiring one still serves the
+        # sequences pinned to it); otherwise the newest READY one.
+        held = self.versions.get((model.name or self.default_name, model.version))
+        if model.version and held is not None:
+            return await held.plane.model_info()
         return await self.target(model).plane.model_info()
 
     async def create_session(

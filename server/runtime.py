@@ -66,6 +66,14 @@ def resolve_model(spec: str) -> ModelLocation:
         raise ModelLoadError(str(e)) from None
 
 
+def check_model_source(model: str, repository: str) -> None:
+    """Fail early, in one line, when ``--model`` or ``--model-repository`` names nothing."""
+    if model:
+        resolve_model(model)
+    elif repository and not Path(repository).expanduser().is_dir():
+        raise ModelLoadError(f"model repository not found: {repository}")
+
+
 # What ``lstm-export --batch`` writes in REPO/manifest.json (export/repository.py owns the format;
 # the server may not import export/, and reads only the file names and hashes).
 _MANIFEST_FORMAT = "lstm-serve-model-repo"

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .runtime import resolve_model
+from .runtime import check_model_source
 from .settings import Settings
 
 log = logging.getLogger("lstm_serve")
@@ -165,7 +165,8 @@ class Supervisor:
 
     def start(self) -> None:
         """Engine, then the front ends; raises :class:`StartError` (everything stopped)."""
-        resolve_model(self.settings.model)  # a missing model is reported before anything starts
+        # A missing model or repository is reported before anything starts.
+        check_model_source(self.settings.model, self.settings.model_repository)
         try:
             self.engine = _Child("engine", self._engine_argv())
             words = self.engine.start("ENGINE READY", "ENGINE FAILED")

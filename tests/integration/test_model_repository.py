@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -242,13 +243,27 @@ def test_unload_lets_pinned_sessions_finish_until_the_drain_deadline(tmp_path: P
             clock.advance(29)
             time.sleep(1.5)  # a housekeeping tick or more
             pinned.step(rng, len(VOCAB))
+            # A stream attached to the session stays open across the deadline.
+            requests: queue.Queue[Any] = queue.Queue()
+            stream = stub.StepStream(iter(requests.get, None), timeout=30)
+            requests.put(pb.StepStreamRequest(session_id=pinned.sid, token_ids=[2, 3]))
+            got = next(stream)
+            want, pinned.state = ref.feed([2, 3], pinned.state)
+            np.testing.assert_allclose(np.asarray(got.logits), want[-1], atol=ATOL, rtol=0)
             clock.advance(2)  # past the drain deadline
             wait_for(lambda: not srv.on_loop(lambda: srv.app.core.models.versions), "unload")
-            with pytest.raises(grpc.RpcError) as e:
-                stub.Step(pb.StepRequest(session_id=pinned.sid, token_ids=[1]), timeout=10)
-            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "pinned to model tiny version 1" in e.value.details()
-            assert "no longer loaded" in e.value.details()
+            for call in (
+                lambda: stub.Step(pb.StepRequest(session_id=pinned.sid, token_ids=[1]), timeout=10),
+                lambda: requests.put(pb.StepStreamRequest(token_ids=[1])) or next(stream),
+            ):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "pinned to model tiny version 1" in e.value.details()
+                assert "no longer loaded" in e.value.details()
+            requests.put(None)
+            # The version's engine stops once the stream has ended.
+            wait_for(lambda: not srv.on_loop(lambda: srv.app.core.models._unloading), "stopped")
             # Loading it again serves new sessions.
             stub.LoadModel(pb.LoadModelRequest(model_name="tiny"), timeout=60)
             Tracked(stub, ref).step(rng, len(VOCAB))
@@ -392,3 +407,71 @@ def test_a_durable_session_pinned_to_v1_survives_kill_9_and_a_restart_onto_v1_an
             stub.Step(pb.StepRequest(session_id=s.sid, token_ids=[1]), timeout=10)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "version 1" in e.value.details() and "serving: 2" in e.value.details()
+
+
+def test_lstm_export_publishes_a_version_while_16_sessions_generate(tmp_path: Path):
+    """The issue's rollout, end to end: lstm-export --batch publishes v2 (nn.LSTM cell) into the
+    repository a poll-mode server serves v1 (scratch cell) from, while 16 sessions generate."""
+    from tests.export_support import random_model as checkpoint_model
+    from tests.export_support import save_checkpoint
+    from tests.integration.test_export_cli import run as lstm_export
+
+    ck, repo = tmp_path / "ck", tmp_path / "repo"
+    save_checkpoint(ck / "tm.pt", checkpoint_model("scratch", "onehot", 2, 16, seed=1))
+    done = lstm_export("batch", "--checkpoints", str(ck), "--out", str(repo))
+    assert done.returncode == 0, done.stderr
+    ref1 = Reference(repo / "tm" / "1" / "model.onnx")
+    srv = start(repo, model_control_mode="poll", repository_poll_s=0.2)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    outputs: dict[str, list[list[int]]] = {}
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.LstmServeServiceStub(ch)
+            sids = [
+                stub.CreateSession(pb.CreateSessionRequest(), timeout=10).session_id
+                for _ in range(16)
+            ]
+
+            def generate(sid: str) -> None:
+                outputs[sid] = []
+                try:
+                    while not stop.is_set() or not outputs[sid]:
+                        req = pb.GenerateRequest(session_id=sid, prompt="time", max_tokens=12)
+                        outputs[sid].append(
+                            [t for m in stub.Generate(req, timeout=60) for t in m.token_ids]
+                        )
+                except BaseException as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=generate, args=(sid,)) for sid in sids]
+            for t in threads:
+                t.start()
+            save_checkpoint(ck / "tm.pt", checkpoint_model("torch", "onehot", 2, 16, seed=2))
+            done = lstm_export("batch", "--checkpoints", str(ck), "--out", str(repo))
+            assert done.returncode == 0, done.stderr
+            wait_for(lambda: states(stub, "tm").get("2") == "READY", "v2 to load", timeout=60)
+            fresh = stub.CreateSession(pb.CreateSessionRequest(), timeout=10)
+            stop.set()
+            for t in threads:
+                t.join(120)
+            assert not errors, errors[:3]
+            assert min(len(o) for o in outputs.values()) >= 2  # they ran across the rollout
+
+            # Every generation on a session created before the publish is v1's, to the end.
+            prompt = [VOCAB.index(c) for c in "time"]
+            for sid in sids:
+                state = ref1.zeros()
+                for got in outputs[sid]:
+                    want, state = ref1.greedy_with_state(prompt, 12, state)
+                    assert got == want
+            # The new session is v2's, and v2 really differs from v1.
+            assert fresh.model_version == "2"
+            ref2 = Reference(repo / "tm" / "2" / "model.onnx")
+            req = pb.GenerateRequest(session_id=fresh.session_id, prompt="time", max_tokens=30)
+            got = [t for m in stub.Generate(req, timeout=60) for t in m.token_ids]
+            assert got == ref2.greedy(prompt, 30)
+            assert ref1.greedy(prompt, 30) != ref2.greedy(prompt, 30)
+    finally:
+        stop.set()
+        srv.stop()
