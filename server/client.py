@@ -3,7 +3,12 @@
 ``lstm-client generate --target HOST:PORT --prompt TEXT --max-tokens N`` prints only the
 continuation, as it arrives. ``step`` prints the next-token distribution's top tokens (on an
 ephemeral session unless ``--session``), ``health`` exits 0 only when the server is SERVING
-(the container's HEALTHCHECK), ``info`` describes the model.
+(the container's HEALTHCHECK), ``info`` describes the model. ``models`` lists the repository's
+models and the state of each version (``--json`` for machine-readable output); ``models load
+NAME`` / ``models unload NAME`` load or retire a model (a server in ``--model-control-mode
+explicit``). ``--model NAME`` / ``--model-version V`` on ``generate``, ``step``, ``info`` and
+``create`` name the model a request is for (default: the server's default model, its newest
+serving version); on a request for an existing session they name the model it must be pinned to.
 
 Exit codes: 0 success; 1 the server answered with an error (``lstm-client: error: CODE:
 message``); 2 a bad argument (``lstm-client: error: ...``, one line, before any call);
@@ -16,12 +21,14 @@ any RPC; everything the server refuses raises :class:`grpc.RpcError`.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import queue
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -48,6 +55,69 @@ _UINT64 = 2**64
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d+)$")
 _SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p")
+_VERSION = re.compile(r"[0-9]+")
+_MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ModelVersionStatus:
+    """One version of a model, as :meth:`LstmClient.list_models` reports it."""
+
+    version: str
+    state: str  # "LOADING", "READY", "RETIRING" or "UNAVAILABLE"
+    reason: str  # why it is not serving (a failed load, retired), or ""
+    sessions: int  # sessions pinned to it on this server
+    memory_bytes: int  # the model file plus its live sessions' state
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A model of the repository: its version policy and every version's state."""
+
+    name: str
+    version_policy: str  # e.g. "latest 1", "all", "specific 1,3"
+    is_default: bool  # the model that requests naming none use
+    versions: tuple[ModelVersionStatus, ...]
+
+    @classmethod
+    def from_pb(cls, m: Any) -> ModelStatus:
+        return cls(
+            name=str(m.name),
+            version_policy=str(m.version_policy),
+            is_default=bool(m.is_default),
+            versions=tuple(
+                ModelVersionStatus(
+                    version=str(v.version),
+                    state=str(v.state),
+                    reason=str(v.reason),
+                    sessions=int(v.sessions),
+                    memory_bytes=int(v.memory_bytes),
+                )
+                for v in m.versions
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class ModelList:
+    """What :meth:`LstmClient.list_models` returns: the server's model control mode ("none",
+    "poll" or "explicit") and every model. ``dataclasses.asdict`` gives plain JSON types."""
+
+    model_control_mode: str
+    models: tuple[ModelStatus, ...]
+
+    @classmethod
+    def from_pb(cls, resp: Any) -> ModelList:
+        return cls(str(resp.model_control_mode), tuple(ModelStatus.from_pb(m) for m in resp.models))
+
+    def get(self, name: str) -> ModelStatus | None:
+        """The model called ``name``, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+    @property
+    def default(self) -> ModelStatus | None:
+        """The default model, or None (a server that lists none as default)."""
+        return next((m for m in self.models if m.is_default), None)
 
 
 class LstmClient:
@@ -105,16 +175,31 @@ class LstmClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def create_session(self, idle_timeout_s: float = 0.0, session_id: str = "") -> str:
+    def create_session(
+        self,
+        idle_timeout_s: float = 0.0,
+        session_id: str = "",
+        *,
+        model: str = "",
+        model_version: str | int = "",
+    ) -> str:
         """A new session; ``session_id`` chooses its id (16-128 of [A-Za-z0-9_-]);
-        ``idle_timeout_s`` > 0 overrides the server's idle timeout, 0 keeps it."""
-        _check_non_negative("idle_timeout_s", idle_timeout_s)
-        req = pb.CreateSessionRequest(idle_timeout_s=idle_timeout_s, session_id=session_id)
+        ``idle_timeout_s`` > 0 overrides the server's idle timeout, 0 keeps it. ``model`` /
+        ``model_version`` choose the model it is pinned to for its whole life (default: the
+        server's default model, its newest serving version); :meth:`get_session` tells which."""
         return str(
-            self.stub.CreateSession(
-                req, timeout=self.timeout, metadata=self._md(session_id)
-            ).session_id
+            self._create_session(idle_timeout_s, session_id, model, model_version).session_id
         )
+
+    def _create_session(
+        self, idle_timeout_s: float, session_id: str, model: str, model_version: str | int
+    ) -> Any:
+        _check_non_negative("idle_timeout_s", idle_timeout_s)
+        fields = _model_fields(model, model_version)
+        req = pb.CreateSessionRequest(
+            idle_timeout_s=idle_timeout_s, session_id=session_id, **fields
+        )
+        return self.stub.CreateSession(req, timeout=self.timeout, metadata=self._md(session_id))
 
     def close_session(self, session_id: str) -> None:
         self.stub.CloseSession(
@@ -167,10 +252,36 @@ class LstmClient:
             ).session_id
         )
 
-    def model_info(self) -> Any:
-        return self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._md()
+    def model_info(self, model: str = "", model_version: str | int = "") -> Any:
+        """A ``GetModelInfoResponse``: ``model`` (default: the server's default model), version
+        ``model_version`` (default: its newest serving version)."""
+        req = pb.GetModelInfoRequest(**_model_fields(model, model_version))
+        return self.stub.GetModelInfo(req, timeout=self.timeout, metadata=self._md())
+
+    def list_models(self) -> ModelList:
+        """Every model of the server's repository and the state of each version, as a
+        :class:`ModelList` (plain dataclasses, not protobuf messages)."""
+        resp = self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=self.timeout, metadata=self._md()
         )
+        return ModelList.from_pb(resp)
+
+    def load_model(self, name: str) -> ModelStatus:
+        """Load (or reload) model ``name``'s versions under its version policy; its status
+        afterwards. The server must run with ``--model-control-mode explicit``
+        (FAILED_PRECONDITION otherwise) and, with ``--auth-tokens``, the caller must be an admin
+        principal (PERMISSION_DENIED otherwise); NOT_FOUND for a model the repository lacks."""
+        req = pb.LoadModelRequest(model_name=_model_name(name, required=True))
+        resp = self.stub.LoadModel(req, timeout=self.timeout, metadata=self._md())
+        return ModelStatus.from_pb(resp.model)
+
+    def unload_model(self, name: str) -> ModelStatus:
+        """Retire every version of model ``name`` (no new sessions; pinned ones go on until they
+        end or the server's drain time passes); its status afterwards. The same conditions as
+        :meth:`load_model`."""
+        req = pb.UnloadModelRequest(model_name=_model_name(name, required=True))
+        resp = self.stub.UnloadModel(req, timeout=self.timeout, metadata=self._md())
+        return ModelStatus.from_pb(resp.model)
 
     def step(
         self,
@@ -181,21 +292,30 @@ class LstmClient:
         output: str | int = "last",
         top_k: int = 0,
         request_id: str = "",
+        model: str = "",
+        model_version: str | int = "",
     ) -> Any:
         """Feed ``text`` or ``token_ids`` (exactly one) to a session; a ``StepResponse``.
 
         ``output``: ``"last"`` (the last position's logits), ``"all"`` (every fed position's),
-        ``"top_k"`` (the ``top_k`` most probable next tokens, no logits)."""
+        ``"top_k"`` (the ``top_k`` most probable next tokens, no logits). ``model`` /
+        ``model_version``, when given, are what the session must be pinned to
+        (FAILED_PRECONDITION otherwise, and nothing is fed)."""
         fields = _step_fields(text, token_ids, output, top_k, request_id)
+        fields.update(_model_fields(model, model_version))
         req = pb.StepRequest(session_id=session_id, **fields)
         return self.stub.Step(req, timeout=self.timeout, metadata=self._md(session_id))
 
-    def step_stream(self, session_id: str = "") -> StepStream:
+    def step_stream(
+        self, session_id: str = "", *, model: str = "", model_version: str | int = ""
+    ) -> StepStream:
         """A :class:`StepStream`: many steps over one StepStream RPC. With ``session_id`` it
         attaches to that session (which outlives the stream); without, the server makes an
         ephemeral session that the stream owns and frees when it closes. Use it with ``with``
-        (or call :meth:`StepStream.close`)."""
-        return StepStream(self, session_id)
+        (or call :meth:`StepStream.close`). ``model`` / ``model_version``: the ephemeral
+        session's model (default: the server's default model, its newest serving version), or
+        the one the attached session must be pinned to; the first step carries them."""
+        return StepStream(self, session_id, model=model, model_version=model_version)
 
     def generate(
         self,
@@ -208,12 +328,16 @@ class LstmClient:
         top_p: float = 0.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        model: str = "",
+        model_version: str | int = "",
     ) -> Iterator[Any]:
         """Yield ``GenerateResponse`` messages as they arrive (cancel by closing the iterator).
 
         Arguments are checked here, before the call starts: ``max_tokens`` >= 1,
         ``temperature`` >= 0 (0 = greedy), ``top_k`` >= 0 (0 = off), ``top_p`` in [0, 1]
-        (0 = off), ``seed`` in [0, 2**64)."""
+        (0 = off), ``seed`` in [0, 2**64). ``model`` / ``model_version``: the ephemeral
+        session's model (default: the server's default model, its newest serving version), or
+        with ``session_id`` the one that session must be pinned to."""
         _check_int("max_tokens", max_tokens, low=1)
         _check_non_negative("temperature", temperature)
         _check_int("top_k", top_k, low=0)
@@ -231,6 +355,7 @@ class LstmClient:
             top_k=top_k,
             top_p=top_p,
             stop=list(stop),
+            **_model_fields(model, model_version),
         )
         if seed is not None:
             req.seed = seed
@@ -271,7 +396,15 @@ class StepStream:
     server has finished with it, so an ephemeral session is gone when it returns.
     """
 
-    def __init__(self, client: LstmClient, session_id: str = "") -> None:
+    def __init__(
+        self,
+        client: LstmClient,
+        session_id: str = "",
+        *,
+        model: str = "",
+        model_version: str | int = "",
+    ) -> None:
+        self._model: dict[str, Any] | None = _model_fields(model, model_version)
         self.session_id = session_id
         self._attach = session_id
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -300,10 +433,10 @@ class StepStream:
         if self._closed:
             raise ValueError("this step stream is closed")
         fields = _step_fields(text, token_ids, output, top_k, request_id)
-        # The server binds the stream to the first message's session_id; later ones leave it
-        # empty.
-        req = pb.StepStreamRequest(session_id=self._attach, **fields)
-        self._attach = ""
+        # The server binds the stream to the first message's session_id (and model); later
+        # ones leave them empty.
+        req = pb.StepStreamRequest(session_id=self._attach, **fields, **(self._model or {}))
+        self._attach, self._model = "", None
         self._requests.put(req)
         try:
             resp = next(self._call)
@@ -400,6 +533,31 @@ def _step_fields(
     }
 
 
+def _model_name(name: object, *, required: bool = False) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"model must be a string (a model name), got {type(name).__name__}")
+    if required and not name:
+        raise ValueError("model name must not be empty")
+    if name != name.strip() or "/" in name or "\x00" in name:
+        raise ValueError(f"model must be a model name (a repository folder), got {name!r}")
+    return name
+
+
+def _model_version(version: object) -> str:
+    if isinstance(version, int) and not isinstance(version, bool):
+        if version < 0:
+            raise ValueError(f"model_version must be a version number >= 0, got {version}")
+        return str(version)
+    if isinstance(version, str) and (not version or _VERSION.fullmatch(version)):
+        return version
+    raise ValueError(f"model_version must be a version number (e.g. '3') or '', got {version!r}")
+
+
+def _model_fields(model: object, model_version: object) -> dict[str, Any]:
+    """The ``model_name`` / ``model_version`` fields of a request; ValueError for bad ones."""
+    return {"model_name": _model_name(model), "model_version": _model_version(model_version)}
+
+
 def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -472,6 +630,20 @@ def _target(text: str) -> str:
     return text
 
 
+def _cli_model(text: str) -> str:
+    try:
+        return _model_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("model ")) from None
+
+
+def _cli_version(text: str) -> str:
+    try:
+        return _model_version(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("model_version ")) from None
+
+
 def _range(low: float, high: float | None = None) -> Any:
     def check(v: float) -> None:
         if not math.isfinite(v) or v < low or (high is not None and v > high):
@@ -529,6 +701,24 @@ def _parser() -> argparse.ArgumentParser:
         )
         return sp
 
+    def model_flags(sp: argparse.ArgumentParser, what: str, session: bool = False) -> None:
+        # With --session, a request naming a model only checks that the session is pinned to
+        # it (FAILED_PRECONDITION otherwise).
+        pinned = "; with --session: the model it must be pinned to" if session else ""
+        either = ", or with --session: the session's" if session else ""
+        sp.add_argument(
+            "--model",
+            type=_cli_model,
+            default="",
+            help=f"the model {what}{pinned} (default: the server's default model{either})",
+        )
+        sp.add_argument(
+            "--model-version",
+            type=_cli_version,
+            default="",
+            help=f"the version of --model (default: its newest serving version{either})",
+        )
+
     non_negative_int = _arg_type(_int_range(0))
     g = command("generate", "print a generated continuation of a prompt")
     g.add_argument("--prompt", required=True)
@@ -556,6 +746,7 @@ def _parser() -> argparse.ArgumentParser:
         "--stop", action="append", default=[], help="stop string (repeatable; default: none)"
     )
     g.add_argument("--session", default="", help="continue this session (default: ephemeral)")
+    model_flags(g, "to generate with", session=True)
     s = command("step", "feed text to a session and print the top next tokens")
     s.add_argument("--text", required=True)
     s.add_argument(
@@ -569,8 +760,9 @@ def _parser() -> argparse.ArgumentParser:
         default=5,
         help="how many of the most probable next tokens to print",
     )
+    model_flags(s, "of the ephemeral session", session=True)
     command("health", "exit 0 only when the server is SERVING")
-    command("info", "describe the served model")
+    model_flags(command("info", "describe a served model"), "to describe")
     c = command("create", "create a session and print its id")
     c.add_argument("--session-id", default="", help="the id to use (default: the server picks)")
     c.add_argument(
@@ -579,6 +771,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="close it after this many idle seconds (0 = the server's setting)",
     )
+    model_flags(c, "to pin the session to")
     e = command("export", "write a session's record to a file")
     e.add_argument("--session", required=True)
     e.add_argument("--out", required=True, help="file to write the record to")
@@ -588,11 +781,33 @@ def _parser() -> argparse.ArgumentParser:
     f = command("fork", "copy a session under a new id")
     f.add_argument("--session", required=True)
     f.add_argument("--new-session-id", default="", help="the copy's id (default: the server picks)")
+    ms = command(
+        "models",
+        "list the models and their versions' states; 'models load NAME' / 'models unload NAME' "
+        "load or retire one (a server in --model-control-mode explicit)",
+    )
+    ms.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "load", "unload"),
+        default="list",
+        metavar="ACTION",
+        help="list, load NAME or unload NAME",
+    )
+    ms.add_argument("name", nargs="?", default="", metavar="NAME", help="the model to (un)load")
+    ms.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "models":  # as argparse reports a usage error: one line, exit 2
+        see = f" (see {PROG} models --help)"
+        if args.action == "list" and args.name:
+            _fail(f"unrecognized arguments: {args.name}{see}", 2)
+        if args.action != "list" and not args.name:
+            _fail(f"models {args.action} needs the model's NAME{see}", 2)
     try:
         with LstmClient(
             args.target,
@@ -624,6 +839,11 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _run(client: LstmClient, args: argparse.Namespace) -> int:
+    # --model / --model-version (on the commands that have them) as keyword arguments.
+    model: dict[str, Any] = {
+        "model": getattr(args, "model", ""),
+        "model_version": getattr(args, "model_version", ""),
+    }
     if args.command == "generate":
         for resp in client.generate(
             args.prompt,
@@ -634,6 +854,7 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
             stop=args.stop,
+            **model,
         ):
             sys.stdout.write(resp.text)
             sys.stdout.flush()
@@ -641,12 +862,14 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
         return 0
     if args.command == "step":
         if args.session:
-            resp = client.step(args.session, text=args.text, output="top_k", top_k=args.top_k)
+            resp = client.step(
+                args.session, text=args.text, output="top_k", top_k=args.top_k, **model
+            )
             label = args.session
         else:
             # An ephemeral session owned by the stream: the server frees it when the stream
             # closes, so a one-off step leaves nothing behind.
-            with client.step_stream() as stream:
+            with client.step_stream(**model) as stream:
                 resp = stream.step(text=args.text, output="top_k", top_k=args.top_k)
             label = "(ephemeral)"
         print(f"session {label} steps={resp.steps}")
@@ -659,10 +882,25 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
         print(name)
         return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
     if args.command == "info":
-        print(client.model_info())
+        print(client.model_info(**model))
         return 0
     if args.command == "create":
-        print(client.create_session(args.idle_timeout_s, args.session_id))
+        created = client._create_session(args.idle_timeout_s, args.session_id, **model)
+        print(created.session_id)
+        # stdout stays the id alone (sid=$(lstm-client create)); the pin goes to stderr.
+        print(f"model {created.model_name} version {created.model_version}", file=sys.stderr)
+        return 0
+    if args.command == "models":
+        if args.action == "list":
+            listed = client.list_models()
+            if args.json:
+                print(json.dumps(asdict(listed), indent=2))
+            else:
+                print(format_models(listed.models, listed.model_control_mode))
+            return 0
+        change = client.load_model if args.action == "load" else client.unload_model
+        changed = change(args.name)
+        print(json.dumps(asdict(changed), indent=2) if args.json else format_models([changed]))
         return 0
     if args.command == "export":
         record = client.export_session(args.session)
@@ -678,6 +916,47 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
         print(client.fork_session(args.session, args.new_session_id))
         return 0
     return 2
+
+
+def format_models(models: Sequence[ModelStatus], control_mode: str = "") -> str:
+    """``models`` as the table ``lstm-client models`` prints: a row per version (``*`` marks
+    the default model), memory in MiB, the reason last when there is one."""
+    head = ("MODEL", "POLICY", "VERSION", "STATE", "SESSIONS", "MEMORY_MIB", "REASON")
+    rows: list[tuple[str, tuple[str, ...]]] = []  # (the default's mark, the cells)
+    for m in models:
+        mark = "*" if m.is_default else " "
+        for v in m.versions or (None,):
+            if v is None:  # a model whose versions the server does not list
+                rows.append((mark, (m.name, m.version_policy, "-", "-", "-", "-", "")))
+                continue
+            cells = (
+                m.name,
+                m.version_policy,
+                v.version,
+                v.state,
+                str(v.sessions),
+                f"{v.memory_bytes / _MIB:.2f}",
+                " ".join(v.reason.split()),  # one line per row, whatever the reason holds
+            )
+            rows.append((mark, cells))
+    table = [(" ", head), *rows]
+    widths = [max(len(cells[i]) for _, cells in table) for i in range(len(head))]
+    right = {4, 5}  # numbers align right
+
+    def line(mark: str, cells: tuple[str, ...]) -> str:
+        padded = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return f"{mark} " + "  ".join(padded).rstrip()
+
+    out = [line(mark, cells) for mark, cells in table]
+    notes = ["* = the default model"] if any(m.is_default for m in models) else []
+    if control_mode:
+        notes.append(f"model control mode: {control_mode}")
+    if notes:
+        out.append("(" + "; ".join(notes) + ")")
+    return "\n".join(out)
 
 
 def _read(path: str | None) -> bytes | None:
