@@ -266,6 +266,7 @@ def parts(result: dict[str, Any]) -> list[Part]:
             )
         )
     out.extend(_kserve(s.get("kserve_perf_analyzer", {})))
+    out.extend(_rollout(s.get("rollout", {})))
     loads = ", ".join(
         f"{k} {sec.get('load_average_after', ['?'])[0]}"
         for k, sec in s.items()
@@ -310,6 +311,142 @@ def _kserve(kq: dict[str, Any]) -> list[Part]:
             f"{_f(kq.get('kserve_vs_lstmserve_16'), 3)}."
         ),
     ]
+
+
+ROLLOUT_HEAD = ["window", "steps/s", "p50 ms", "p99 ms", "max ms", "errors", "client", "server"]
+
+
+def rollout_cells(name: str, r: dict[str, Any]) -> list[Any]:
+    errors = r.get("errors")
+    return [
+        name,
+        r["steps_per_s"],
+        r["p50_ms"],
+        r["p99_ms"],
+        r.get("max_ms"),
+        None if errors is None else sum(errors.values()),
+        r.get("client_cpu_fraction"),
+        r.get("server_cpu_cores"),
+    ]
+
+
+def _verdict(v: dict[str, Any]) -> str:
+    return "–" if v["met"] is None else ("met" if v["met"] else "**missed**")
+
+
+def _rollout(ro: dict[str, Any]) -> list[Part]:
+    """Section 14: the two windows, the time to v2, memory per version, the processes' RSS."""
+    if "steady" not in ro:
+        return []
+    rows = [rollout_cells("steady (v1 only)", ro["steady"])]
+    rows.append(rollout_cells("during (publish at its start)", ro["during"]))
+    if "publish_to_v2" in ro:
+        rows.append(rollout_cells("  publish → v2 served", ro["publish_to_v2"]))
+    if "after_v2" in ro:
+        rows.append(rollout_cells("  v2 served → window end", ro["after_v2"]))
+    out = [
+        Part(
+            "14. Live rollout: StepStream on v1 while v2 is published and loads",
+            f" ({ro['streams']} streams on named sessions of v1, one token per message; "
+            f"windows of {ro['window_s']:g} s; poll mode, --repository-poll-s "
+            f"{ro['poll_s']:g}; v2 = `{ro['repository']['2']}`; ms; client/server in cores)",
+            Table(ROLLOUT_HEAD, rows),
+        )
+    ]
+    v = ro["verdicts"]
+    load = ro.get("server_load_s")
+    first = ro.get("first_v2_s")
+    first_text = (
+        f"**{first:.3f} s** from the publish (`os.replace`) to the first CreateSession served "
+        f"by v2 ({ro['probes']} probes, one every {ro['probe_s'] * 1000:g} ms)"
+        if first is not None
+        else f"v2 never served: {ro.get('first_v2_missing')}"
+    )
+    if load is not None:
+        first_text += f"; the server's own load time of v2: {load:.3f} s"
+    pinned = ", ".join(f"{k}: {n}" for k, n in ro["versions_at_end"].items())
+    out.append(
+        Part(
+            body=f"p99 during ÷ steady: **{_f(ro['p99_during_vs_steady'], 3)}** (target <= 1.5: "
+            f"{_verdict(v['p99_during_vs_steady'])}); steps/s during ÷ steady "
+            f"{_f(ro['steps_during_vs_steady'], 3)}; errors **{ro['errors']}** (target 0: "
+            f"{_verdict(v['errors'])}); sessions' versions at the end (GetSession) {pinned} "
+            f"(all on v1: {_verdict(v['sessions_stayed_on_v1'])}). {first_text}."
+        )
+    )
+    if ro.get("worst_during"):
+
+        def slowest(rows: list[dict[str, float]]) -> str:
+            return ", ".join(f"{r['ms']:.1f} at {r['at_s']:.2f}" for r in rows)
+
+        out.append(
+            Part(
+                body="Slowest 10 steps (ms at seconds since the window opened): steady "
+                f"{slowest(ro['worst_steady'])}; during (since the publish) "
+                f"{slowest(ro['worst_during'])}."
+            )
+        )
+    mem_rows = []
+    for moment, label in (("before_publish", "before"), ("after_v2", "v2 served")):
+        for r in ro["memory"].get(moment) or []:
+            numbers = [
+                r["sessions"],
+                r["memory_bytes"],
+                r["weights_bytes"],
+                r["state_bytes_per_session"],
+                r["difference_bytes"],
+                r["prometheus_memory_bytes"],
+                r["prometheus_sessions"],
+            ]
+            # As floats, so that every byte count gets its thousands separators.
+            mem_rows.append(
+                [
+                    label,
+                    r["version"],
+                    r["state"],
+                    *(None if x is None else float(x) for x in numbers),
+                ]
+            )
+    head = ["when", "version", "state", "sessions", "memory_bytes", "weights B", "state B/session"]
+    head += ["ListModels − expected", "Prometheus bytes", "Prometheus sessions"]
+    out.append(
+        Part(
+            "14. Memory per loaded version",
+            " (ListModels' memory_bytes against the weights file + sessions × state bytes; "
+            "the Prometheus gauges beside it)",
+            Table(head, mem_rows, digits=0),
+        )
+    )
+    rss = ro["rss"]
+    when = ["before_publish", "after_v2", "end_of_window", "after_v1_unloaded"]
+    roles = [*sorted({r for k in when if rss.get(k) for r in rss[k]} - {"total"}), "total"]
+    mib = 2**20
+    rss_rows = [
+        [role, *(None if not rss.get(k) else rss[k].get(role, 0) / mib for k in when)]
+        for role in roles
+    ]
+    since = ro["seconds_since_publish"]
+    head = ["process"] + [
+        f"{k.replace('_', ' ')} ({_f(since[k], 2)} s)" if since.get(k) is not None else k
+        for k in when
+    ]
+    out.append(
+        Part(
+            "14. Server RSS (MiB)",
+            " (from /proc, per process role; seconds since the publish)",
+            Table(head, rss_rows, digits=1),
+        )
+    )
+    if ro.get("rss_growth_v2_bytes") is not None:
+        out.append(
+            Part(
+                body=f"RSS growth once v2 served: {ro['rss_growth_v2_bytes'] / mib:+.1f} MiB "
+                f"(engine {ro['rss_growth_v2_engine_bytes'] / mib:+.1f} MiB) for a "
+                f"{ro['weights_bytes']['2'] / mib:.2f} MiB weights file: "
+                f"{_f(ro['rss_growth_v2_vs_weights'], 2)}× the file."
+            )
+        )
+    return out
 
 
 def _stores(st: dict[str, Any]) -> list[Part]:

@@ -15,7 +15,10 @@ Sections (each one records its figures or ``skipped`` with the reason; nothing i
 11. named sessions on the memory, SQLite and Redis state stores (the cost of write-through),
     and once in full runs the scale test's failover (nginx, Redis, 3 replicas, kill -9);
 13. Triton's perf_analyzer over the KServe v2 protocol in sequence mode (full runs only),
-    beside our own load generator's StepStream at the same concurrencies.
+    beside our own load generator's StepStream at the same concurrencies;
+14. a live rollout: StepStream on sessions of version 1 while version 2 is published into the
+    server's model repository (poll mode) and loads; time to the first request version 2
+    serves; memory per loaded version (``benchmarks.rollout``).
 
 Writes ``DIR/results.json`` (top-level ``summary`` of ratios, ``summary_reasons`` for any that
 are null), PNG plots beside it, and on stdout the tables of ``benchmarks.report`` as plain
@@ -38,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import common, engine_overhead, inprocess, report, state_stores, training_bench
+from . import common, engine_overhead, inprocess, report, rollout, state_stores, training_bench
 from . import perf_analyzer as pa
 from . import server_bench as sb
 from .common import SectionSkipped, ratio
@@ -71,6 +74,9 @@ SUMMARY_KEYS = (
     "create_session_large_vs_small_p50",
     "perf_analyzer_seq_c16_infer_per_s",
     "kserve_vs_lstmserve_stream16",
+    "rollout_p99_during_vs_steady",
+    "rollout_steps_during_vs_steady",
+    "rollout_first_v2_s",
 )
 # (key, comparison, target) from the issue. Every run records the verdicts; only a full run's
 # figures are meant to be judged by them (--quick is a smoke test).
@@ -88,6 +94,8 @@ TARGETS = (
     ("engine_overhead_vs_model_b64", "<=", 0.25),
     ("engine_overhead_vs_model_b256", "<=", 0.15),
     ("create_session_large_vs_small_p50", "<=", 2.0),
+    # Issue 17; its other target (no errors) and the pinning check are the section's verdicts.
+    ("rollout_p99_during_vs_steady", "<=", 1.5),
 )
 
 
@@ -133,6 +141,13 @@ class Profile:
         # Section 13: perf_analyzer and StepStream at each of these concurrencies.
         self.kserve_conc = [1, 2, 4, 8, 16, 32, 64]
         self.kserve_window_ms = 5000
+        # Section 14: StepStreams on v1, a steady window, then one that opens with v2's publish.
+        self.rollout_streams = 16
+        self.rollout_window = 3.0 if quick else 10.0
+        # Streams open at the start: a second of warm-up even in quick runs, so the steady
+        # window (the ratio's denominator) holds no start-up transient.
+        self.rollout_warmup = 1.0 if quick else 2.0
+        self.rollout_poll_s = 0.5
 
 
 def _default_corpus() -> Path | None:
@@ -553,6 +568,27 @@ def kserve(ctx: Context) -> dict[str, Any]:
     }
 
 
+def rollout_section(ctx: Context) -> dict[str, Any]:
+    """Issue 17: a version published into a polled repository while 16 StepStreams run on
+    sessions of the old one (see :mod:`benchmarks.rollout`)."""
+    _need_server(ctx)
+    if ctx.args.provider == "cuda":
+        raise SectionSkipped("version 2 is the int8 model, whose contrib ops are CPU-only")
+    p = ctx.prof
+    with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
+        return rollout.run(
+            ctx.model,
+            ctx.server_flags(),
+            Path(tmp),
+            streams=p.rollout_streams,
+            window=p.rollout_window,
+            warmup=p.rollout_warmup,
+            lead=p.lead,
+            poll_s=p.rollout_poll_s,
+            source=ctx.args.server_src,
+        )
+
+
 # Section n is SECTIONS[n - 1] (what --sections selects); the keys are results.json's.
 SECTIONS: tuple[tuple[str, Section], ...] = (
     ("inprocess_ort", inprocess_ort),
@@ -568,6 +604,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("state_stores", stores),
     ("create_scaling", create_scaling),
     ("kserve_perf_analyzer", kserve),
+    ("rollout", rollout_section),
 )
 
 # --- server sweeps -----------------------------------------------------------------------------
@@ -749,6 +786,12 @@ def summarise(ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
     if pa16 and "error" in pa16:
         for key in ("perf_analyzer_seq_c16_infer_per_s", "kserve_vs_lstmserve_stream16"):
             reasons[key] = f"kserve_perf_analyzer: perf_analyzer at 16: {pa16['error']}"
+    ro = s.get("rollout", {})
+    put("rollout_p99_during_vs_steady", ro.get("p99_during_vs_steady"), "rollout")
+    put("rollout_steps_during_vs_steady", ro.get("steps_during_vs_steady"), "rollout")
+    put("rollout_first_v2_s", ro.get("first_v2_s"), "rollout")
+    if "first_v2_missing" in ro:
+        reasons["rollout_first_v2_s"] = f"rollout: {ro['first_v2_missing']}"
     return summary, reasons
 
 

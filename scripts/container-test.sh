@@ -406,7 +406,10 @@ while True:
     text, samples = scrape()
     scrapes += 1
     generated = value(samples, "lstm_serve_requests_total", method="Generate", code="OK")
-    decoded = value(samples, "lstm_serve_tokens_processed_total", phase="decode")
+    decoded = sum(  # over the loaded model versions
+        v for (n, labels), v in samples.items()
+        if n == "lstm_serve_tokens_processed_total" and ("phase", "decode") in labels
+    )
     if (generated >= 1 and decoded >= want_tokens - 1) or time.monotonic() > deadline:
         break
     time.sleep(0.25)

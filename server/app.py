@@ -57,7 +57,6 @@ class Core:
     settings: Settings
     models: Models
     requests: RequestStats
-    scheduler_stats: SchedulerStats
     registry: CollectorRegistry
     metrics: PrometheusMetrics | None = None
     metrics_port: int | None = None
@@ -79,6 +78,10 @@ class Core:
     @property
     def engine(self) -> Engine:
         return self.models.default().engine
+
+    @property
+    def scheduler_stats(self) -> SchedulerStats:
+        return self.models.default().stats
 
     def describe(self) -> str:
         loaded = sorted(self.models.versions.values(), key=lambda v: (v.name, v.number))
@@ -115,7 +118,9 @@ class Core:
 
         self.metrics = PrometheusMetrics(
             requests=self.requests,
-            scheduler=self.scheduler_stats,
+            schedulers=lambda: [
+                (v.name, v.version, v.stats) for v in list(models.versions.values())
+            ],
             models=loaded,
             sessions_active=lambda: sum(len(v.store) for v in list(models.versions.values())),
             state_bytes=lambda: sum(v.store.state_bytes for v in list(models.versions.values())),
@@ -146,13 +151,11 @@ async def build_core(
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.monotonic,
     requests: RequestStats | None = None,
-    scheduler_stats: SchedulerStats | None = None,
 ) -> Core:
     """Load the models (in a worker thread) and start their engines. Raises
     :class:`ModelLoadError` when the default model cannot be served."""
     s = settings
     loop = asyncio.get_running_loop()
-    stats = scheduler_stats if scheduler_stats is not None else SchedulerStats()
     limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_sessions, s.max_batch_size)
     durable_store = open_store(s.state_store) if s.state_store != "memory" else None
 
@@ -173,6 +176,7 @@ async def build_core(
             durable=durable_store is not None,
         )
         planes: list[DataPlane] = []
+        stats = SchedulerStats()  # per version: the metrics carry model and version labels
         engine = Engine(
             runtime,
             pool,
@@ -203,7 +207,7 @@ async def build_core(
         plane._buckets = models.buckets
         planes.append(plane)
         engine.start()
-        return Version(runtime.name, runtime.version, runtime, store, engine, plane)
+        return Version(runtime.name, runtime.version, runtime, store, engine, plane, stats)
 
     models = Models(
         load=load,
@@ -229,7 +233,6 @@ async def build_core(
         settings=s,
         models=models,
         requests=requests if requests is not None else RequestStats(),
-        scheduler_stats=stats,
         registry=registry if registry is not None else CollectorRegistry(),
     )
     core.tasks.append(
@@ -353,7 +356,6 @@ class App:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.clock = clock
         self.requests = RequestStats()
-        self.scheduler_stats = SchedulerStats()
         self.servicer = LstmServeServiceServicer(self.requests)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -383,6 +385,10 @@ class App:
     def metrics_port(self) -> int | None:
         return self.core.metrics_port if self.core else None
 
+    @property
+    def scheduler_stats(self) -> SchedulerStats | None:
+        return self.core.scheduler_stats if self.core else None
+
     async def start(self) -> None:
         """Bind the ports and begin loading the model (see :meth:`ready`)."""
         # A missing model or repository is reported before anything starts.
@@ -399,7 +405,6 @@ class App:
             registry=self.registry,
             clock=self.clock,
             requests=self.requests,
-            scheduler_stats=self.scheduler_stats,
         )
         core.start_metrics()
         self.core = core

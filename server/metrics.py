@@ -218,7 +218,7 @@ class PrometheusMetrics(Collector):
         self,
         *,
         requests: RequestStats,
-        scheduler: SchedulerStats,
+        schedulers: Callable[[], Sequence[tuple[str, str, SchedulerStats]]],
         models: Callable[[], Sequence[ModelInfoStats]],
         sessions_active: Callable[[], int],
         state_bytes: Callable[[], int],
@@ -226,7 +226,7 @@ class PrometheusMetrics(Collector):
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.requests = requests
-        self.scheduler = scheduler
+        self._schedulers = schedulers
         self._models = models
         self._sessions_active = sessions_active
         self._state_bytes = state_bytes
@@ -268,24 +268,32 @@ class PrometheusMetrics(Collector):
         for method, n in list(self.requests.undecodable.items()):
             bad.add_metric([method], n)
         yield bad
-        s = self.scheduler
-        for name, hist, text in (
-            ("batch_size", s.batch_size, "Rows (sessions) per model call."),
-            ("queue_wait_seconds", s.queue_wait, "Time a request waited for its first model call."),
-            ("model_call_duration_seconds", s.model_call, "ONNX Runtime call duration, seconds."),
+        versions = list(self._schedulers())
+        labels = ["model", "version"]
+        for name, attr, text in (
+            ("batch_size", "batch_size", "Rows (sessions) per model call."),
+            ("queue_wait_seconds", "queue_wait", "Time a request waited for its first model call."),
+            ("model_call_duration_seconds", "model_call", "ONNX Runtime call duration, seconds."),
         ):
-            fam = HistogramMetricFamily(p + name, text)
-            fam.add_metric([], hist.buckets(), hist.total)
+            fam = HistogramMetricFamily(p + name, text, labels=labels)
+            for model, version, s in versions:
+                hist = getattr(s, attr)
+                fam.add_metric([model, version], hist.buckets(), hist.total)
             yield fam
         tok = CounterMetricFamily(
-            p + "tokens_processed", "Tokens fed to the model, by phase.", labels=["phase"]
+            p + "tokens_processed",
+            "Tokens fed to the model, by phase.",
+            labels=["phase", *labels],
         )
-        for phase, n in list(s.tokens.items()):
-            tok.add_metric([phase], n)
+        depth = GaugeMetricFamily(
+            p + "queue_depth", "Requests waiting for the model.", labels=labels
+        )
+        for model, version, s in versions:
+            for phase, n in list(s.tokens.items()):
+                tok.add_metric([phase, model, version], n)
+            depth.add_metric([model, version], s.queue_depth)
         yield tok
-        yield GaugeMetricFamily(
-            p + "queue_depth", "Requests waiting for the model.", value=s.queue_depth
-        )
+        yield depth
         yield GaugeMetricFamily(
             p + "sessions_active",
             "Sessions held (ephemeral included).",

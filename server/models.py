@@ -73,6 +73,7 @@ from .errors import (
     PermissionDenied,
     Unavailable,
 )
+from .metrics import SchedulerStats
 from .runtime import ModelLoadError, ModelRuntime
 from .sessions import SessionStore, quote
 from .state import StateStore
@@ -94,6 +95,7 @@ class Version:
     store: SessionStore
     engine: Engine
     plane: DataPlane
+    stats: SchedulerStats
     state: str = READY
     retire_deadline: float = 0.0  # clock time after which a RETIRING version is unloaded
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,18 @@ def reasons(stub: Any, name: str) -> dict[str, str]:
     return {v.version: v.reason for m in models if m.name == name for v in m.versions}
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 class Tracked:
     """A session and its reference state on the version it must be pinned to."""
 
@@ -92,7 +105,9 @@ class Tracked:
 def test_poll_loads_a_new_version_and_sessions_stay_on_theirs(tmp_path: Path):
     repo = tmp_path / "repo"
     v1 = publish(repo, "tiny", 1, seed=1)
-    srv = start(repo, model_control_mode="poll", repository_poll_s=0.1, max_new_tokens=300)
+    srv = start(
+        repo, model_control_mode="poll", repository_poll_s=0.1, max_new_tokens=300, metrics_port=0
+    )
     refs = {"1": Reference(v1)}
     rng = np.random.default_rng(0)
     try:
@@ -145,6 +160,17 @@ def test_poll_loads_a_new_version_and_sessions_stay_on_theirs(tmp_path: Path):
                 every[int(rng.integers(len(every)))].step(rng, len(VOCAB))
             info = stub.GetSession(pb.GetSessionRequest(session_id=old[0].sid), timeout=10)
             assert (info.model_name, info.model_version) == ("tiny", "1")
+            # Each version's work is counted under its own labels.
+            metrics = scrape(srv.app.metrics_port)
+            for v in ("1", "2"):
+                labels = (("model", "tiny"), ("phase", "prefill"), ("version", v))
+                assert metrics[("lstm_serve_tokens_processed_total", labels)] > 0
+                labels = (("model", "tiny"), ("version", v))
+                assert metrics[("lstm_serve_model_sessions", labels)] == 4
+                state = "RETIRING" if v == "1" else "READY"
+                info_labels = (("name", "tiny"), ("provider", "CPUExecutionProvider"))
+                key = ("lstm_serve_model_info", (*info_labels, ("state", state), ("version", v)))
+                assert metrics[key] == 1
             # The two versions really differ on the same input.
             a, _ = refs["1"].feed([3, 4, 5], refs["1"].zeros())
             b, _ = refs["2"].feed([3, 4, 5], refs["2"].zeros())

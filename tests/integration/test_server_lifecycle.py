@@ -272,12 +272,15 @@ def test_metrics_endpoint_exposes_every_metric(shared_server, stub_for):
     assert value("lstm_serve_requests_total", method="Generate", code="OK") >= 1
     assert value("lstm_serve_request_duration_seconds_count", method="Step") >= 2
     assert value("lstm_serve_request_duration_seconds_sum", method="Generate") > 0
-    assert value("lstm_serve_batch_size_count") >= 20
-    assert value("lstm_serve_batch_size_sum") >= value("lstm_serve_batch_size_count")
-    assert value("lstm_serve_queue_wait_seconds_count") >= 2
-    assert 0 < value("lstm_serve_model_call_duration_seconds_sum") < 60
-    assert value("lstm_serve_tokens_processed_total", phase="prefill") >= len("the time traveller")
-    assert value("lstm_serve_tokens_processed_total", phase="decode") >= 20
+    mv = {"model": "model", "version": "1"}  # the scheduler's metrics are per model version
+    assert value("lstm_serve_batch_size_count", **mv) >= 20
+    assert value("lstm_serve_batch_size_sum", **mv) >= value("lstm_serve_batch_size_count", **mv)
+    assert value("lstm_serve_queue_wait_seconds_count", **mv) >= 2
+    assert 0 < value("lstm_serve_model_call_duration_seconds_sum", **mv) < 60
+    assert value("lstm_serve_tokens_processed_total", phase="prefill", **mv) >= len(
+        "the time traveller"
+    )
+    assert value("lstm_serve_tokens_processed_total", phase="decode", **mv) >= 20
     assert value("lstm_serve_sessions_active") >= 1
     assert (
         value("lstm_serve_session_state_bytes")

@@ -127,7 +127,7 @@ def test_interleaved_sessions_across_two_frontends_match_in_process(serve, refer
             break
         time.sleep(0.2)
     assert m and float(m.group(1)) == want_steps, text
-    assert re.search(r"lstm_serve_batch_size_count (\S+)", text)
+    assert re.search(r'lstm_serve_batch_size_count\{model="[^"]+",version="\d+"\} (\S+)', text)
     for ch in (a, b):
         ch.close()
     assert srv.stop() == 0
