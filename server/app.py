@@ -160,7 +160,12 @@ async def build_core(
     durable_store = open_store(s.state_store) if s.state_store != "memory" else None
 
     def load(path: str) -> ModelRuntime:
-        runtime = ModelRuntime(path, provider=s.provider, intra_op_threads=s.intra_op_threads)
+        runtime = ModelRuntime(
+            path,
+            provider=s.provider,
+            intra_op_threads=s.intra_op_threads,
+            expected_sha256=s.model_sha256 if path == s.model else "",
+        )
         runtime.smoke_test()
         return runtime
 

@@ -158,16 +158,28 @@ class ModelRuntime:
         provider: str = "auto",
         intra_op_threads: int = 1,
         use_iobinding: bool | None = None,
+        expected_sha256: str = "",
     ) -> None:
         self.location = resolve_model(model)
         # Stored sessions name the model they were computed with (name, version, checksum), so
         # a record is never used with a different model.
         self.checksum = sha256_file(self.location.path)
         recorded = recorded_sha256(self.location.path)
+        if expected_sha256:
+            recorded = (Path("--model-sha256"), expected_sha256.lower())
         if recorded is not None and recorded[1] != self.checksum:
             raise ModelLoadError(
                 f"{self.location.path}: SHA-256 mismatch: expected {recorded[1]} (recorded in "
                 f"{recorded[0]}), got {self.checksum}; the file is damaged or was replaced"
+            )
+        self.verified = recorded is not None
+        if not self.verified:
+            # A damaged file can still load and serve wrong outputs: say so, once, at load.
+            log.warning(
+                "%s: its SHA-256 (%s) is not verified: no manifest.json or export report "
+                "records it; pin it with --model-sha256",
+                self.location.path,
+                self.checksum,
             )
         self.requested_provider = provider
         self.provider_note = ""

@@ -46,6 +46,11 @@ class Settings:
         "NAME/VERSION/model.onnx (highest version wins). Empty = serve --model-repository.",
         default="",
     )
+    model_sha256: str = _doc(
+        "The SHA-256 (64 hex digits) the --model file must have, or it is refused; for a file "
+        "that no repository manifest or export report vouches for. Empty = not pinned.",
+        default="",
+    )
     model_repository: str = _doc(
         "A model repository REPO/NAME/VERSION/model.onnx: every model in it is served, each "
         "under the version policy in REPO/NAME/config.json (default: the latest version). "
@@ -213,6 +218,13 @@ class Settings:
             raise bad(
                 "model_control_mode", "poll and explicit need --model-repository, not --model"
             )
+        if self.model_sha256 and not (
+            len(self.model_sha256) == 64
+            and all(ch in "0123456789abcdefABCDEF" for ch in self.model_sha256)
+        ):
+            raise bad("model_sha256", f"must be 64 hex digits, got {self.model_sha256[:80]!r}")
+        if self.model_sha256 and not self.model:
+            raise bad("model_sha256", "pins the --model file; give --model too")
         for name in ("repository_poll_s", "version_drain_s"):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be > 0, got {getattr(self, name)}")
