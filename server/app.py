@@ -17,23 +17,26 @@ everything stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from .auth import Authenticator
 from .batch import StatePool
 from .dataplane import DataPlane, Limits
-from .decode import add_servicer
+from .decode import add_health, add_servicer
 from .durable import Durable
 from .engine import Engine
+from .errors import Unauthenticated
 from .kserve import KSERVE_SERVICE_NAME, KServeServicer, add_kserve_servicer
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
 from .models import Models, Version, run_periodically
@@ -89,8 +92,18 @@ class Core:
         others = [f"{v.name} v{v.version}" for v in loaded if v is not self.models.default()]
         return default + (f" (also loaded: {', '.join(others)})" if others else "")
 
-    def start_metrics(self) -> None:
-        """Serve ``/metrics`` (when ``metrics_port >= 0``): every counter of the server."""
+    def start_metrics(self, processes: Callable[[], list[tuple[str, int]]] | None = None) -> None:
+        """Serve ``/metrics`` (when ``metrics_port >= 0``): every counter of the server.
+
+        ``processes``: the server's processes as ``(name, pid)`` when scraped, for their memory
+        and CPU (:class:`~server.metrics.ProcessMetrics`); by default this one, as ``server``.
+        Raises :class:`OSError` naming the port and its flag when the port cannot be bound.
+        """
+        import errno
+        import os
+
+        from .metrics import ProcessMetrics
+
         s, models = self.settings, self.models
         if s.metrics_port < 0:
             return
@@ -127,7 +140,19 @@ class Core:
             sessions_ended=ended,
             registry=self.registry,
         )
-        self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
+        me = os.getpid()
+        ProcessMetrics(processes or (lambda: [("server", me)]), registry=self.registry)
+        try:
+            self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
+        except OSError as e:
+            # One line for `lstm-serve: error:` that says which port and how to change it.
+            what = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            err = OSError(
+                f"cannot serve metrics on {s.host}:{s.metrics_port}: {what} "
+                "(choose another port with --metrics-port / LSTM_SERVE_METRICS_PORT; -1: none)"
+            )
+            err.errno = e.errno
+            raise err from e
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -284,15 +309,17 @@ def grpc_server(
         ]
     )
     add_servicer(servicer, server)
-    # KServe v2 / Triton beside it, over the same plane (servicer.plane) and authenticator.
-    servicer.kserve = KServeServicer(servicer, idle_timeout_s=s.idle_timeout_s)
+    # KServe v2 / Triton beside it, over the same plane (servicer.plane) and authenticator;
+    # its ServerReady and ModelReady follow the health service.
+    serving = health_servicer.serving if isinstance(health_servicer, Health) else None
+    servicer.kserve = KServeServicer(servicer, idle_timeout_s=s.idle_timeout_s, serving=serving)
     add_kserve_servicer(servicer.kserve, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Open to every client; undecodable requests get INVALID_ARGUMENT (server/decode.py).
+    add_health(health_servicer, servicer, server)
     if s.reflection:
         names: tuple[str, ...] = (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME)
         names += (reflection.SERVICE_NAME, REFLECTION_V1)
-        reflection.enable_server_reflection(names, server)
-        server.add_generic_rpc_handlers((_reflection_v1(names),))
+        server.add_generic_rpc_handlers(_reflection(names, servicer))
     try:
         if s.tls_cert:
             port = server.add_secure_port(f"{s.host}:{s.port}", server_credentials(s))
@@ -326,25 +353,54 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
-def _reflection_v1(names: tuple[str, ...]) -> grpc.GenericRpcHandler:
+def _reflection(
+    names: tuple[str, ...], servicer: LstmServeServiceServicer
+) -> tuple[grpc.GenericRpcHandler, ...]:
+    """Reflection on both paths, behind the same credential check as our services: with
+    ``--auth-tokens`` (or mutual TLS) a caller without a valid credential gets UNAUTHENTICATED
+    before any service is listed."""
     from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
-    servicer = reflection.aio.ReflectionServicer(names)
-    return grpc.method_handlers_generic_handler(
-        REFLECTION_V1,
-        {
-            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                servicer.ServerReflectionInfo,
-                request_deserializer=rpb.ServerReflectionRequest.FromString,
-                response_serializer=rpb.ServerReflectionResponse.SerializeToString,
-            )
-        },
+    reflector = reflection.aio.ReflectionServicer(names)
+
+    async def info(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            servicer.caller_of(context)
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        async for response in reflector.ServerReflectionInfo(request_iterator, context):
+            yield response
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        info,
+        request_deserializer=rpb.ServerReflectionRequest.FromString,
+        response_serializer=rpb.ServerReflectionResponse.SerializeToString,
+    )
+    return tuple(
+        grpc.method_handlers_generic_handler(path, {"ServerReflectionInfo": handler})
+        for path in (reflection.SERVICE_NAME, REFLECTION_V1)
     )
 
 
+# How often a server's readiness is checked again (App: the session store; a front end: the
+# engine's answer to PING, which includes the store's).
+HEALTH_POLL_S = 1.0
+# grpc.health.v1 answers for these: the server as a whole and each of its services.
+HEALTH_NAMES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)
+
+
+class Health(health.aio.HealthServicer):
+    """``grpc.health.v1.Health`` as :func:`set_health` sets it; KServe's ServerReady and
+    ModelReady read it back (:meth:`serving`), so both protocols give one answer."""
+
+    def serving(self) -> bool:
+        return self._server_status.get("") == SERVING
+
+
 async def set_health(health_servicer: health.aio.HealthServicer, status: int) -> None:
-    await health_servicer.set("", status)
-    await health_servicer.set(SERVICE_NAME, status)
+    """Every name of :data:`HEALTH_NAMES` to ``status`` (SERVING or NOT_SERVING)."""
+    for name in HEALTH_NAMES:
+        await health_servicer.set(name, status)
 
 
 class App:
@@ -362,7 +418,8 @@ class App:
         self.clock = clock
         self.requests = RequestStats()
         self.servicer = LstmServeServiceServicer(self.requests)
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
+        self._health_follow: asyncio.Task[None] | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.core: Core | None = None
@@ -414,8 +471,23 @@ class App:
         core.start_metrics()
         self.core = core
         self.servicer.plane = core.plane
-        await set_health(self.health, SERVING)
+        status = SERVING if await core.models.store_reachable() else NOT_SERVING
+        await set_health(self.health, status)
+        if core.models.durable_store is not None:
+            self._health_follow = asyncio.get_running_loop().create_task(
+                self._follow_store(core, status)
+            )
         log.info("loaded %s", core.describe())
+
+    async def _follow_store(self, core: Core, status: int) -> None:
+        """Health (and KServe's ServerReady) NOT_SERVING while the durable session store does
+        not answer (every create would fail UNAVAILABLE), SERVING again once it does."""
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            now = SERVING if await core.models.store_reachable() else NOT_SERVING
+            if now != status:
+                status = now
+                await set_health(self.health, status)
 
     async def ready(self) -> None:
         """Wait for the model; re-raises a load failure (ModelLoadError, OSError)."""
@@ -428,6 +500,10 @@ class App:
         Returns True when every in-flight request finished within the grace period.
         """
         grace = self.settings.drain_grace_s if grace is None else grace
+        if self._health_follow is not None:
+            self._health_follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_follow
         await set_health(self.health, NOT_SERVING)
         await self.health.enter_graceful_shutdown()
         clean = True

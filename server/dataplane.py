@@ -9,15 +9,19 @@ is cancelled, puts the session's state back as it was before the request.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+import msgpack
 import numpy as np
 
 from .batch import SlotSnapshot
@@ -29,15 +33,19 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    QuotaExceeded,
     ResourceExhausted,
     Unavailable,
 )
 from .runtime import ModelRuntime
-from .sessions import SESSION_ID, Session, SessionStore
-from .state.record import ModelIdentity, RecordError, SessionRecord
+from .sessions import RECENT_REQUESTS, SESSION_ID, Remembered, Session, SessionStore
+from .state.record import ModelIdentity, RecordError, Request, SessionRecord
 
 MAX_STOPS = 8
 MAX_STOP_CHARS = 64
+# Bytes of request outcomes a durable record keeps (the newest first); an outcome that does not
+# fit is kept as "applied" only, and a retry of it after a restart or failover is told so.
+RECENT_RECORD_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,83 @@ class GenerateChunk:
 OUTPUT_LAST = "last"
 OUTPUT_ALL = "all"
 OUTPUT_TOP_K = "top_k"
+
+OutcomeT = TypeVar("OutcomeT", StepResult, GenerateChunk)
+
+
+# --- request ids: what a retry is compared with, and the outcomes a durable record keeps -------
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.sha256(msgpack.packb(parts, use_bin_type=True)).digest()[:16]
+
+
+def step_digest(ids: np.ndarray, output: str, top_k: int) -> bytes:
+    """A step's payload as a request id's retry must repeat it (text counts as its tokens; a
+    StepStream message and a Step with the same payload are the same request)."""
+    return _digest("step", np.asarray(ids, "<i8").tobytes(), output, int(top_k))
+
+
+def generate_digest(ids: np.ndarray | None, params: GenerateParams) -> bytes:
+    """A Generate's payload as a request id's retry must repeat it."""
+    prompt = b"" if ids is None else np.asarray(ids, "<i8").tobytes()
+    return _digest(
+        "generate",
+        prompt,
+        int(params.max_tokens),
+        float(params.temperature),
+        int(params.top_k),
+        float(params.top_p),
+        params.seed,
+        list(params.stop),
+    )
+
+
+def encode_outcome(outcome: object) -> bytes:
+    """A remembered outcome as a durable record keeps it (b"" for anything else)."""
+    if isinstance(outcome, StepResult):
+        lg = outcome.logits
+        return msgpack.packb(
+            [
+                "step",
+                None if lg is None else np.ascontiguousarray(lg, "<f4").tobytes(),
+                0 if lg is None else int(lg.shape[0]),
+                [[int(i), t, float(p)] for i, t, p in outcome.top],
+                outcome.tokens_consumed,
+                outcome.steps,
+            ],
+            use_bin_type=True,
+        )
+    if isinstance(outcome, GenerateChunk):
+        return msgpack.packb(
+            [
+                "generate",
+                outcome.text,
+                list(outcome.token_ids),
+                outcome.generated_tokens,
+                outcome.prompt_tokens,
+                outcome.finish_reason,
+            ],
+            use_bin_type=True,
+        )
+    return b""
+
+
+def decode_outcome(session_id: str, blob: bytes) -> StepResult | GenerateChunk:
+    """:func:`encode_outcome`'s inverse. Raises ValueError (or msgpack's errors) on bad bytes."""
+    item = msgpack.unpackb(blob, raw=False)
+    if item[0] == "step":
+        _, raw, positions, top, consumed, steps = item
+        logits = None
+        if raw is not None:
+            logits = np.frombuffer(raw, "<f4").astype(np.float32).reshape(positions, -1)
+        return StepResult(
+            session_id, logits, [(int(i), t, float(p)) for i, t, p in top], consumed, steps
+        )
+    if item[0] == "generate":
+        _, text, token_ids, generated, prompt_tokens, finish = item
+        return GenerateChunk(session_id, text, list(token_ids), generated, prompt_tokens, finish)
+    raise ValueError(f"unknown outcome kind {item[0]!r}")
 
 
 @dataclass(frozen=True)
@@ -321,6 +406,8 @@ class DataPlane(Admission):
         self.max_sessions_per_principal = max_sessions_per_principal
         self.rate_limit_rps = rate_limit_rps
         self._buckets: dict[str, tuple[float, float]] = {}
+        # The rate limit's clock (monotonic seconds; tests may set their own).
+        self.clock: Callable[[], float] = time.monotonic
         # Sessions a principal holds, for the quota. Several versions' planes share one count
         # (and one rate-limit bucket) when the model repository sets them (server/models.py).
         self.owned_by: Callable[[str], int] = store.owned_by
@@ -337,16 +424,24 @@ class DataPlane(Admission):
 
     # --- admission -----------------------------------------------------------------------------
 
-    def _enter(self, caller: Caller) -> None:
+    def _enter(self, caller: Caller, *, counted: bool = True) -> None:
+        """Admit a request; ``counted``: it takes a token of the caller's rate limit (opening a
+        step stream does not: each of its messages does, see :meth:`_rate`)."""
+        if counted:
+            self._rate(caller)
+        self._admit()
+
+    def _rate(self, caller: Caller) -> None:
+        """Count one request (a unary call, a Generate, a StepStream message) against the
+        caller's rate limit; :class:`ResourceExhausted` over it."""
         if self.rate_limit_rps > 0 and not self.draining:
             self._take_token(caller.principal)
-        self._admit()
 
     def _take_token(self, principal: str) -> None:
         # A token bucket per principal holding two seconds' worth of requests.
         rps = self.rate_limit_rps
         burst = max(1.0, 2.0 * rps)
-        now = time.monotonic()
+        now = self.clock()
         tokens, last = self._buckets.get(principal, (burst, now))
         tokens = min(burst, tokens + (now - last) * rps)
         if tokens < 1.0:
@@ -360,7 +455,7 @@ class DataPlane(Admission):
     def _check_quota(self, caller: Caller) -> None:
         n = self.max_sessions_per_principal
         if n and self.owned_by(caller.principal) >= n:
-            raise ResourceExhausted(
+            raise QuotaExceeded(
                 f"session quota reached (max_sessions_per_principal={n}); close sessions first"
             )
 
@@ -425,7 +520,7 @@ class DataPlane(Admission):
             session = self.store.create(
                 idle_timeout_s or None, session_id=session_id, owner=caller.principal
             )
-            await self._persist_new(session)
+            await self._persist_new(session, caller)
             return self._info(session)
         finally:
             self.request_done()
@@ -436,15 +531,15 @@ class DataPlane(Admission):
         try:
             session = self._local(session_id, caller)
             if session is not None:
-                self.store.close(session_id)
+                self.store.close(session_id, owner=caller.principal)
             if self.durable is not None:
                 if session is None:
-                    record = await self.durable.load(session_id)
-                    if record is None or record.owner != caller.principal:
-                        raise self._not_found(session_id)
-                await self.durable.delete([session_id])
+                    record = await self.durable.load(session_id, caller.principal)
+                    if record is None:
+                        raise self._not_found(session_id, caller)
+                await self.durable.delete(session_id, caller.principal)
             elif session is None:
-                raise self._not_found(session_id)
+                raise self._not_found(session_id, caller)
         finally:
             self.request_done()
 
@@ -456,12 +551,11 @@ class DataPlane(Admission):
             snap = self.engine.snapshot(session.slot)
             self.engine.reset(session.slot)
             try:
-                await self._commit(session, steps=0)
+                self._check_deadline(caller)
             except BaseException:
                 self._restore(session, snap, None)
                 raise
-            session.steps = 0
-            self.store.release(session)
+            await self._finish(session, snap, 0, caller=caller)
         finally:
             self.request_done()
 
@@ -473,9 +567,7 @@ class DataPlane(Admission):
             if self.durable is not None:
                 # The store is the truth: another replica may have advanced the session since
                 # this process last held it.
-                record = await self.durable.load(session_id)
-                if record is not None and record.owner != caller.principal:
-                    raise self._not_found(session_id)
+                record = await self.durable.load(session_id, caller.principal)
                 # (A busy copy with no record may be a create that is still committing.)
                 if (
                     record is None
@@ -483,11 +575,11 @@ class DataPlane(Admission):
                     and not (session.ephemeral or session.busy)
                 ):
                     self.store.drop(session, "expired")
-                    raise self._not_found(session_id)
+                    raise self._not_found(session_id, caller)
                 if session is not None and (
                     session.ephemeral or record is None or record.version == session.version
                 ):
-                    return self._info(self.store.get(session_id))
+                    return self._info(self.store.get(session_id, caller.principal))
                 if session is not None and not session.busy:
                     self.store.drop(session)
                 if record is not None:
@@ -504,8 +596,8 @@ class DataPlane(Admission):
                         model_version=record.model.version,
                     )
             if session is None:
-                raise self._not_found(session_id)
-            return self._info(self.store.get(session_id))
+                raise self._not_found(session_id, caller)
+            return self._info(self.store.get(session_id, caller.principal))
         finally:
             self.request_done()
 
@@ -520,16 +612,14 @@ class DataPlane(Admission):
                 f"{session_id[:64]!r}{more}"
             )
 
-    def _not_found(self, session_id: str) -> NotFound:
-        return NotFound(self.store.why_not_found(session_id))
+    def _not_found(self, session_id: str, caller: Caller = ANONYMOUS) -> NotFound:
+        return NotFound(self.store.why_not_found(session_id, caller.principal))
 
     def _local(self, session_id: str, caller: Caller) -> Session | None:
-        """The session if held here and owned by ``caller``. Another principal's session is
-        reported exactly like one that does not exist: no oracle for which ids are taken."""
-        session = self.store.local(session_id)
-        if session is not None and session.owner != caller.principal:
-            raise self._not_found(session_id)
-        return session
+        """``caller``'s session ``session_id`` if held here. Session ids are scoped per
+        principal: another principal's session of the same id is another session, invisible
+        here (no oracle for which ids another principal uses)."""
+        return self.store.local(session_id, caller.principal)
 
     async def acquire(self, session_id: str, caller: Caller = ANONYMOUS) -> Session:
         """Hold ``session_id`` for one request of ``caller``, loading it from the durable store
@@ -540,14 +630,11 @@ class DataPlane(Admission):
         :class:`FailedPrecondition` (a record written for another model).
         """
         if self.durable is not None and self._local(session_id, caller) is None:
-            record = await self.durable.load(session_id)
-            if record is not None and record.owner != caller.principal:
-                raise self._not_found(session_id)
+            record = await self.durable.load(session_id, caller.principal)
             # Another request may have loaded it while this one waited.
-            if record is not None and self.store.local(session_id) is None:
+            if record is not None and self._local(session_id, caller) is None:
                 self._adopt(record)
-        self._local(session_id, caller)
-        return self.store.acquire(session_id)
+        return self.store.acquire(session_id, caller.principal)
 
     def _adopt(self, record: SessionRecord) -> Session:
         session = self.store.create(
@@ -559,15 +646,25 @@ class DataPlane(Admission):
         self.engine.load(session.slot, record.h, record.c, record.logits)
         session.steps = record.steps
         session.version = record.version
+        if record.requests:
+            # The request ids it remembers travel with it: a retry after a restart or on
+            # another replica gets the first attempt's outcome.
+            session.recent = collections.OrderedDict(
+                (r.request_id, Remembered(r.digest, None, r.outcome)) for r in record.requests
+            )
         return session
 
-    async def _persist_new(self, session: Session) -> None:
-        """Create ``session``'s record (version 1); :class:`AlreadyExists` if the id is taken."""
+    async def _persist_new(self, session: Session, caller: Caller = ANONYMOUS) -> None:
+        """Create ``session``'s record (version 1); :class:`AlreadyExists` if the id is taken.
+        Nothing is created once ``caller``'s deadline has passed (:class:`DeadlineExceeded`)."""
+        if caller.expired():
+            self.store.drop(session, "closed")
+            self._check_deadline(caller)
         if self.durable is None or session.ephemeral:
             return
         record = self.durable.record(session, self.engine, steps=session.steps, version=1)
         try:
-            ok = await self.durable.commit(record, 0)
+            ok = await self.durable.commit(record, 0, caller.deadline)
         except BaseException:
             self.store.drop(session, "closed")
             raise
@@ -576,26 +673,127 @@ class DataPlane(Admission):
             raise AlreadyExists(f"session id {session.id[:64]!r} is taken")
         session.version = 1
 
-    async def _commit(self, session: Session, *, steps: int) -> None:
-        """Commit the session's state in the pool as its next version, before the response.
+    async def _finish(
+        self,
+        session: Session,
+        snap: SlotSnapshot,
+        steps: int,
+        request_id: str = "",
+        new: Remembered | None = None,
+        caller: Caller = ANONYMOUS,
+    ) -> None:
+        """The end of a request that changed ``session`` (the caller holds it): commit its new
+        state (durable store), count it (``steps``), remember its outcome under ``request_id``
+        (``new``) and release the session. If the commit fails the session is put back as it
+        was (``snap``; the local copy is dropped when the store may hold the new version).
 
-        On a lost race the local copy is dropped and :class:`Aborted` raised; if the request is
-        cancelled while the commit is out, the local copy is dropped too (the store may or may
-        not have the new version: the next request reads whichever it has). The caller restores
-        the slot on other failures.
+        A cancellation (the client's deadline, a disconnect, a front end gone) never cuts this
+        in two: once the write is out, the request waits for its outcome, so that the session's
+        step count, state and request ids here agree with the store (a retry with the same
+        request id then gets the committed outcome); then the cancellation goes on. The caller
+        checked ``caller``'s deadline just before, and the write is not sent once it has passed
+        (nothing is committed once the deadline is known to be past).
+        """
+        if self.durable is None or session.ephemeral:
+            self._count(session, steps, request_id, new)
+            return
+        done = asyncio.ensure_future(
+            self._commit_count(session, snap, steps, request_id, new, caller.deadline)
+        )
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            while not done.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(done)
+            if not done.cancelled():
+                done.exception()  # seen: this request is cancelled whatever the commit did
+            raise
+
+    async def _commit_count(
+        self,
+        session: Session,
+        snap: SlotSnapshot,
+        steps: int,
+        request_id: str,
+        new: Remembered | None,
+        deadline: float | None,
+    ) -> None:
+        try:
+            await self._commit(
+                session, steps=steps, request_id=request_id, new=new, deadline=deadline
+            )
+        except BaseException:
+            self._restore(session, snap, None)
+            raise
+        self._count(session, steps, request_id, new)
+
+    def _count(self, session: Session, steps: int, request_id: str, new: Remembered | None) -> None:
+        session.steps = steps
+        if request_id and new is not None:
+            self.store.remember(session, request_id, new.outcome, new.digest, new.blob)
+        self.store.release(session)
+
+    async def _commit(
+        self,
+        session: Session,
+        *,
+        steps: int,
+        request_id: str = "",
+        new: Remembered | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        """Commit the session's state in the pool as its next version, before the response,
+        with its recent request ids (and ``request_id``'s outcome ``new``); not once
+        ``deadline`` has passed (:class:`DeadlineExceeded`, nothing written).
+
+        On a lost race the local copy is dropped and :class:`Aborted` raised. When the commit
+        fails otherwise (the store is unreachable, a bug, a cancellation) the store may or may
+        not hold the new version, so the local copy is dropped too: the next request reads
+        whichever the store has. The caller restores the slot.
         """
         if self.durable is None or session.ephemeral:
             return
-        record = self.durable.record(session, self.engine, steps=steps, version=session.version + 1)
+        record = self.durable.record(
+            session,
+            self.engine,
+            steps=steps,
+            version=session.version + 1,
+            requests=self._durable_requests(session, request_id, new),
+        )
         try:
-            ok = await self.durable.commit(record, session.version)
-        except asyncio.CancelledError:
+            ok = await self.durable.commit(record, session.version, deadline)
+        except DeadlineExceeded:
+            raise  # not sent: the local copy is still the store's
+        except BaseException:
             self.store.drop(session)
             raise
         if not ok:
             self.store.drop(session)
             raise self.durable.aborted(session.id)
         session.version += 1
+
+    @staticmethod
+    def _durable_requests(
+        session: Session, request_id: str, new: Remembered | None
+    ) -> tuple[Request, ...]:
+        """The recent requests a record keeps: the last RECENT_REQUESTS ids with their payload
+        digests, and the outcomes of the newest ones that fit in RECENT_RECORD_BYTES (older or
+        larger ones are kept as "applied" only)."""
+        entries = list(session.recent.items()) if session.recent else []
+        if request_id and new is not None:
+            entries = [e for e in entries if e[0] != request_id] + [(request_id, new)]
+        entries = entries[-RECENT_REQUESTS:]
+        budget = RECENT_RECORD_BYTES
+        kept: list[Request] = []
+        for rid, r in reversed(entries):
+            if r.blob is None:
+                r.blob = encode_outcome(r.outcome)
+            blob = r.blob if len(r.blob) <= budget else b""
+            budget -= len(blob)
+            kept.append(Request(rid, r.digest, blob))
+        kept.reverse()
+        return tuple(kept)
 
     async def export_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> bytes:
         """The session's record as bytes (its current state; nothing changes)."""
@@ -667,7 +865,7 @@ class DataPlane(Admission):
         )
         self.engine.load(session.slot, record.h, record.c, record.logits)
         session.steps = record.steps
-        await self._persist_new(session)
+        await self._persist_new(session, caller)
         self.store.release(session)
         return session.id
 
@@ -763,37 +961,62 @@ class DataPlane(Admission):
 
         On failure or cancellation the session's state is put back as it was. Nothing is
         committed once the caller's deadline has passed (:class:`DeadlineExceeded`). A
-        ``request_id`` seen on this session before returns that request's result unchanged.
+        ``request_id`` seen on this session before returns that request's result unchanged
+        (:class:`InvalidArgument` when that request had another payload).
         """
-        earlier = self.store.recalled(session, request_id)
-        if isinstance(earlier, StepResult):
-            self.store.release(session)
-            return earlier
+        digest = step_digest(ids, output, top_k) if request_id else b""
         snap = self.engine.snapshot(session.slot)
         work = None
         try:
+            earlier = self._recall(session, request_id, digest, StepResult)
+            if earlier is not None:
+                self.store.release(session)
+                return earlier
             work = self.engine.submit_step(session.slot, ids, want_all=output == OUTPUT_ALL)
             logits = await work.future
             self._check_deadline(caller)
-            await self._commit(session, steps=session.steps + len(ids))
         except BaseException:
             self._restore(session, snap, work)
             raise
-        session.steps += len(ids)
         top: list[tuple[int, str, float]] = []
         if output == OUTPUT_TOP_K:
             top = self._top_k(logits[-1], top_k)
+        steps = session.steps + len(ids)
         result = StepResult(
-            session.id,
-            None if output == OUTPUT_TOP_K else logits,
-            top,
-            len(ids),
-            session.steps,
+            session.id, None if output == OUTPUT_TOP_K else logits, top, len(ids), steps
         )
-        if request_id:
-            self.store.remember(session, request_id, result)
-        self.store.release(session)
+        new = Remembered(digest, result) if request_id else None
+        await self._finish(session, snap, steps, request_id, new, caller)
         return result
+
+    def _recall(
+        self, session: Session, request_id: str, digest: bytes, kind: type[OutcomeT]
+    ) -> OutcomeT | None:
+        """The outcome ``request_id`` had on ``session``, if it is one of its recent requests.
+
+        :class:`InvalidArgument` when the id was used for another payload; :class:`AlreadyExists`
+        when the request was applied but its outcome was not kept (a record restored after a
+        restart or failover keeps the newest outcomes that fit in RECENT_RECORD_BYTES).
+        """
+        r = self.store.recalled(session, request_id)
+        if r is None:
+            return None
+        if r.digest != digest:
+            raise InvalidArgument(
+                f"request_id {request_id[:64]!r} was used on this session for another request "
+                "(other input or parameters); a new request needs a new id"
+            )
+        if r.outcome is None and r.blob:
+            with contextlib.suppress(Exception):  # a blob that does not decode: not kept
+                r.outcome = decode_outcome(session.id, r.blob)
+        if not isinstance(r.outcome, kind):
+            raise AlreadyExists(
+                f"request {request_id[:64]!r} was applied already (session "
+                f"{session.id[:64]!r} is at step {session.steps}), but its outcome was not kept "
+                f"across the restart (over the {RECENT_RECORD_BYTES} bytes of outcomes a "
+                "session's record keeps); GetSession shows the session as it is"
+            )
+        return r.outcome
 
     @staticmethod
     def _check_deadline(caller: Caller) -> None:
@@ -823,8 +1046,10 @@ class DataPlane(Admission):
         return [(int(i), self.spec.vocab[i], float(p[i])) for i in order]
 
     async def open_stream(self, session_id: str = "", *, caller: Caller = ANONYMOUS) -> StepStream:
-        """A step stream attached to ``session_id``, or owning a new ephemeral session."""
-        self._enter(caller)
+        """A step stream attached to ``session_id``, or owning a new ephemeral session.
+
+        Opening it takes no token of the caller's rate limit: each message does."""
+        self._enter(caller, counted=False)
         try:
             if session_id:
                 session = await self.acquire(session_id, caller)  # loads it if held elsewhere
@@ -882,6 +1107,7 @@ class DataPlane(Admission):
         owned = not session_id
         snap: SlotSnapshot | None = None
         item: StepWork | Generation | None = None
+        digest = b""
         ok = False
         try:
             if owned:
@@ -889,14 +1115,15 @@ class DataPlane(Admission):
                 session = self.store.create(ephemeral=True, held=True, owner=caller.principal)
             else:
                 session = await self.acquire(session_id, caller)
-                earlier = self.store.recalled(session, request_id)
-                if isinstance(earlier, GenerateChunk):
+                snap = self.engine.snapshot(session.slot)
+                digest = generate_digest(ids, params) if request_id else b""
+                earlier = self._recall(session, request_id, digest, GenerateChunk)
+                if earlier is not None:
                     # A retry of a generation that completed: its whole outcome, once.
                     self.store.release(session)
                     ok = True
                     yield earlier
                     return
-                snap = self.engine.snapshot(session.slot)
             prompt_tokens = 0 if ids is None else len(ids)
             logits: np.ndarray | None
             if ids is not None:
@@ -937,23 +1164,25 @@ class DataPlane(Admission):
                     # Commit and release before the last message: a client that reacts to it at
                     # once must find the session free, and an acknowledged generation durable.
                     self._check_deadline(caller)
-                    await self._commit(session, steps=session.steps + prompt_tokens + gen.fed)
-                    session.steps += prompt_tokens + gen.fed
-                    if owned:
+                    steps = session.steps + prompt_tokens + gen.fed
+                    if owned or snap is None:
+                        session.steps = steps
                         self.store.end(session, "closed")
+                        ok = True
                     else:
-                        if request_id:
-                            whole = GenerateChunk(
-                                session.id,
-                                "".join(sent_text),
-                                sent_ids,
-                                delta.generated,
-                                prompt_tokens,
-                                delta.finish,
-                            )
-                            self.store.remember(session, request_id, whole)
-                        self.store.release(session)
-                    ok = True
+                        whole = GenerateChunk(
+                            session.id,
+                            "".join(sent_text),
+                            list(sent_ids),
+                            delta.generated,
+                            prompt_tokens,
+                            delta.finish,
+                        )
+                        new = Remembered(digest, whole) if request_id else None
+                        # From here the session is _finish's: committed and released, or put
+                        # back as it was (a failed commit), whatever happens to this request.
+                        ok = True
+                        await self._finish(session, snap, steps, request_id, new, caller)
                 yield GenerateChunk(
                     session_id=session.id if first else "",
                     text=delta.text,
@@ -1009,6 +1238,9 @@ class StepStream:
             raise plane.gone(self.session.id)
         plane._check_request_id(request_id)
         ids = plane.check_step(text, token_ids, output, top_k)
+        # Every message counts against the rate limit like a unary Step (over it, the stream
+        # ends with RESOURCE_EXHAUSTED).
+        plane._rate(caller)
         store = plane.store
         if self.owned:
             session = store.hold(self.session)

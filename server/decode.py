@@ -14,6 +14,10 @@ the log. Here every method's deserializer returns :data:`UNDECODABLE` instead, a
   for such a message: its one error decorator then ends the call like any other bad argument.
 
 An unauthenticated caller (with ``--auth-tokens``) gets UNAUTHENTICATED first, as for any call.
+
+:func:`add_checked` does the same for the KServe service (whose servicer answers UNDECODABLE
+itself) and :func:`add_health` for ``grpc.health.v1.Health`` (open to every client: no
+credential is checked there).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
 
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 
@@ -210,6 +215,56 @@ def add_checked(servicer: Any, service: Any, messages: Any, server: grpc.aio.Ser
                 else grpc.unary_unary_rpc_method_handler
             )
         handlers[method.name] = factory(behavior, **kw)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def add_health(
+    health_servicer: Any,
+    servicer: LstmServeServiceServicer,
+    server: grpc.aio.Server,
+    *,
+    sparse_log: SparseLog | None = None,
+) -> None:
+    """Register ``grpc.health.v1.Health`` (``health_servicer``'s Check and Watch) on ``server``
+    in place of ``health_pb2_grpc.add_HealthServicer_to_server``: request bytes that do not
+    parse get INVALID_ARGUMENT "request is not a valid HealthCheckRequest", counted in
+    ``lstm_serve_undecodable_requests_total`` (``servicer.requests``, method ``Check`` or
+    ``Watch``) and logged at most once per :data:`LOG_INTERVAL_S`, without a traceback."""
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    logger = sparse_log if sparse_log is not None else SparseLog()
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        name, message = method.name, method.input_type.name
+        behavior = getattr(health_servicer, name)
+
+        async def handle(
+            request: Any,
+            context: Any,
+            name: str = name,
+            message: str = message,
+            behavior: Callable[[Any, Any], Awaitable[Any]] = behavior,
+        ) -> Any:
+            if request is not UNDECODABLE:
+                return await behavior(request, context)
+            servicer.requests.record_undecodable(name)
+            logger.undecodable(name, message)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {message}"
+            )
+
+        kw: dict[str, Any] = {
+            "request_deserializer": _deserializer(getattr(health_pb2, message)),
+            "response_serializer": getattr(health_pb2, method.output_type.name).SerializeToString,
+        }
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[name] = factory(handle, **kw)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )

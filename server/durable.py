@@ -13,19 +13,23 @@ kill -9 of the server, and another replica sharing the store can continue the se
   winner's.
 * A record written for another model (name, version or checksum differ) is never used:
   :class:`FailedPrecondition`.
+* Errors: the store's own failures (:class:`StoreError`: unreachable, timed out, refused) are
+  :class:`Unavailable`, worth a retry; anything else is a bug, logged once with its traceback
+  and answered INTERNAL (:class:`StoreFailed`), so that a client does not retry it forever.
+* Records are kept per principal (``record.key``): session ids are scoped per principal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
 from typing import TYPE_CHECKING
 
-from .errors import Aborted, FailedPrecondition, Unavailable
+from .errors import Aborted, DeadlineExceeded, FailedPrecondition, ServeError, Unavailable
 from .state import StateStore
 from .state.base import StoreError, Write
-from .state.record import ModelIdentity, SessionRecord
+from .state.record import ModelIdentity, Request, SessionRecord, storage_key
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -34,20 +38,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class StoreFailed(ServeError):
+    """The session store failed in a way that is not the store being unreachable: a bug (in
+    this server or the store's client). Logged once, with its traceback, where it happened; the
+    request fails with INTERNAL (no gRPC code is mapped to it), not UNAVAILABLE, which a client
+    would retry forever."""
+
+
 class Durable:
     """Commits, loads and deletes session records for one data plane."""
 
     def __init__(self, store: StateStore, model: ModelIdentity) -> None:
         self.store = store
         self.model = model
-        self._pending: list[tuple[Write, asyncio.Future[bool]]] = []
+        self._pending: list[tuple[Write, asyncio.Future[bool], float | None]] = []
         self._flushing = False
 
     def record(
-        self, session: Session, engine: Engine, *, steps: int, version: int
+        self,
+        session: Session,
+        engine: Engine,
+        *,
+        steps: int,
+        version: int,
+        requests: tuple[Request, ...] = (),
     ) -> SessionRecord:
         """The record of ``session``'s current state in the pool, as ``version``."""
-        return session_record(session, engine, self.model, steps=steps, version=version)
+        return session_record(
+            session, engine, self.model, steps=steps, version=version, requests=requests
+        )
 
     def check_model(self, record: SessionRecord) -> None:
         """:class:`FailedPrecondition` unless ``record`` was written for this server's model."""
@@ -60,26 +79,45 @@ class Durable:
                 f"(sha256 {self.model.checksum[:12]}...)"
             )
 
-    async def load(self, session_id: str) -> SessionRecord | None:
+    async def load(self, session_id: str, owner: str = "") -> SessionRecord | None:
+        """``owner``'s record of ``session_id``, None when there is none."""
         try:
-            record = await self.store.get(session_id)
+            record = await self.store.get(storage_key(owner, session_id))
         except StoreError as e:
             raise Unavailable(f"the session store is unreachable: {e}") from None
+        except Exception as e:
+            raise self._failed("get", e) from None
+        if record is not None and (record.owner, record.session_id) != (owner, session_id):
+            return None  # a record under a key it does not belong to: never another's session
         if record is not None:
             self.check_model(record)
         return record
 
-    async def delete(self, session_ids: Sequence[str]) -> None:
+    async def delete(self, session_id: str, owner: str = "") -> None:
+        """Delete ``owner``'s record of ``session_id`` (absent: nothing happens)."""
         try:
-            await self.store.delete(session_ids)
+            await self.store.delete([storage_key(owner, session_id)])
         except StoreError as e:
             raise Unavailable(f"the session store is unreachable: {e}") from None
+        except Exception as e:
+            raise self._failed("delete", e) from None
 
-    async def commit(self, record: SessionRecord, expected_version: int) -> bool:
+    @staticmethod
+    def _failed(what: str, e: Exception) -> StoreFailed:
+        log.error("session store %s failed (a bug, not an outage)", what, exc_info=e)
+        return StoreFailed(
+            f"internal error in the session store ({type(e).__name__}); see the server log"
+        )
+
+    async def commit(
+        self, record: SessionRecord, expected_version: int, deadline: float | None = None
+    ) -> bool:
         """Commit ``record`` over ``expected_version`` (0: create); False when another writer
-        got there first. Raises :class:`Unavailable` when the store cannot be reached."""
+        got there first. Raises :class:`Unavailable` when the store cannot be reached, and
+        :class:`DeadlineExceeded` (nothing written) when ``deadline`` (``time.monotonic()``; the
+        client's) has passed by the time the write would be sent."""
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((Write(record, expected_version), fut))
+        self._pending.append((Write(record, expected_version), fut, deadline))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -90,7 +128,19 @@ class Durable:
         self._flushing = False
         asyncio.get_running_loop().create_task(self._put(batch))
 
-    async def _put(self, batch: list[tuple[Write, asyncio.Future[bool]]]) -> None:
+    async def _put(self, pending: list[tuple[Write, asyncio.Future[bool], float | None]]) -> None:
+        # The last moment to honour a deadline: a write whose client has given up is not sent.
+        now = time.monotonic()
+        batch: list[tuple[Write, asyncio.Future[bool]]] = []
+        for w, fut, deadline in pending:
+            if deadline is None or now < deadline:
+                batch.append((w, fut))
+            elif not fut.done():
+                fut.set_exception(
+                    DeadlineExceeded("the client's deadline passed before the request committed")
+                )
+        if not batch:
+            return
         try:
             results = await self.store.put([w for w, _ in batch])
         except StoreError as e:
@@ -99,11 +149,11 @@ class Durable:
                 if not fut.done():
                     fut.set_exception(Unavailable(f"the session store is unreachable: {e}"))
             return
-        except Exception as e:  # a bug must fail these requests, not hang them
-            log.exception("session store put failed")
+        except Exception as e:  # a bug must fail these requests (INTERNAL), not hang them
+            failed = self._failed("put", e)
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(Unavailable(f"session store error: {type(e).__name__}"))
+                    fut.set_exception(StoreFailed(str(failed)))
             return
         for (_, fut), ok in zip(batch, results, strict=True):
             if not fut.done():
@@ -117,7 +167,13 @@ class Durable:
 
 
 def session_record(
-    session: Session, engine: Engine, model: ModelIdentity, *, steps: int, version: int
+    session: Session,
+    engine: Engine,
+    model: ModelIdentity,
+    *,
+    steps: int,
+    version: int,
+    requests: tuple[Request, ...] = (),
 ) -> SessionRecord:
     """The record of ``session``'s current state in the pool (the caller holds the session)."""
     h, c = engine.state(session.slot)
@@ -133,4 +189,5 @@ def session_record(
         owner=session.owner,
         version=version,
         model=model,
+        requests=requests,
     )

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -52,6 +53,9 @@ class _Frontend:
         self.conn: ipc.Connection | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.streams: dict[int, Stream] = {}
+        # Which front end it is (its heartbeats say): the per-process metrics.
+        self.index = -1
+        self.pid = 0
 
 
 class EngineHost:
@@ -95,6 +99,18 @@ class EngineHost:
         self.frontends.add(fe)
         return conn
 
+    def processes(self) -> list[tuple[str, int]]:
+        """Every process of the server as ``(name, pid)``, for the per-process metrics: the
+        supervisor (this process's parent), the engine, and each connected front end that has
+        said who it is (its first heartbeat, sent as it connects). Called on the metrics thread.
+        """
+        fes = sorted((fe.index, fe.pid) for fe in list(self.frontends) if fe.pid)
+        return [
+            ("supervisor", os.getppid()),
+            ("engine", os.getpid()),
+            *((f"frontend-{index}", pid) for index, pid in fes),
+        ]
+
     async def start(self) -> None:
         self._server = await asyncio.get_running_loop().create_unix_server(
             self._connection, self.path
@@ -117,6 +133,8 @@ class EngineHost:
                 self.core.requests.merge(RequestStats.from_wire(msg[2]))
                 if len(msg) > 3 and msg[3] is not None:
                     self.infer_stats.merge(InferStats.from_wire(msg[3]))
+                if len(msg) > 4 and msg[4] is not None:
+                    fe.index, fe.pid = int(msg[4][0]), int(msg[4][1])
                 return
             if op == ipc.CANCEL:
                 task = fe.tasks.get(rid)
@@ -167,7 +185,9 @@ class EngineHost:
     # --- handlers --------------------------------------------------------------------------------
 
     async def _ping(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
-        return [not self.plane.draining]
+        """``[not draining, the session store answers]``: the front ends ping every second and
+        set their health (and KServe's ServerReady) to SERVING only when both hold."""
+        return [not self.plane.draining, await self.plane.store_reachable()]
 
     async def _infer_stats(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         return self.infer_stats.to_wire()
@@ -349,7 +369,7 @@ async def run(settings: Settings, path: str) -> int:
     core = await build_core(settings)
     host = EngineHost(core, path)
     await host.start()
-    core.start_metrics()
+    core.start_metrics(host.processes)
     metrics_port = core.metrics_port if core.metrics_port is not None else -1
     print(f"ENGINE READY {metrics_port} {core.describe()}", flush=True)
     log.info("engine: %s", core.describe())

@@ -40,6 +40,14 @@ class ResourceExhausted(ServeError):
     """The session table or a queue is full."""
 
 
+class QuotaExceeded(ResourceExhausted, ServeError):
+    """The caller's own limit is reached (``max_sessions_per_principal``): unlike a full queue,
+    a retry does not help until the caller closes sessions (KServe answers RESOURCE_EXHAUSTED
+    for it, UNAVAILABLE for a full queue). ``ServeError`` is named as a direct base so that
+    :mod:`server.ipc` (which carries ``ServeError``'s direct subclasses by name) sends it from
+    the engine to a front end as itself."""
+
+
 class DeadlineExceeded(ServeError):
     """The client's deadline passed before the request could commit; nothing was changed."""
 

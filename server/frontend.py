@@ -28,10 +28,9 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
-from grpc_health.v1 import health
 
 from . import ipc
-from .app import NOT_SERVING, SERVING, grpc_server, set_health
+from .app import HEALTH_POLL_S, NOT_SERVING, SERVING, Health, grpc_server, set_health
 from .dataplane import (
     ANONYMOUS,
     ANY_MODEL,
@@ -152,10 +151,13 @@ class RemotePlane(Admission):
         finally:
             self._waiting.pop(rid, None)
 
-    def heartbeat(self, stats: RequestStats, infer: list[int] | None = None) -> None:
-        """Ship request counts (and the KServe service's inference counts) to the engine."""
+    def heartbeat(
+        self, stats: RequestStats, infer: list[int] | None = None, me: list[int] | None = None
+    ) -> None:
+        """Ship request counts (and the KServe service's inference counts) to the engine, and
+        which front end this is (``me``: ``[index, pid]``, for the per-process metrics)."""
         with contextlib.suppress(Unavailable):
-            self._send([0, ipc.HEARTBEAT, stats.to_wire(), infer])
+            self._send([0, ipc.HEARTBEAT, stats.to_wire(), infer, me])
 
     async def infer_stats(self) -> list[int]:
         """The KServe inference counts every front end has shipped to the engine."""
@@ -393,12 +395,14 @@ class Frontend:
         self.servicer = LstmServeServiceServicer(RequestStats())
         self.servicer.plane = self.plane
         self.servicer.frontend_id = str(index)
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.engine_pid = engine_pid
+        self.me = [index, os.getpid()]  # every heartbeat says who sends it
 
     async def run(self, stop: asyncio.Event) -> int:
         s = self.settings
         await self.plane.connect()
+        self._heartbeat()  # the engine's metrics show this process from now on
         server, port = grpc_server(s, self.servicer, self.health, reuse_port=True)
         await set_health(self.health, NOT_SERVING)
         await server.start()
@@ -407,13 +411,18 @@ class Frontend:
         loop.add_signal_handler(signal.SIGHUP, self.servicer.authenticator.reload)
         watch = loop.create_task(self._watch())
         await self._wait_engine()
-        await set_health(self.health, SERVING)
+        status = await self._engine_ready(SERVING)
+        await set_health(self.health, status)
+        follow = loop.create_task(self._follow_engine(status))
         print(f"FRONTEND READY {port}", flush=True)
         stopping = loop.create_task(stop.wait())
         lost = loop.create_task(self.plane.lost.wait())
         await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         lost.cancel()
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
         await set_health(self.health, NOT_SERVING)
         await self.health.enter_graceful_shutdown()
         self.plane.draining = True
@@ -427,10 +436,13 @@ class Frontend:
             await server.stop(0.5 if clean else 0)
             code = 0
         watch.cancel()
-        self.plane.heartbeat(self._take_stats(), self._take_infer_stats())
+        self._heartbeat()
         await asyncio.sleep(0.05)  # let the last heartbeat leave
         self.plane.close()
         return code
+
+    def _heartbeat(self) -> None:
+        self.plane.heartbeat(self._take_stats(), self._take_infer_stats(), self.me)
 
     def _take_stats(self) -> RequestStats:
         stats, self.servicer.requests = self.servicer.requests, RequestStats()
@@ -439,6 +451,25 @@ class Frontend:
     def _take_infer_stats(self) -> list[int] | None:
         kserve = self.servicer.kserve
         return None if kserve is None else kserve.take_stats().to_wire()
+
+    async def _engine_ready(self, unknown: int) -> int:
+        """SERVING when the engine says it is ready (not draining, its session store answers),
+        else NOT_SERVING; ``unknown`` when it does not answer in time."""
+        try:
+            ready = await asyncio.wait_for(self.plane.call(ipc.PING), 2 * ipc.ENGINE_TIMEOUT_S)
+        except Exception:  # slow, gone (run() then ends) or failing: keep what it said last
+            return unknown
+        return SERVING if all(ready) else NOT_SERVING
+
+    async def _follow_engine(self, status: int) -> None:
+        """Health (and KServe's ServerReady) follows the engine's readiness, asked every
+        :data:`HEALTH_POLL_S`."""
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            now = await self._engine_ready(status)
+            if now != status:
+                status = now
+                await set_health(self.health, status)
 
     async def _wait_engine(self) -> None:
         while True:
@@ -473,7 +504,7 @@ class Frontend:
                 return
             n += 1
             if n % int(ipc.HEARTBEAT_S / 0.1) == 0:
-                self.plane.heartbeat(self._take_stats(), self._take_infer_stats())
+                self._heartbeat()
 
 
 async def run(settings: Settings, path: str, engine_pid: int, index: int) -> int:

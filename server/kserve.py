@@ -45,12 +45,13 @@ from .errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
+    QuotaExceeded,
     ResourceExhausted,
     ServeError,
     Unavailable,
 )
 from .metrics import InferStats
-from .servicer import LstmServeServiceServicer, guarded, status_for
+from .servicer import CALLER, LstmServeServiceServicer, guarded, status_for
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ INPUT_TEXT = "text"
 OUTPUT_LOGITS = "logits"
 SEQUENCE_PREFIX = "kserve-seq-"
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{3,115}")
+# The RPCs open to every client, as grpc.health.v1 is (server/README.md): a load balancer's
+# probes carry no credential. Every other RPC of the service checks the caller first.
+OPEN_RPCS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+# An error message is bounded whatever it quotes: grpc refuses trailers over 8 KiB, and the
+# client would get RESOURCE_EXHAUSTED instead of the real code.
+MAX_MESSAGE_CHARS = 1024
 
 
 class UnknownModel(ServeError):
@@ -101,30 +108,75 @@ Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 def _code(error: BaseException) -> grpc.StatusCode:
     if isinstance(error, UnknownModel):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, QuotaExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED  # the caller's own quota: a retry won't help
     if isinstance(error, ResourceExhausted):
         return grpc.StatusCode.UNAVAILABLE  # Triton's answer when its queue is full
     return status_for(error)
 
 
-def rpc(method: Handler[R]) -> Handler[R]:
-    """Map errors to status codes and record the call (lstm_serve_requests_total)."""
+def _bound(error: ServeError) -> None:
+    """Cut ``error``'s message to :data:`MAX_MESSAGE_CHARS` (a backstop: each echo of a
+    client's string is bounded where it is written, :func:`_q`)."""
+    text = str(error)
+    if len(text) > MAX_MESSAGE_CHARS:
+        error.args = (text[:MAX_MESSAGE_CHARS] + "...",)
+
+
+def _wrap(method: Handler[R], *, authenticate: bool) -> Handler[R]:
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self: KServeServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
         async def call() -> R:
-            if request is UNDECODABLE:
-                raise self.undecodable(name)
-            return await method(self, request, context)
+            try:
+                if authenticate:
+                    # First, before the request's bytes are even looked at: UNAUTHENTICATED.
+                    CALLER.set(self.base.caller_of(context))
+                if request is UNDECODABLE:
+                    raise self.undecodable(name)
+                return await method(self, request, context)
+            except ServeError as e:
+                _bound(e)
+                raise
 
         return await guarded(name, context, call, _code, self.base.requests.record)
 
+    wrapper.authenticates = authenticate  # type: ignore[attr-defined]
     return wrapper
+
+
+def rpc(method: Handler[R]) -> Handler[R]:
+    """Check the caller's credential (UNAUTHENTICATED without a valid one, when authentication
+    is on) before anything else, map errors to status codes and record the call
+    (lstm_serve_requests_total). The handler reads the caller from :data:`CALLER`."""
+    if method.__name__ in OPEN_RPCS:
+        raise TypeError(f"{method.__name__} is open to every client: decorate it with open_rpc")
+    return _wrap(method, authenticate=True)
+
+
+def open_rpc(method: Handler[R]) -> Handler[R]:
+    """:func:`rpc` without the credential check, for the health RPCs (:data:`OPEN_RPCS`) only."""
+    if method.__name__ not in OPEN_RPCS:
+        raise TypeError(f"{method.__name__} is not in OPEN_RPCS: decorate it with rpc")
+    return _wrap(method, authenticate=False)
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    """At most ``limit`` characters of a client's string (``...`` marks a cut)."""
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def _q(text: str) -> str:
     """A client's string in a message: quoted, at most 64 characters of it."""
     return f"'{text[:64]}'" + ("..." if len(text) > 64 else "")
+
+
+def _shape(shape: list[int]) -> str:
+    """A client's tensor shape in a message: at most 8 dimensions of it."""
+    if len(shape) <= 8:
+        return str(shape)
+    return "[" + ", ".join(str(d) for d in shape[:8]) + f", ... ({len(shape)} dimensions)]"
 
 
 def _index_rows(models: list[ModelStatus], ready_only: bool) -> list[Any]:
@@ -187,9 +239,18 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     ``max_sequence_idle_microseconds`` (an idle sequence is freed like any idle session).
     """
 
-    def __init__(self, base: LstmServeServiceServicer, *, idle_timeout_s: float) -> None:
+    def __init__(
+        self,
+        base: LstmServeServiceServicer,
+        *,
+        idle_timeout_s: float,
+        serving: Callable[[], bool] | None = None,
+    ) -> None:
         self.base = base
         self.idle_timeout_s = idle_timeout_s
+        # Whether grpc.health.v1 says SERVING (model loaded, not draining, the session store
+        # answers): ServerReady and ModelReady follow it. None: the plane alone decides.
+        self.serving = serving
         self.stats = InferStats()
         # (plane, name, version) -> (expiry, info): a named version's info never changes; the
         # newest version of a model may after a rollout, so that answer is kept for a second.
@@ -232,21 +293,23 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     def _ready(self) -> bool:
         plane = self.base.plane
-        return plane is not None and not plane.draining
+        if plane is None or plane.draining:
+            return False
+        return self.serving is None or self.serving()
 
     # --- health and metadata -------------------------------------------------------------------
-    # Health is open to every client, as grpc.health.v1 is; the rest needs a credential when
-    # authentication is on.
+    # Health is open to every client, as grpc.health.v1 is (open_rpc, OPEN_RPCS); the rest needs
+    # a credential when authentication is on (rpc checks it before anything else).
 
-    @rpc
+    @open_rpc
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return kpb.ServerLiveResponse(live=True)
 
-    @rpc
+    @open_rpc
     async def ServerReady(self, request: Any, context: Any) -> Any:
         return kpb.ServerReadyResponse(ready=self._ready())
 
-    @rpc
+    @open_rpc
     async def ModelReady(self, request: Any, context: Any) -> Any:
         if not self._ready():
             return kpb.ModelReadyResponse(ready=False)
@@ -258,7 +321,6 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        self.base.caller_of(context)
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -269,7 +331,6 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        self.base.caller_of(context)
         _, info = await self._check_model(request.name, request.version)
         tensor = kpb.ModelMetadataResponse.TensorMetadata
         return kpb.ModelMetadataResponse(
@@ -285,7 +346,6 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        self.base.caller_of(context)
         _, info = await self._check_model(request.name, request.version)
         config = kpb.ModelConfig(
             name=info.name,
@@ -314,7 +374,6 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        self.base.caller_of(context)
         plane = self._plane()
         if request.name:
             _, info = await self._check_model(request.name, request.version)
@@ -358,13 +417,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._infer(request, self.base.caller_of(context))
+        return await self._infer(request, CALLER.get())
 
     @rpc
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> None:
         """Requests run concurrently (each in its own task) except that requests of one
         sequence run in the order they came; responses are written as they complete."""
-        caller = self.base.caller_of(context)
+        caller = CALLER.get()
         write = asyncio.Lock()
         tails: dict[str, asyncio.Task[None]] = {}
         tasks: set[asyncio.Task[None]] = set()
@@ -377,6 +436,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                     infer_response=await self._infer(request, caller)
                 )
             except ServeError as e:
+                _bound(e)
                 response = kpb.ModelStreamInferResponse(error_message=str(e))
             except Exception:
                 log.exception("ModelStreamInfer request failed")
@@ -463,25 +523,26 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             )
         for out in request.outputs:
             if out.name != OUTPUT_LOGITS:
-                raise InvalidArgument(f"unexpected inference output '{out.name}'")
+                raise InvalidArgument(f"unexpected inference output {_q(out.name)}")
         tensor = inputs[0]
         shape = list(tensor.shape)
         if tensor.name == INPUT_TOKENS:
             if tensor.datatype != "INT64":
                 raise InvalidArgument(
-                    f"inference input '{INPUT_TOKENS}' data-type is '{tensor.datatype}', "
+                    f"inference input '{INPUT_TOKENS}' data-type is {_q(tensor.datatype)}, "
                     "model expects 'INT64'"
                 )
             if len(shape) != 2 or shape[0] != 1 or shape[1] < 1:
                 raise InvalidArgument(
-                    f"inference input '{INPUT_TOKENS}' has shape {shape}; expected [1, T], T >= 1"
+                    f"inference input '{INPUT_TOKENS}' has shape {_shape(shape)}; "
+                    "expected [1, T], T >= 1"
                 )
             if raw:
                 data = raw_contents[0]
                 if len(data) != 8 * shape[1]:
                     raise InvalidArgument(
                         f"inference input '{INPUT_TOKENS}' has {len(data)} bytes of data; "
-                        f"shape {shape} needs {8 * shape[1]}"
+                        f"shape {_shape(shape)} needs {8 * shape[1]}"
                     )
                 ids = np.frombuffer(data, "<i8").tolist()
             else:
@@ -489,18 +550,18 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 if len(ids) != shape[1]:
                     raise InvalidArgument(
                         f"inference input '{INPUT_TOKENS}' has {len(ids)} values; "
-                        f"shape {shape} needs {shape[1]}"
+                        f"shape {_shape(shape)} needs {shape[1]}"
                     )
             return ids, "", raw
         if tensor.name == INPUT_TEXT:
             if tensor.datatype != "BYTES":
                 raise InvalidArgument(
-                    f"inference input '{INPUT_TEXT}' data-type is '{tensor.datatype}', "
+                    f"inference input '{INPUT_TEXT}' data-type is {_q(tensor.datatype)}, "
                     "model expects 'BYTES'"
                 )
             if shape != [1, 1]:
                 raise InvalidArgument(
-                    f"inference input '{INPUT_TEXT}' has shape {shape}; expected [1, 1]"
+                    f"inference input '{INPUT_TEXT}' has shape {_shape(shape)}; expected [1, 1]"
                 )
             elements = (
                 _bytes_elements(raw_contents[0]) if raw else list(tensor.contents.bytes_contents)
@@ -514,7 +575,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             except UnicodeDecodeError:
                 raise InvalidArgument(f"inference input '{INPUT_TEXT}' is not UTF-8") from None
             return [], text, raw
-        raise InvalidArgument(f"unexpected inference input '{tensor.name}'")
+        raise InvalidArgument(f"unexpected inference input {_q(tensor.name)}")
 
     async def _run(
         self,
@@ -540,12 +601,16 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             try:
                 await plane.create_session(0.0, sid, caller=caller, model=pinned)
             except AlreadyExists:
-                await plane.reset_session(sid, caller=caller)
+                # A new sequence under a reused id starts on the version new sequences get now,
+                # not on the one the old sequence was pinned to: end that one, start afresh.
+                with contextlib.suppress(NotFound):
+                    await plane.close_session(sid, caller=caller)
+                await plane.create_session(0.0, sid, caller=caller, model=pinned)
         try:
             result = await plane.step(sid, text=text, token_ids=ids, caller=caller, model=pinned)
         except NotFound:
             raise InvalidArgument(
-                f"inference request for sequence {seq.label} to model '{info.name}' must "
+                f"inference request for sequence {_clip(seq.label)} to model {_q(info.name)} must "
                 "specify the START flag on the first request of the sequence"
             ) from None
         if seq.end:
@@ -557,21 +622,18 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        self.base.caller_of(context)
         _, models = await self._plane().list_models()
         return kpb.RepositoryIndexResponse(models=_index_rows(models, request.ready))
 
     @rpc
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        caller = self.base.caller_of(context)
-        await self._plane().load_model(request.model_name, caller=caller)
+        await self._plane().load_model(request.model_name, caller=CALLER.get())
         self._infos.clear()
         return kpb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        caller = self.base.caller_of(context)
-        await self._plane().unload_model(request.model_name, caller=caller)
+        await self._plane().unload_model(request.model_name, caller=CALLER.get())
         self._infos.clear()
         return kpb.RepositoryModelUnloadResponse()
 
@@ -599,5 +661,11 @@ def _forget(tails: dict[str, asyncio.Task[None]], key: str, task: asyncio.Task[N
 
 def add_kserve_servicer(servicer: KServeServicer, server: grpc.aio.Server) -> None:
     """Register ``inference.GRPCInferenceService`` on ``server``; request bytes that do not
-    parse reach the servicer as :data:`server.decode.UNDECODABLE` (INVALID_ARGUMENT)."""
-    add_checked(servicer, kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"], kpb, server)
+    parse reach the servicer as :data:`server.decode.UNDECODABLE` (INVALID_ARGUMENT). Every
+    RPC of the service must be decorated with :func:`rpc` (or, for :data:`OPEN_RPCS`,
+    :func:`open_rpc`): a handler that checks no credential cannot be registered by mistake."""
+    service = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for method in service.methods:
+        if not hasattr(getattr(servicer, method.name), "authenticates"):
+            raise TypeError(f"KServeServicer.{method.name} is not decorated with rpc")
+    add_checked(servicer, service, kpb, server)

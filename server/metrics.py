@@ -6,13 +6,15 @@ its own :class:`~prometheus_client.CollectorRegistry` (tests pass their own), se
 HTTP port, which answers ``/metrics`` and 404 for every other path. Every name has the
 ``lstm_serve_`` prefix and base units; no label ever carries a session id. The registry also
 holds prometheus-client's ``process_*`` metrics (CPU, memory, open files) of the process that
-serves it: the engine process in ``lstm-serve``.
+serves it: the engine process in ``lstm-serve``; :class:`ProcessMetrics` adds the resident memory
+and CPU time of every process of the server (supervisor, engine, each front end).
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 import socket
 import threading
 from collections import defaultdict
@@ -370,3 +372,66 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """No access log: a scrape every few seconds would fill it."""
+
+
+class ProcessMetrics(Collector):
+    """``lstm_serve_process_resident_memory_bytes`` and ``lstm_serve_process_cpu_seconds_total``
+    of each of the server's processes, labelled ``process`` (``supervisor``, ``engine``,
+    ``frontend-N``) and ``pid`` (a replaced front end is a new series), read from
+    ``/proc/PID/stat`` at scrape time.
+
+    ``processes`` returns ``(name, pid)`` pairs when scraped; a pid that is gone by then (or a
+    system without ``/proc``) is left out.
+    """
+
+    def __init__(
+        self,
+        processes: Callable[[], Sequence[tuple[str, int]]],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._processes = processes
+        try:
+            self._tick = float(os.sysconf("SC_CLK_TCK"))
+            self._page = int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to read
+            self._tick, self._page = 100.0, 4096
+        if registry is not None:
+            registry.register(self)
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def read(self, pid: int) -> tuple[int, float] | None:
+        """``(resident bytes, CPU seconds: user + system)`` of ``pid``; None when gone."""
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                # After the command name (in parentheses, which may hold anything): field 3 on.
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        try:
+            utime, stime, rss = int(fields[11]), int(fields[12]), int(fields[21])
+        except (IndexError, ValueError):
+            return None
+        return rss * self._page, (utime + stime) / self._tick
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["process", "pid"]
+        rss = GaugeMetricFamily(
+            PREFIX + "process_resident_memory_bytes",
+            "Resident memory of each of the server's processes, bytes.",
+            labels=labels,
+        )
+        cpu = CounterMetricFamily(
+            PREFIX + "process_cpu_seconds",
+            "User and system CPU time of each of the server's processes, seconds.",
+            labels=labels,
+        )
+        for name, pid in list(self._processes()):
+            got = self.read(pid)
+            if got is None:
+                continue
+            rss.add_metric([name, str(pid)], got[0])
+            cpu.add_metric([name, str(pid)], got[1])
+        yield rss
+        yield cpu

@@ -77,12 +77,19 @@ from .metrics import SchedulerStats
 from .runtime import ModelLoadError, ModelRuntime
 from .sessions import SessionStore, quote
 from .state import StateStore
-from .state.record import RecordError, SessionRecord
+from .state.base import StoreError
+from .state.record import RecordError, SessionRecord, storage_key
 
 log = logging.getLogger("lstm_serve.models")
 
 # Sessions of unloaded versions, remembered so that a request on one is told why it fails.
 _GONE_MAX = 100_000
+# The durable store's reachability probe (Models.store_reachable): a read of a key no record
+# can have (':' is in no session id, '/' in every key that names an owner), answered from the
+# last probe for STORE_PROBE_S, and given up on (unreachable) after STORE_PROBE_TIMEOUT_S.
+STORE_PROBE_ID = "lstm-serve:probe"
+STORE_PROBE_S = 1.0
+STORE_PROBE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -188,7 +195,8 @@ class Models:
         self.models: dict[str, _Model] = {}
         self._failures: dict[tuple[str, str], _Failure] = {}
         self._loading: set[tuple[str, str]] = set()
-        self._gone: collections.OrderedDict[str, _Gone] = collections.OrderedDict()
+        # Keyed by (owner, session id): session ids are scoped per principal.
+        self._gone: collections.OrderedDict[tuple[str, str], _Gone] = collections.OrderedDict()
         self._scan_lock = asyncio.Lock()
         self._draining = False
         # Sessions-ended counts of versions since unloaded (the metric stays monotonic).
@@ -196,6 +204,9 @@ class Models:
         # Shared by every version's plane: rate limits and quotas are per principal, not per
         # version.
         self.buckets: dict[str, tuple[float, float]] = {}
+        self._store_ok = True
+        self._store_probed_at = float("-inf")
+        self._store_probe = asyncio.Lock()
 
     # --- admission (every version's plane counts its own requests) -----------------------------
 
@@ -222,6 +233,33 @@ class Models:
 
     def owned_by(self, principal: str) -> int:
         return sum(v.store.owned_by(principal) for v in self.versions.values())
+
+    async def store_reachable(self) -> bool:
+        """Whether the durable session store answers (True without one). Readiness follows it
+        (health, KServe ServerReady): while it is down every create fails UNAVAILABLE. One probe
+        (a read) per :data:`STORE_PROBE_S` at most, however many ask; a change is logged once."""
+        store = self.durable_store
+        if store is None:
+            return True
+        async with self._store_probe:
+            if time.monotonic() - self._store_probed_at < STORE_PROBE_S:
+                return self._store_ok
+            why = ""
+            try:
+                await asyncio.wait_for(store.get(STORE_PROBE_ID), STORE_PROBE_TIMEOUT_S)
+            except TimeoutError:
+                why = f"no answer within {STORE_PROBE_TIMEOUT_S:g} s"
+            except Exception as e:  # StoreError, or anything else the client raises
+                why = " ".join(str(e).split()) or type(e).__name__
+            self._store_probed_at = time.monotonic()
+            ok = not why
+            if ok != self._store_ok:
+                if ok:
+                    log.info("the session store %s answers again: ready", store.url)
+                else:
+                    log.error("the session store is unreachable (%s): not ready", why)
+            self._store_ok = ok
+            return ok
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -389,8 +427,8 @@ class Models:
             return
         del self.versions[(v.name, v.version)]
         for sid, owner in v.store.ids_and_owners():
-            self._gone[sid] = _Gone(v.name, v.version, owner)
-            self._gone.move_to_end(sid)
+            self._gone[(owner, sid)] = _Gone(v.name, v.version, owner)
+            self._gone.move_to_end((owner, sid))
         while len(self._gone) > _GONE_MAX:
             self._gone.popitem(last=False)
         v.plane.gone = lambda sid: self._version_gone(sid, v.name, v.version)
@@ -511,28 +549,34 @@ class Models:
     async def plane_of(
         self, session_id: str, caller: Caller, model: ModelRef = ANY_MODEL
     ) -> DataPlane:
-        """The plane of the version ``session_id`` is pinned to (its plane then checks the
-        owner and raises NotFound exactly as for an unknown id)."""
+        """The plane of the version ``caller``'s session ``session_id`` is pinned to (session
+        ids are scoped per principal: another principal's session of the same id plays no
+        part; an unknown id goes to the default version's plane, which answers NotFound)."""
         for v in self.versions.values():
-            session = v.store.local(session_id)
+            session = v.store.local(session_id, caller.principal)
             if session is not None:
-                if session.owner == caller.principal:
-                    self._check_pin(session_id, v.name, v.version, model)
+                self._check_pin(session_id, v.name, v.version, model)
                 return v.plane
         if self.durable_store is not None and session_id:
             try:
-                record = await self.durable_store.get(session_id)
+                record = await self.durable_store.get(storage_key(caller.principal, session_id))
             except RecordError:
                 record = None
-            if record is not None and record.owner == caller.principal:
+            except StoreError as e:
+                raise Unavailable(f"the session store is unreachable: {e}") from None
+            if (
+                record is not None
+                and record.owner == caller.principal
+                and record.session_id == session_id
+            ):
                 name, version = record.model.name, record.model.version
                 self._check_pin(session_id, name, version, model)
                 held = self.versions.get((name, version))
                 if held is None:
                     raise self._version_gone(session_id, name, version)
                 return held.plane
-        gone = self._gone.get(session_id)
-        if gone is not None and gone.owner == caller.principal:
+        gone = self._gone.get((caller.principal, session_id))
+        if gone is not None:
             raise self._version_gone(session_id, gone.name, gone.version)
         return self._any().plane
 
@@ -577,7 +621,9 @@ class Models:
     ) -> SessionInfo:
         target = self.target(model)
         if session_id and any(
-            v.store.local(session_id) is not None for v in self.versions.values() if v is not target
+            v.store.local(session_id, caller.principal) is not None
+            for v in self.versions.values()
+            if v is not target
         ):
             raise AlreadyExists(f"session id {session_id[:64]!r} is taken")
         return await target.plane.create_session(idle_timeout_s, session_id, caller=caller)
@@ -587,9 +633,12 @@ class Models:
             plane = await self.plane_of(session_id, caller)
         except FailedPrecondition:
             # Closing a session of an unloaded version just forgets it (and its record).
-            self._gone.pop(session_id, None)
+            self._gone.pop((caller.principal, session_id), None)
             if self.durable_store is not None:
-                await self.durable_store.delete([session_id])
+                try:
+                    await self.durable_store.delete([storage_key(caller.principal, session_id)])
+                except StoreError as e:
+                    raise Unavailable(f"the session store is unreachable: {e}") from None
             return
         await plane.close_session(session_id, caller=caller)
 
@@ -660,7 +709,8 @@ class Models:
     ) -> str:
         plane = await self.plane_of(session_id, caller)
         if new_session_id and any(
-            v.store.local(new_session_id) is not None for v in self.versions.values()
+            v.store.local(new_session_id, caller.principal) is not None
+            for v in self.versions.values()
         ):
             raise AlreadyExists(f"session id {new_session_id[:64]!r} is taken")
         return await plane.fork_session(session_id, new_session_id, caller=caller)

@@ -2,6 +2,10 @@
 
 Not thread-safe: used only from the event loop thread. Idle time is measured with an injectable
 monotonic clock (tests move it by hand); creation and last-use times are reported as wall time.
+
+Session ids are scoped per principal: the table is keyed by ``(owner, id)``, so two principals may
+each hold a session called X, and one principal's ids neither collide with nor reveal another's.
+Every lookup names the principal (``owner``; "" without authentication).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ GONE_TTL_S = 600.0
 QUOTE = 64  # characters of a client's id quoted back in a message
 RECENT_REQUESTS = 16  # request ids remembered per session
 
+Key = tuple[str, str]  # (owner, session id)
+
 
 def quote(sid: str) -> str:
     return repr(sid[:QUOTE]) + ("..." if len(sid) > QUOTE else "")
@@ -43,6 +49,7 @@ class Session:
         "ephemeral",
         "id",
         "idle_timeout_s",
+        "key",
         "last_used_mono",
         "owner",
         "recent",
@@ -66,12 +73,27 @@ class Session:
         self.version = 1  # of its record in a durable state store (committed changes + 1)
         self.attached = 0  # open streams attached to it: never evicted or expired meanwhile
         self.owner = ""  # the principal that created it ("" without authentication)
-        # Outcomes of the last RECENT_REQUESTS completed requests that carried a request id,
-        # so a retry gets the first attempt's outcome instead of feeding its tokens twice.
-        self.recent: OrderedDict[str, object] | None = None
+        self.key: Key = ("", sid)  # (owner, id): what the table is keyed by
+        # The last RECENT_REQUESTS completed requests that carried a request id, so a retry
+        # gets the first attempt's outcome instead of feeding its tokens twice.
+        self.recent: OrderedDict[str, Remembered] | None = None
 
     def last_used_wall(self) -> float:
         return self.created_wall + (self.last_used_mono - self.created_mono)
+
+
+class Remembered:
+    """A completed request that carried a request id: a digest of its payload (the same id with
+    another payload is refused), its outcome (None when it came from a durable record and is not
+    decoded yet, or was not kept) and the outcome's encoding for the durable record (None: not
+    encoded yet; ``b""``: not kept)."""
+
+    __slots__ = ("blob", "digest", "outcome")
+
+    def __init__(self, digest: bytes, outcome: object | None, blob: bytes | None = None) -> None:
+        self.digest = digest
+        self.outcome = outcome
+        self.blob = blob
 
 
 @dataclass
@@ -113,11 +135,11 @@ class SessionStore:
         self.clock = clock
         self.wall_clock = wall_clock
         # Insertion order = least recently used first (moved to the end on every use).
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[Key, Session] = OrderedDict()
         # (deadline, tie-break, session): one entry per touch; stale entries are skipped.
         self._deadlines: list[tuple[float, int, Session]] = []
         self._tie = itertools.count()
-        self._gone: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()
         self._owned: Counter[str] = Counter()  # sessions held per principal
         self.stats = SessionStats()
 
@@ -141,9 +163,10 @@ class SessionStore:
         """A new session with zero state. ``idle_timeout_s`` is capped at the store's default.
 
         ``held``: the caller holds it (busy) from the start, as :meth:`acquire` would.
-        ``session_id``: the id to use (checked by the caller); :class:`AlreadyExists` if held here.
+        ``session_id``: the id to use (checked by the caller); :class:`AlreadyExists` if
+        ``owner`` holds one of that id here (another principal's sessions do not count).
         """
-        if session_id and session_id in self._sessions:
+        if session_id and (owner, session_id) in self._sessions:
             raise AlreadyExists(f"session id {quote(session_id)} is taken")
         self.expire_idle()
         if len(self._sessions) >= self.max_sessions and not self._evict_one():
@@ -161,9 +184,10 @@ class SessionStore:
         session = Session(sid, slot, now, wall, timeout, ephemeral)
         session.busy = held
         session.owner = owner
-        self._sessions[sid] = session
+        session.key = (owner, sid)
+        self._sessions[session.key] = session
         self._owned[owner] += 1
-        self._gone.pop(sid, None)
+        self._gone.pop(session.key, None)
         self._push_deadline(session)
         return session
 
@@ -191,28 +215,29 @@ class SessionStore:
             return True
         return False
 
-    def local(self, sid: str) -> Session | None:
-        """The session if this process holds it (live or not yet expired), else None."""
-        return self._sessions.get(sid)
+    def local(self, sid: str, owner: str = "") -> Session | None:
+        """``owner``'s session ``sid`` if this process holds it (live or not yet expired)."""
+        return self._sessions.get((owner, sid))
 
     def drop(self, session: Session, reason: str = "superseded") -> None:
         """Forget a session held here whatever its state (its durable record stays)."""
-        if self._sessions.get(session.id) is session:
+        if self._sessions.get(session.key) is session:
             self._end(session, reason)
 
-    def get(self, sid: str) -> Session:
-        """The live session ``sid``; raises :class:`NotFound` (expired ones are ended here)."""
-        session = self._sessions.get(sid)
+    def get(self, sid: str, owner: str = "") -> Session:
+        """``owner``'s live session ``sid``; raises :class:`NotFound` (expired ones are ended
+        here)."""
+        session = self._sessions.get((owner, sid))
         if session is None:
-            raise NotFound(self.why_not_found(sid))
+            raise NotFound(self.why_not_found(sid, owner))
         if self._idle_past_deadline(session, self.clock()):
             self._end(session, "expired")
-            raise NotFound(self.why_not_found(sid))
+            raise NotFound(self.why_not_found(sid, owner))
         return session
 
-    def why_not_found(self, sid: str) -> str:
-        """What NOT_FOUND says about ``sid``: evicted or expired when remembered."""
-        gone = self._gone.get(sid)
+    def why_not_found(self, sid: str, owner: str = "") -> str:
+        """What NOT_FOUND says about ``owner``'s ``sid``: evicted or expired when remembered."""
+        gone = self._gone.get((owner, sid))
         if gone is not None and self.clock() - gone[1] <= GONE_TTL_S:
             return f"session {quote(sid)} {gone[0]}"
         return f"session {quote(sid)} not found (never created, closed or expired)"
@@ -234,9 +259,10 @@ class SessionStore:
         session.attached = max(0, session.attached - 1)
         self.touch(session)
 
-    def acquire(self, sid: str) -> Session:
-        """Mark ``sid`` busy for one request; raises :class:`NotFound` or :class:`Busy`."""
-        session = self.get(sid)
+    def acquire(self, sid: str, owner: str = "") -> Session:
+        """Mark ``owner``'s ``sid`` busy for one request; raises :class:`NotFound` or
+        :class:`Busy`."""
+        session = self.get(sid, owner)
         if session.busy:
             raise Busy(
                 f"session {quote(sid)} is busy with another request (one at a time per session)"
@@ -250,7 +276,7 @@ class SessionStore:
 
         Raises :class:`NotFound` when it has been ended meanwhile.
         """
-        if self._sessions.get(session.id) is not session:
+        if self._sessions.get(session.key) is not session:
             raise NotFound(f"session {quote(session.id)} was ended")
         session.busy = True
         self.touch(session)
@@ -262,33 +288,44 @@ class SessionStore:
 
     def touch(self, session: Session) -> None:
         session.last_used_mono = self.clock()
-        if self._sessions.get(session.id) is session:
-            self._sessions.move_to_end(session.id)
+        if self._sessions.get(session.key) is session:
+            self._sessions.move_to_end(session.key)
             self._push_deadline(session)
 
-    def close(self, sid: str, reason: str = "closed") -> None:
-        """End ``sid``; raises :class:`NotFound` or :class:`Busy` (close it after the request)."""
-        session = self.get(sid)
+    def close(self, sid: str, reason: str = "closed", *, owner: str = "") -> None:
+        """End ``owner``'s ``sid``; raises :class:`NotFound` or :class:`Busy` (close it after the
+        request)."""
+        session = self.get(sid, owner)
         if session.busy:
             raise Busy(f"session {quote(sid)} is busy with another request; close it afterwards")
         self._end(session, reason)
 
     def end(self, session: Session, reason: str) -> None:
         """End a session its owner holds (ephemeral sessions, even while busy)."""
-        if self._sessions.get(session.id) is session:
+        if self._sessions.get(session.key) is session:
             self._end(session, reason)
 
     @staticmethod
-    def remember(session: Session, request_id: str, outcome: object) -> None:
-        """Keep ``outcome`` for a retry of ``request_id`` (the last RECENT_REQUESTS only)."""
+    def remember(
+        session: Session,
+        request_id: str,
+        outcome: object,
+        digest: bytes = b"",
+        blob: bytes | None = None,
+    ) -> None:
+        """Keep ``outcome`` (and the ``digest`` of the request's payload; ``blob``: the outcome's
+        encoding for a durable record, if made) for a retry of ``request_id``; the last
+        RECENT_REQUESTS only."""
         if session.recent is None:
             session.recent = OrderedDict()
-        session.recent[request_id] = outcome
+        session.recent[request_id] = Remembered(digest, outcome, blob)
+        session.recent.move_to_end(request_id)
         while len(session.recent) > RECENT_REQUESTS:
             session.recent.popitem(last=False)
 
     @staticmethod
-    def recalled(session: Session, request_id: str) -> object | None:
+    def recalled(session: Session, request_id: str) -> Remembered | None:
+        """What ``request_id`` left on this session, if it is one of its recent requests."""
         if not request_id or session.recent is None:
             return None
         return session.recent.get(request_id)
@@ -307,7 +344,7 @@ class SessionStore:
         return self._owned[principal]
 
     def _end(self, session: Session, reason: str) -> None:
-        del self._sessions[session.id]
+        del self._sessions[session.key]
         self._owned[session.owner] -= 1
         if self._owned[session.owner] <= 0:
             del self._owned[session.owner]
@@ -320,8 +357,8 @@ class SessionStore:
                 if reason == "evicted"
                 else f"expired after {session.idle_timeout_s:g} s idle"
             )
-            self._gone[session.id] = (why, self.clock())
-            self._gone.move_to_end(session.id)
+            self._gone[session.key] = (why, self.clock())
+            self._gone.move_to_end(session.key)
             while len(self._gone) > GONE_MAX:
                 self._gone.popitem(last=False)
 
@@ -332,7 +369,7 @@ class SessionStore:
         heap = self._deadlines
         while heap and heap[0][0] < now:
             _, _, session = heapq.heappop(heap)
-            if self._sessions.get(session.id) is not session:
+            if self._sessions.get(session.key) is not session:
                 continue  # ended already
             if self._idle_past_deadline(session, now):
                 self._end(session, "expired")

@@ -7,8 +7,9 @@ Topology (vLLM v1's split between API-server processes and an engine-core proces
                ├─ front end 1 ─┼─ gRPC on one port (SO_REUSEPORT), a Unix socket to the engine
                └─ ...         ─┘
 
-* The engine starts first (it loads the model); then front end 0 binds the port (0 picks a free
-  one) and the others bind the same port.
+* The port is reserved first (:func:`reserve_port`: a port another process holds is a start
+  error; 0 picks a free one); the engine starts (it loads the model); then every front end binds
+  that port.
 * A front end that dies is started again on the same port; the engine ends the requests and
   streams it had open as soon as its connection closes.
 * If the engine dies, everything stops and ``lstm-serve`` exits non-zero: the front ends see it
@@ -20,9 +21,11 @@ Topology (vLLM v1's split between API-server processes and an engine-core proces
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +47,66 @@ RESTART_BACKOFF_S = 0.5
 
 class StartError(RuntimeError):
     """A process did not come up; the message is the reason it gave."""
+
+
+PORT_FLAG = "--port / LSTM_SERVE_PORT"
+
+
+def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
+    """Hold ``host:port`` for this server's front ends alone: ``(held sockets, port)``.
+
+    The front ends bind with SO_REUSEPORT so that they share the port, and the kernel lets any
+    other SO_REUSEPORT socket of the same user (another ``lstm-serve``, any gRPC server) share it
+    too. So first each address ``host`` resolves to is bound here WITHOUT SO_REUSEPORT (only
+    SO_REUSEADDR, so that connections of a previous run in TIME_WAIT do not count), which fails
+    with EADDRINUSE whenever another socket listens on the port (SO_REUSEPORT or not) or holds it
+    without SO_REUSEADDR. The socket then turns SO_REUSEADDR off and SO_REUSEPORT on and stays
+    bound, never listening (it gets no connections), until the server stops: our front ends bind
+    beside it, while another server's reservation fails, even while a dead front end is being
+    replaced and nobody listens. No window between the check and the front ends' binds. Port 0:
+    the port the kernel picks for the first address (the front ends then all bind that one).
+    What this cannot stop: a program of the same user that binds the port later WITH
+    SO_REUSEPORT without checking first (the kernel lets it join).
+
+    Raises :class:`StartError` with a one-line reason naming the port and the flag.
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return [], port  # no sharing to guard against: the front ends cannot share a port either
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as e:
+        raise StartError(f"cannot listen on {host}:{port}: {e} (--host / LSTM_SERVE_HOST)") from e
+    addrs = list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
+    for _ in range(5 if port == 0 else 1):
+        held: list[socket.socket] = []
+        chosen = port
+        try:
+            for family, addr in addrs:
+                s = socket.socket(family, socket.SOCK_STREAM)
+                held.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((addr[0], chosen, *addr[2:]))
+                chosen = s.getsockname()[1]
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            return held, chosen
+        except OSError as e:
+            for s in held:
+                s.close()
+            if e.errno == errno.EADDRINUSE and port == 0:
+                continue  # the kernel's pick for one address is taken on another: pick again
+            if e.errno == errno.EADDRINUSE:
+                raise StartError(
+                    f"port {port} on {host} is already in use by another process "
+                    f"(choose another with {PORT_FLAG})"
+                ) from e
+            raise StartError(
+                f"cannot listen on {host}:{chosen}: {e.strerror} "
+                f"(--host / LSTM_SERVE_HOST, {PORT_FLAG})"
+            ) from e
+    raise StartError(f"found no free port on {host} for every address (give one with {PORT_FLAG})")
 
 
 class _Child:
@@ -123,6 +186,7 @@ class Supervisor:
         self.engine: _Child | None = None
         self.frontends: list[_Child] = []
         self.port = 0
+        self._port_guard: list[socket.socket] = []  # see reserve_port
         self.metrics_port: int | None = None
         self.describe = ""
         self.restarts = 0
@@ -167,15 +231,15 @@ class Supervisor:
         """Engine, then the front ends; raises :class:`StartError` (everything stopped)."""
         # A missing model or repository is reported before anything starts.
         check_model_source(self.settings.model, self.settings.model_repository)
+        # And a port someone else holds, before the model loads.
+        self._port_guard, self.port = reserve_port(self.settings.host, self.settings.port)
         try:
             self.engine = _Child("engine", self._engine_argv())
             words = self.engine.start("ENGINE READY", "ENGINE FAILED")
             metrics_port = int(words[0])
             self.metrics_port = metrics_port if metrics_port >= 0 else None
             self.describe = " ".join(words[1:])
-            n = self.settings.frontend_count()
-            self.port = self._start_frontend(0, self.settings.port)
-            for i in range(1, n):
+            for i in range(self.settings.frontend_count()):
                 self._start_frontend(i, self.port)
         except BaseException:
             self.stop_all(grace=0)
@@ -224,6 +288,9 @@ class Supervisor:
             self.engine.signal(signal.SIGTERM)
             if self.engine.wait(grace + 5.0) is None:
                 self.engine.kill()
+        for s in self._port_guard:
+            s.close()
+        self._port_guard = []
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 

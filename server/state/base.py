@@ -1,9 +1,12 @@
 """The session-state store interface: versioned records, compare-and-set writes.
 
-A store maps session ids to :class:`~server.state.record.SessionRecord` values so that sessions
-outlive the process that created them. Concurrency control is optimistic: a writer reads a record
-at version v and writes version v+1 expecting v; if another writer got there first the write is
-refused (False), never merged. The caller decides what to do (re-read, or fail the request).
+A store maps keys to :class:`~server.state.record.SessionRecord` values so that sessions
+outlive the process that created them. A record's key is ``record.key``
+(:func:`~server.state.record.storage_key`: the session id for principal "", else owner and id),
+so two principals' sessions of the same id are two records. Concurrency control is optimistic:
+a writer reads a record at version v and writes version v+1 expecting v; if another writer got
+there first the write is refused (False), never merged. The caller decides what to do (re-read,
+or fail the request).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ class StateStore(Protocol):
     url: str
     """Where the store is, as given to ``open_store`` (no password in it)."""
 
-    async def get(self, session_id: str) -> SessionRecord | None:
-        """The stored record, or None if absent or expired."""
+    async def get(self, key: str) -> SessionRecord | None:
+        """The record stored under ``key`` (``record.key``), or None if absent or expired."""
         ...
 
     async def put(self, writes: Sequence[Write]) -> list[bool]:
@@ -63,8 +66,8 @@ class StateStore(Protocol):
         """
         ...
 
-    async def delete(self, session_ids: Sequence[str]) -> None:
-        """Remove these ids; absent ids are ignored."""
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Remove the records under these keys; absent keys are ignored."""
         ...
 
     async def close(self) -> None:

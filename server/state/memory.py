@@ -45,12 +45,12 @@ class MemoryStore:
         now = self._clock()
         results = []
         for w in writes:
-            cur = self._live(w.record.session_id, now)
+            cur = self._live(w.record.key, now)
             ok = (cur.version if cur is not None else 0) == w.expected_version
             if not ok and cur is not None and cur.version == w.record.version:
                 ok = cur == w.record  # a replay of the committed write (see StateStore.put)
             if ok:
-                self._records[w.record.session_id] = _frozen_copy(w.record)
+                self._records[w.record.key] = _frozen_copy(w.record)
             results.append(ok)
         if now >= self._next_sweep:
             self.sweep(now)

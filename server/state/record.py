@@ -4,17 +4,27 @@ A :class:`SessionRecord` is everything needed to resume a session in another pro
 state ``(h, c)``, the next-token logits, bookkeeping, and the identity of the model that produced
 the state (a state is meaningless under a different model, so a reader compares identities).
 
-Byte format, version 1 (all integers little-endian)::
+Byte format, version 2 (all integers little-endian)::
 
     b"LSSR"              magic
-    u16                  format version (1)
+    u16                  format version (2; version 1 is still read)
     u32                  header length N
     N bytes              msgpack map: id, steps, created, last_used, idle, owner, version,
-                         model_name, model_version, model_checksum, L, H, V, has_logits
+                         model_name, model_version, model_checksum, L, H, V, has_logits,
+                         requests (version 2: a list of [request id, payload digest, outcome],
+                         oldest first; version 1 has none)
     4*L*H bytes          h, float32 little-endian, row-major
     4*L*H bytes          c, likewise
     4*V bytes            logits, only when has_logits
     32 bytes             SHA-256 of everything above
+
+``requests`` are the session's recent requests that carried a request id (:class:`Request`), so
+that a retry after a restart, or on another replica, gets the first attempt's outcome. The
+outcome bytes are opaque here (the data plane encodes them); empty means "applied, outcome not
+kept".
+
+Where a record is kept (:func:`storage_key`): session ids are scoped per principal, so the key
+is the owner and the id; for principal "" (no authentication) it is the id alone, as before.
 
 The digest covers the whole record, so a flipped bit anywhere (a torn write, a bad disk, a value
 overwritten by hand) is caught before any field is trusted. It is a corruption check, not an
@@ -34,7 +44,10 @@ import msgpack
 import numpy as np
 
 MAGIC = b"LSSR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_REQUEST_ID = 128  # characters (the data plane refuses longer ones)
+MAX_REQUEST_DIGEST = 64  # bytes
 _PREFIX = struct.Struct("<4sHI")  # magic, format version, header length
 _DIGEST_LEN = 32
 _F32 = np.dtype("<f4")
@@ -57,6 +70,29 @@ _HEADER_TYPES: dict[str, tuple[type, ...]] = {
     "V": (int,),
     "has_logits": (bool,),
 }
+
+
+def storage_key(owner: str, session_id: str) -> str:
+    """The key a store keeps ``owner``'s session ``session_id`` under.
+
+    Session ids are scoped per principal: two principals may both hold a session called X. For
+    principal "" (authentication off) the key is the id itself, so records written before ids
+    were scoped still load; otherwise it is ``OWNER/ID``. A session id never contains "/" (see
+    :data:`server.sessions.SESSION_ID`), so the key splits at its last "/" one way only, and
+    never equals the bare id of principal "".
+    """
+    return f"{owner}/{session_id}" if owner else session_id
+
+
+@dataclass(frozen=True)
+class Request:
+    """A recent request that carried a request id: the id, a digest of its payload (a reuse of
+    the id with another payload is refused) and its outcome as the data plane encoded it
+    (``b""``: applied, outcome not kept)."""
+
+    request_id: str
+    digest: bytes
+    outcome: bytes = b""
 
 
 class RecordError(ValueError):
@@ -86,7 +122,8 @@ class SessionRecord:
     read-only arrays.
 
     ``version`` is 1 for a new session and goes up by one per committed change (the stores use
-    it for compare-and-set). The session expires at ``last_used_unix_s + idle_timeout_s``.
+    it for compare-and-set). ``requests``: the recent requests that carried a request id, oldest
+    first (:class:`Request`). The session expires at ``last_used_unix_s + idle_timeout_s``.
 
     Equality compares every field, arrays bit for bit (so NaNs compare equal to themselves).
     """
@@ -102,6 +139,7 @@ class SessionRecord:
     owner: str
     version: int
     model: ModelIdentity
+    requests: tuple[Request, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("h", "c"):
@@ -118,6 +156,11 @@ class SessionRecord:
         # NaN times would make expiry compare false both ways: never found, never swept.
         if math.isnan(self.last_used_unix_s) or math.isnan(self.idle_timeout_s):
             raise ValueError("last_used_unix_s and idle_timeout_s must not be NaN")
+
+    @property
+    def key(self) -> str:
+        """Where a store keeps this record (:func:`storage_key`)."""
+        return storage_key(self.owner, self.session_id)
 
     @property
     def expires_unix_s(self) -> float:
@@ -155,6 +198,7 @@ class SessionRecord:
             "H": hidden,
             "V": 0 if lg is None else lg.shape[0],
             "has_logits": lg is not None,
+            "requests": [[r.request_id, r.digest, r.outcome] for r in self.requests],
         }
         head = msgpack.packb(header, use_bin_type=True)
         parts = [
@@ -181,8 +225,8 @@ class SessionRecord:
         magic, fmt, head_len = _PREFIX.unpack_from(data)
         if magic != MAGIC:
             raise RecordError(f"not a session record: magic {magic!r}, expected {MAGIC!r}")
-        if fmt != FORMAT_VERSION:
-            raise RecordError(f"unknown session record format {fmt} (this reader knows 1)")
+        if fmt not in READABLE_VERSIONS:
+            raise RecordError(f"unknown session record format {fmt} (this reader knows 1 and 2)")
         body = memoryview(data)[: n - _DIGEST_LEN]
         if hashlib.sha256(body).digest() != data[n - _DIGEST_LEN :]:
             raise RecordError(f"session record corrupt or truncated: SHA-256 mismatch ({n} bytes)")
@@ -202,6 +246,9 @@ class SessionRecord:
             # bool is an int subclass; a bool where a count belongs is an error, not 0/1.
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 raise RecordError(f"session record header field {key!r} is {type(value).__name__}")
+        if fmt >= 2 and "requests" not in header:
+            raise RecordError("session record header lacks 'requests'")
+        requests = _requests(header["requests"]) if fmt >= 2 else ()
         layers, hidden, vocab = header["L"], header["H"], header["V"]
         if min(layers, hidden, vocab) < 0 or (vocab > 0) != header["has_logits"]:
             raise RecordError(
@@ -235,9 +282,30 @@ class SessionRecord:
                 model=ModelIdentity(
                     header["model_name"], header["model_version"], header["model_checksum"]
                 ),
+                requests=requests,
             )
         except ValueError as e:  # the record's own checks (NaN times)
             raise RecordError(f"session record invalid: {e}") from None
+
+
+def _requests(raw: object) -> tuple[Request, ...]:
+    """The header's ``requests`` field, checked."""
+    if not isinstance(raw, list):
+        raise RecordError(f"session record header field 'requests' is {type(raw).__name__}")
+    out = []
+    for item in raw:
+        if not (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and isinstance(item[1], bytes)
+            and isinstance(item[2], bytes)
+            and len(item[0]) <= MAX_REQUEST_ID
+            and len(item[1]) <= MAX_REQUEST_DIGEST
+        ):
+            raise RecordError("session record header field 'requests' holds a malformed entry")
+        out.append(Request(item[0], item[1], item[2]))
+    return tuple(out)
 
 
 def _le_bytes(a: np.ndarray) -> bytes:

@@ -1,7 +1,8 @@
 """A store in Redis: sessions survive the server process and are shared by every server that
 points at the same Redis.
 
-Layout: one hash per session at ``lstm-serve:session:<id>`` with two fields, ``v`` (the version,
+Layout: one hash per session at ``lstm-serve:session:<key>`` (``record.key``: the session id
+for principal "", else ``OWNER/ID``) with two fields, ``v`` (the version,
 decimal) and ``r`` (:meth:`SessionRecord.to_bytes`). The version is a field of its own so the
 compare-and-set script can read it without parsing the record; ``get`` is one ``HGET r``. The
 key's TTL is the session's expiry (``PEXPIREAT``), so Redis drops idle sessions by itself; no
@@ -89,7 +90,7 @@ class RedisStore:
             return []
         args = [
             (
-                KEY_PREFIX + w.record.session_id,
+                KEY_PREFIX + w.record.key,
                 w.expected_version,
                 w.record.version,
                 w.record.to_bytes(),

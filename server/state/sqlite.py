@@ -1,6 +1,7 @@
 """A store in one SQLite file: sessions survive a restart (or kill -9) of the server process.
 
-Schema: one row per session, ``(id, version, expires_unix_s, record)``; ``record`` is
+Schema: one row per session, ``(id, version, expires_unix_s, record)``; ``id`` is the record's
+key (``record.key``: the session id for principal "", else ``OWNER/ID``), ``record`` is
 :meth:`SessionRecord.to_bytes`. ``version`` and ``expires_unix_s`` are copies of fields of the
 record, kept as columns so compare-and-set and the sweep are plain indexed SQL.
 
@@ -102,24 +103,25 @@ class SqliteStore:
             with _transaction(db):
                 for w in writes:
                     rec = w.record
+                    key = rec.key
                     exp = rec.expires_unix_s
                     blob = rec.to_bytes()
                     if w.expected_version == 0:
                         # An expired row counts as absent: clear it so the insert can succeed.
                         db.execute(
                             "DELETE FROM sessions WHERE id = ? AND expires_unix_s <= ?",
-                            (rec.session_id, now),
+                            (key, now),
                         )
                         cur = db.execute(
                             "INSERT INTO sessions (id, version, expires_unix_s, record) "
                             "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                            (rec.session_id, rec.version, exp, blob),
+                            (key, rec.version, exp, blob),
                         )
                     else:
                         cur = db.execute(
                             "UPDATE sessions SET version = ?, expires_unix_s = ?, record = ? "
                             "WHERE id = ? AND version = ? AND expires_unix_s > ?",
-                            (rec.version, exp, blob, rec.session_id, w.expected_version, now),
+                            (rec.version, exp, blob, key, w.expected_version, now),
                         )
                     ok = cur.rowcount == 1
                     if not ok:
@@ -127,7 +129,7 @@ class SqliteStore:
                         row = db.execute(
                             "SELECT record FROM sessions "
                             "WHERE id = ? AND version = ? AND expires_unix_s > ?",
-                            (rec.session_id, rec.version, now),
+                            (key, rec.version, now),
                         ).fetchone()
                         ok = row is not None and row[0] == blob
                     results.append(ok)

@@ -89,6 +89,11 @@ def walk(d, acc):
 
 
 c = g.InferenceServerClient(plan["target"] or "127.0.0.1:1")
+if plan.get("token"):  # a bearer token on every inference call (lstm-serve --auth-tokens)
+    import functools
+    _auth = {"authorization": "Bearer " + plan["token"]}
+    c.infer = functools.partial(c.infer, headers=_auth)
+    c.start_stream = functools.partial(c.start_stream, headers=_auth)
 for op in plan["ops"]:
     kind, model = op["op"], plan.get("model", "")
     if kind == "descriptors":
@@ -193,18 +198,30 @@ json.dump(out, sys.stdout)
 """
 
 
-def run_client(target: str, ops: list[dict[str, Any]], model: str = MODEL) -> list[Any]:
-    """Run ``ops`` in a child interpreter with tritonclient; what each op returned."""
-    plan = json.dumps({"target": target, "model": model, "ops": ops})
+def run_client(
+    target: str, ops: list[dict[str, Any]], model: str = MODEL, *, token: str = ""
+) -> list[Any]:
+    """Run ``ops`` in a child interpreter with tritonclient; what each op returned. ``token``:
+    sent as ``authorization: Bearer TOKEN`` on its inference calls (ModelInfer and
+    ModelStreamInfer)."""
+    plan: dict[str, Any] = {"target": target, "model": model, "ops": ops}
+    if token:
+        plan["token"] = token
     proc = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", CLIENT],
-        input=plan,
+        input=json.dumps(plan),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def run_client_as(
+    target: str, ops: list[dict[str, Any]], *, token: str, model: str = MODEL
+) -> list[Any]:
+    return run_client(target, ops, model, token=token)
 
 
 def encode(text: str) -> list[int]:

@@ -501,3 +501,34 @@ def test_lstm_export_publishes_a_version_while_16_sessions_generate(tmp_path: Pa
     finally:
         stop.set()
         srv.stop()
+
+
+def test_kserve_sequences_stay_on_their_version_and_a_new_start_takes_the_new_one(
+    tmp_path: Path,
+):
+    repo = tmp_path / "repo"
+    ref1 = Reference(publish(repo, "tiny", 1, seed=1))
+    srv = start(repo, model_control_mode="poll", repository_poll_s=0.1)
+    try:
+        (first,) = run_client(
+            srv.target, [{"op": "infer", "steps": [{"seq": 5, "start": True, "tokens": [2, 3]}]}]
+        )
+        want, state = ref1.feed([2, 3], ref1.zeros())
+        np.testing.assert_allclose(first[0]["logits"], want[-1:], atol=ATOL, rtol=0)
+        ref2 = Reference(publish(repo, "tiny", 2, seed=2))
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.LstmServeServiceStub(ch)
+            wait_for(lambda: states(stub, "tiny").get("2") == "READY", "v2 to load")
+        steps = [
+            {"seq": 5, "tokens": [4]},  # continues on v1
+            {"seq": 6, "start": True, "tokens": [2, 3]},  # a new sequence: v2
+            {"seq": 5, "start": True, "tokens": [2, 3]},  # restarted: v2 as well
+        ]
+        (got,) = run_client(srv.target, [{"op": "infer", "steps": steps}])
+        want1, _ = ref1.feed([4], state)
+        want2, _ = ref2.feed([2, 3], ref2.zeros())
+        np.testing.assert_allclose(got[0]["logits"], want1[-1:], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got[1]["logits"], want2[-1:], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got[2]["logits"], want2[-1:], atol=ATOL, rtol=0)
+    finally:
+        srv.stop()

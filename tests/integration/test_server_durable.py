@@ -6,9 +6,11 @@ Runtime fed the same tokens.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
+import struct
 import time
 from pathlib import Path
 
@@ -204,3 +206,109 @@ def test_a_record_of_another_model_is_refused(serve, tmp_path: Path, model_path:
         req2 = pb.ImportSessionRequest(record=record, session_id="foreign-record-0001")
         assert code_of(lambda: stub.ImportSession(req2)) == grpc.StatusCode.INVALID_ARGUMENT
     time.sleep(0)
+
+
+def test_request_ids_survive_kill_9_and_a_restart(serve, tmp_path: Path, reference):
+    """Issue 19: a retry after kill -9 and a restart fed its tokens again (steps 490 -> 492):
+    the request ids lived only in the process. Now the session's record keeps them, with a
+    digest of each payload and the outcome."""
+    db = tmp_path / "rid.db"
+    srv = serve("--state-store", sqlite_url(db), "--metrics-port", "-1")
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LstmServeServiceStub(ch)
+        sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        step = pb.StepRequest(session_id=sid, token_ids=[3, 4, 5], request_id="r-1")
+        first = stub.Step(step)
+        gen = pb.GenerateRequest(session_id=sid, prompt="", max_tokens=7, request_id="g-1")
+        generated = [t for m in stub.Generate(gen) for t in m.token_ids]
+        top = pb.StepRequest(
+            session_id=sid, text="ab", output=pb.STEP_OUTPUT_TOP_K, top_k=3, request_id="t-1"
+        )
+        first_top = stub.Step(top)
+    os.kill(srv.engine_pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    srv2 = serve("--state-store", sqlite_url(db), "--metrics-port", "-1")
+    with grpc.insecure_channel(srv2.target) as ch:
+        stub = pb_grpc.LstmServeServiceStub(ch)
+        steps = 3 + 7 + 2
+        assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).steps == steps
+        again = stub.Step(step)  # the restarted server never saw r-1: its record did
+        assert list(again.logits) == list(first.logits) and again.steps == 3
+        (whole,) = list(stub.Generate(gen))
+        assert list(whole.token_ids) == generated
+        again_top = stub.Step(top)
+        assert [(t.token_id, t.probability) for t in again_top.top] == [
+            (t.token_id, t.probability) for t in first_top.top
+        ]
+        assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).steps == steps
+        # The same id with another payload is refused, and changes nothing.
+        for other in (
+            pb.StepRequest(session_id=sid, token_ids=[3, 4, 6], request_id="r-1"),
+            pb.StepRequest(session_id=sid, token_ids=[3, 4, 5], request_id="g-1"),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Step(other)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "another request" in e.value.details()
+        other_gen = pb.GenerateRequest(session_id=sid, prompt="", max_tokens=8, request_id="g-1")
+        assert code_of(lambda: list(stub.Generate(other_gen))) == (grpc.StatusCode.INVALID_ARGUMENT)
+        assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).steps == steps
+        # The state holds every request exactly once.
+        _, state = reference.feed([3, 4, 5, *generated, 2, 3], reference.zeros())
+        want, _ = reference.feed([9], state)
+        r = stub.Step(pb.StepRequest(session_id=sid, token_ids=[9]))
+        np.testing.assert_allclose(r.logits, want[-1], atol=ATOL, rtol=0)
+
+
+def test_request_ids_follow_a_session_to_another_server(start_server, stub_for, tmp_path: Path):
+    """A failover: the retry reaches another server sharing the store; it returns the first
+    outcome instead of applying the request again."""
+    url = sqlite_url(tmp_path / "failover.db")
+    a = stub_for(start_server(state_store=url))
+    b = stub_for(start_server(state_store=url))
+    sid = a.CreateSession(pb.CreateSessionRequest()).session_id
+    req = pb.StepRequest(session_id=sid, token_ids=[5, 6], request_id="once")
+    first = a.Step(req)
+    again = b.Step(req)
+    assert list(again.logits) == list(first.logits) and again.steps == first.steps == 2
+    assert b.GetSession(pb.GetSessionRequest(session_id=sid)).steps == 2
+    bad = pb.StepRequest(session_id=sid, token_ids=[5], request_id="once")
+    assert code_of(lambda: b.Step(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_records_of_the_previous_format_still_load(serve, tmp_path: Path, reference):
+    """Records written before format 2 (no request ids) under the bare session id (principal
+    "", before ids were scoped per principal) load and continue exactly."""
+    import sqlite3
+
+    import msgpack
+
+    db = tmp_path / "old.db"
+    srv = serve("--state-store", sqlite_url(db), "--metrics-port", "-1")
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LstmServeServiceStub(ch)
+        sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        stub.Step(pb.StepRequest(session_id=sid, token_ids=[3, 4, 5], request_id="r-1"))
+    srv.stop()
+    con = sqlite3.connect(db)
+    ((key, blob),) = con.execute("SELECT id, record FROM sessions").fetchall()
+    assert key == sid  # principal "": the bare id, as before
+    body = blob[:-32]
+    (head_len,) = struct.unpack_from("<I", body, 6)
+    header = msgpack.unpackb(body[10 : 10 + head_len], raw=False)
+    assert header.pop("requests")
+    head = msgpack.packb(header, use_bin_type=True)
+    old = body[:4] + struct.pack("<HI", 1, len(head)) + head + body[10 + head_len :]
+    old += hashlib.sha256(old).digest()
+    con.execute("UPDATE sessions SET record = ? WHERE id = ?", (old, key))
+    con.commit()
+    con.close()
+    srv = serve("--state-store", sqlite_url(db), "--metrics-port", "-1")
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LstmServeServiceStub(ch)
+        assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).steps == 3
+        r = stub.Step(pb.StepRequest(session_id=sid, token_ids=[6]))
+        _, state = reference.feed([3, 4, 5], reference.zeros())
+        want, _ = reference.feed([6], state)
+        np.testing.assert_allclose(r.logits, want[-1], atol=ATOL, rtol=0)
+        assert r.steps == 4

@@ -1,4 +1,5 @@
-"""Fuzzing every RPC of ``lstmserve.v1.LstmServeService`` through one real server.
+"""Fuzzing every RPC of ``lstmserve.v1.LstmServeService`` (and ``grpc.health.v1.Health``,
+open to every client) through one real server.
 
 Two kinds of input per RPC: hypothesis-built messages whose fields take edge values (empty and
 ~100 KB strings, random unicode, NaN/inf/negative floats, ints at their type's limits, unknown
@@ -24,6 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +34,7 @@ from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from .conftest import VOCAB, Reference, ServerThread, make_settings
 
 SERVICE = "/lstmserve.v1.LstmServeService/"
+HEALTH = "/grpc.health.v1.Health/"
 VOCAB_INDEX = {c: i for i, c in enumerate(VOCAB)}
 V = len(VOCAB)
 MAX_NEW_TOKENS = 50
@@ -61,9 +64,15 @@ RPCS: dict[str, tuple[Any, Any, str]] = {
     "ExportSession": (pb.ExportSessionRequest, pb.ExportSessionResponse, "unary_unary"),
     "ImportSession": (pb.ImportSessionRequest, pb.ImportSessionResponse, "unary_unary"),
     "ForkSession": (pb.ForkSessionRequest, pb.ForkSessionResponse, "unary_unary"),
+    "Check": (health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse, "unary_unary"),
+    # Watch never ends by itself: its first message is the answer, then the call is cancelled.
+    "Watch": (health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse, "unary_stream"),
 }
+PATHS = {name: (HEALTH if name in ("Check", "Watch") else SERVICE) + name for name in RPCS}
+# The names the health service answers for (SERVING); any other is unknown to it.
+HEALTH_NAMES = ["", "lstmserve.v1.LstmServeService", "inference.GRPCInferenceService"]
 
-# Example budget: ~100 typed and ~25 raw-bytes cases per RPC by default (11 RPCs: ~1,100).
+# Example budget: ~85 typed and ~20 raw-bytes cases per RPC by default (13 RPCs: ~1,100).
 TOTAL = int(os.environ.get("LSTM_SERVE_FUZZ_EXAMPLES", "0") or 0) or 1100
 TYPED_EXAMPLES = max(1, TOTAL * 4 // 5 // len(RPCS))
 RAW_EXAMPLES = max(1, TOTAL // 5 // len(RPCS))
@@ -203,6 +212,12 @@ def _half(a: st.SearchStrategy[Any], b: st.SearchStrategy[Any]) -> st.SearchStra
 
 
 _NEW_ID = st.one_of(st.just(""), st.from_regex(r"[A-Za-z0-9_-]{16,128}", fullmatch=True))
+HEALTH_REQUESTS = st.builds(
+    health_pb2.HealthCheckRequest,
+    service=st.one_of(
+        st.sampled_from([*HEALTH_NAMES, "grpc.health.v1.Health", "inference"]), _UNICODE, _HUGE
+    ),
+)
 
 MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "CreateSession": st.one_of(
@@ -248,6 +263,8 @@ MESSAGES: dict[str, st.SearchStrategy[Any]] = {
         st.builds(pb.ForkSessionRequest, session_id=SESSION_IDS, new_session_id=SESSION_IDS),
         st.builds(pb.ForkSessionRequest, session_id=_POOL_ID, new_session_id=_NEW_ID),
     ),
+    "Check": HEALTH_REQUESTS,
+    "Watch": HEALTH_REQUESTS,
 }
 
 
@@ -294,14 +311,18 @@ class Fuzzed:
         the end; the status it ended with."""
         req_t, resp_t, kind = RPCS[name]
         method = getattr(self.channel, kind)(
-            SERVICE + name,
+            PATHS[name],
             request_serializer=None if raw else req_t.SerializeToString,
             response_deserializer=None if raw else resp_t.FromString,
         )
         arg = iter(request) if kind == "stream_stream" else request
         try:
             result = method(arg, timeout=CALL_TIMEOUT_S)
-            replies = [result] if kind == "unary_unary" else list(result)
+            if name == "Watch":
+                replies = [next(result)]
+                result.cancel()
+            else:
+                replies = [result] if kind == "unary_unary" else list(result)
         except grpc.RpcError as e:
             code = e.code()
         else:
@@ -341,6 +362,12 @@ def _check_replies(name: str, request: Any, replies: list[Any]) -> None:
             assert len(r.logits) == V * r.positions and r.tokens_consumed >= 1
             assert all(math.isfinite(x) for x in r.logits)
             assert len(r.top) <= V
+    elif name in ("Check", "Watch"):
+        (r,) = replies
+        known = request.service in HEALTH_NAMES
+        # Check answers NOT_FOUND for a name it does not know; Watch says SERVICE_UNKNOWN.
+        want = "SERVING" if known else "SERVICE_UNKNOWN"
+        assert health_pb2.HealthCheckResponse.ServingStatus.Name(r.status) == want
     elif name == "Generate":
         assert replies, "Generate ended OK with no message"
         assert replies[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)

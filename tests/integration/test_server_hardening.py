@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -136,6 +137,45 @@ def test_undecodable_requests_through_front_ends_reach_the_engines_metrics(serve
     out = "".join(srv.lines)
     assert out.count("is not a valid") == 1, out
     assert "Traceback" not in out and "DecodeError" not in out
+
+
+def test_undecodable_health_requests_get_invalid_argument(start_server, tmp_path, caplog):
+    # Open to every client (no token even with --auth-tokens), and as hard to flood the log
+    # through as every other service: INVALID_ARGUMENT, counted, one line per 10 s.
+    caplog.set_level(logging.INFO)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice s3cret-token-alice\n")
+    srv = start_server(metrics_port=0, auth_tokens=str(tokens))
+    path = "/grpc.health.v1.Health/"
+    with grpc.insecure_channel(srv.target) as ch:
+        for _ in range(3):
+            for name, call in (
+                ("Check", ch.unary_unary(path + "Check")),
+                ("Watch", ch.unary_stream(path + "Watch")),
+            ):
+                with pytest.raises(grpc.RpcError) as e:
+                    list(call(BAD, timeout=10)) if name == "Watch" else call(BAD, timeout=10)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+                assert e.value.details() == "request is not a valid HealthCheckRequest"
+        # Still answering, for every service of the port.
+        stub = health_pb2_grpc.HealthStub(ch)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in ("", SERVICE.full_name, "inference.GRPCInferenceService"):
+            req = health_pb2.HealthCheckRequest(service=service)
+            assert stub.Check(req, timeout=10).status == serving
+            watch = stub.Watch(req, timeout=10)
+            assert next(watch).status == serving
+            watch.cancel()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+    bad = _samples(_scrape(srv.app.metrics_port), "lstm_serve_undecodable_requests_total")
+    assert bad == {(("method", "Check"),): 3.0, (("method", "Watch"),): 3.0}
+    lines = [r for r in caplog.records if "is not a valid" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert all(r.exc_info is None for r in caplog.records)
+    assert "Traceback" not in caplog.text
 
 
 def _import_request(total: int) -> bytes:
@@ -304,11 +344,20 @@ def test_get_model_info_shows_build_info_only_when_asked(exported_model):
     assert shown["training"]["corpus_sha256"] == "cd" * 32
 
 
-def _list_services(target: str) -> set[str]:
+def _list_services(target: str, token: str = "", v1: bool = False) -> set[str]:
+    """The services reflection lists (grpc.reflection.v1alpha, or v1: the same messages)."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    req = reflection_pb2.ServerReflectionRequest(list_services="")
     with grpc.insecure_channel(target) as ch:
-        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        req = reflection_pb2.ServerReflectionRequest(list_services="")
-        resp = next(stub.ServerReflectionInfo(iter([req]), timeout=10))
+        if v1:
+            call = ch.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+        else:
+            call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo
+        resp = next(call(iter([req]), timeout=10, metadata=metadata))
         return {s.name for s in resp.list_services_response.service}
 
 
@@ -333,3 +382,19 @@ def test_with_authentication_an_anonymous_caller_is_unauthenticated_first(start_
             auth = (("authorization", "Bearer s3cret-token-alice"),)
             ch.unary_unary(path)(BAD, timeout=10, metadata=auth)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_reflection_needs_a_credential_when_authentication_is_on(start_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice s3cret-token-alice\n")
+    srv = start_server(reflection=True, auth_tokens=str(tokens))
+    for v1 in (False, True):
+        for token in ("", "not-a-valid-token-at-all"):
+            with pytest.raises(grpc.RpcError) as e:
+                _list_services(srv.target, token, v1=v1)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, (v1, token)
+        listed = _list_services(srv.target, "s3cret-token-alice", v1=v1)
+        assert {SERVICE.full_name, "inference.GRPCInferenceService"} <= listed
+        assert "grpc.health.v1.Health" in listed
+    # Without authentication reflection stays open (as --reflection asks).
+    assert SERVICE.full_name in _list_services(start_server(reflection=True).target, v1=True)

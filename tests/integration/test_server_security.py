@@ -145,8 +145,10 @@ def test_mutual_tls_principal_is_the_certificate_subject(start_server, pki):
     try:
         sid = carol.create_session()
         assert carol.step(sid, text="abc").steps == 3
-        owners = srv.on_loop(lambda: srv.app.store.local(sid).owner)
+        # Session ids are scoped per principal: the session is Carol's, not principal "".
+        owners = srv.on_loop(lambda: srv.app.store.local(sid, "carol").owner)
         assert owners == "carol"
+        assert srv.on_loop(lambda: srv.app.store.local(sid)) is None
     finally:
         carol.close()
     for cert, key in ((None, None), (pki["stranger_cert"], pki["stranger_key"])):
@@ -200,28 +202,72 @@ def test_tokens_reload_and_quota_and_rate_limit(start_server, tmp_path: Path):
         bob.close()
 
 
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _frontend_of(channel: grpc.Channel, token: str) -> str:
+    """Which front end answers on this channel (GetModelInfo's trailing metadata)."""
+    _, call = pb_grpc.LstmServeServiceStub(channel).GetModelInfo.with_call(
+        pb.GetModelInfoRequest(), metadata=_bearer(token), timeout=10
+    )
+    return dict(call.trailing_metadata())["lstm-serve-frontend"]
+
+
+def _channel_per_frontend(target: str, n: int, tries: int = 60) -> dict[str, grpc.Channel]:
+    """A channel to each of the ``n`` front ends, by front end. Each has a connection of its own
+    (a local subchannel pool, and an option of its own: gRPC shares one connection between
+    channels with equal options), so the kernel's SO_REUSEPORT spreading applies to each."""
+    found: dict[str, grpc.Channel] = {}
+    for i in range(tries):
+        opts = [("grpc.use_local_subchannel_pool", 1), ("lstm-serve-test.channel", i)]
+        ch = grpc.insecure_channel(target, options=opts)
+        fe = _frontend_of(ch, TOKEN_A)
+        if fe in found:
+            ch.close()
+            continue
+        found[fe] = ch
+        if len(found) == n:
+            return found
+    for ch in found.values():
+        ch.close()
+    raise AssertionError(f"{tries} connections all landed on front end(s) {sorted(found)}")
+
+
 def test_sighup_reloads_tokens_in_every_front_end(serve, tmp_path: Path):
     tokens = tokens_file(tmp_path, f"alice {TOKEN_A}")
     srv = serve("--auth-tokens", str(tokens), "--frontends", "2", "--metrics-port", "-1")
-    bob = LstmClient(srv.target, token=TOKEN_B, timeout=10)
+    channels = _channel_per_frontend(srv.target, 2)
     try:
-        assert code_of(bob.create_session) == grpc.StatusCode.UNAUTHENTICATED
+        assert sorted(channels) == ["0", "1"]
+
+        def bob_creates(fe: str) -> None:
+            pb_grpc.LstmServeServiceStub(channels[fe]).CreateSession(
+                pb.CreateSessionRequest(), metadata=_bearer(TOKEN_B), timeout=10
+            )
+
+        for fe in channels:
+            assert code_of(lambda fe=fe: bob_creates(fe)) == grpc.StatusCode.UNAUTHENTICATED
         tokens_file(tmp_path, f"alice {TOKEN_A}", f"bob {TOKEN_B}")
         os.kill(srv.proc.pid, signal.SIGHUP)
+        # Every front end must know Bob now: each is asked on its own connection.
+        pending = set(channels)
         deadline = time.monotonic() + 10
-        ok = 0
-        while time.monotonic() < deadline and ok < 10:
-            # New connections land on either front end; each must know Bob now.
-            with LstmClient(srv.target, token=TOKEN_B, timeout=5) as fresh:
+        while pending and time.monotonic() < deadline:
+            for fe in sorted(pending):
                 try:
-                    fresh.create_session()
-                    ok += 1
+                    bob_creates(fe)
                 except grpc.RpcError as e:
                     assert e.code() == grpc.StatusCode.UNAUTHENTICATED
-                    time.sleep(0.1)
-        assert ok == 10
+                    continue
+                # ... and it was that front end that answered.
+                assert _frontend_of(channels[fe], TOKEN_B) == fe
+                pending.discard(fe)
+            time.sleep(0.1)
+        assert not pending, f"front end(s) {sorted(pending)} did not reload the tokens file"
     finally:
-        bob.close()
+        for ch in channels.values():
+            ch.close()
     with grpc.insecure_channel(srv.target) as ch:  # health needs no token
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert status.status == health_pb2.HealthCheckResponse.SERVING

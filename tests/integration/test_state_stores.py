@@ -103,6 +103,30 @@ def test_create_then_create_again_fails(url: str) -> None:
     run(url, body)
 
 
+def test_one_session_id_of_two_principals_is_two_records(url: str) -> None:
+    """Session ids are scoped per principal (issue 19): a record's key is its owner and id
+    (the bare id for principal "", as before), so the same id of two owners never collides."""
+
+    async def body(s: StateStore) -> None:
+        sid = uuid.uuid4().hex
+        anon = new_record(sid)
+        alice = new_record(sid).replace(owner="alice", steps=5)
+        bob = new_record(sid).replace(owner="bob", steps=7)
+        assert anon.key == sid and alice.key == f"alice/{sid}"
+        assert await s.put([Write(anon, 0), Write(alice, 0), Write(bob, 0)]) == [True] * 3
+        assert await s.get(sid) == anon
+        assert await s.get(alice.key) == alice and await s.get(bob.key) == bob
+        # A compare-and-set on one leaves the others as they were.
+        alice2 = advanced(alice)
+        assert await s.put([Write(alice2, 1), Write(advanced(bob), 2)]) == [True, False]
+        assert await s.get(alice.key) == alice2 and await s.get(bob.key) == bob
+        await s.delete([bob.key])
+        assert await s.get(bob.key) is None
+        assert await s.get(sid) == anon and await s.get(alice.key) == alice2
+
+    run(url, body)
+
+
 def test_commit_over_the_read_version_bumps_it(url: str) -> None:
     async def body(s: StateStore) -> None:
         v1 = new_record()

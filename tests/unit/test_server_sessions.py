@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from server.batch import StatePool
-from server.errors import Busy, NotFound, ResourceExhausted
-from server.sessions import SessionStore
+from server.errors import AlreadyExists, Busy, NotFound, ResourceExhausted
+from server.sessions import RECENT_REQUESTS, SessionStore
 
 
 class Clock:
@@ -149,3 +149,43 @@ def test_not_found_quotes_at_most_64_characters_of_the_id():
     with pytest.raises(NotFound) as e:
         store.get("x" * 100_000)
     assert len(str(e.value)) < 200
+
+
+def test_session_ids_are_scoped_per_principal():
+    """Issue 19: one principal's ids neither collide with nor reveal another's."""
+    store, clock = make(4)
+    sid = "client-chosen-id-0001"
+    a = store.create(session_id=sid, owner="alice")
+    b = store.create(session_id=sid, owner="bob")  # before: AlreadyExists "is taken"
+    anon = store.create(session_id=sid)  # principal "" (authentication off)
+    assert len({a.slot, b.slot, anon.slot}) == 3 and a.id == b.id == anon.id == sid
+    with pytest.raises(AlreadyExists, match="is taken"):
+        store.create(session_id=sid, owner="alice")  # within one principal, still taken
+    assert store.local(sid, "alice") is a and store.local(sid, "bob") is b
+    assert store.local(sid) is anon and store.local(sid, "carol") is None
+    with pytest.raises(NotFound, match="never created"):
+        store.acquire(sid, "carol")
+    assert store.acquire(sid, "alice") is a
+    store.acquire(sid, "bob")  # Alice's request does not make Bob's session busy
+    store.release(a)
+    store.close(sid, owner="alice")
+    assert store.local(sid, "alice") is None and store.local(sid, "bob") is b
+    store.release(b)
+    clock.t = 11  # Bob's expires; "expired" is said to Bob only
+    store.expire_idle()
+    with pytest.raises(NotFound, match="expired"):
+        store.get(sid, "bob")
+    assert "never created" in store.why_not_found(sid, "alice")
+    assert store.owned_by("bob") == 0 and store.owned_by("") == 0
+
+
+def test_recent_request_ids_keep_the_payload_digest_and_the_last_16():
+    store, _ = make(2)
+    s = store.create()
+    for i in range(RECENT_REQUESTS + 3):
+        store.remember(s, f"r{i}", i, digest=bytes([i]))
+    assert store.recalled(s, "r0") is None and store.recalled(s, "") is None
+    last = store.recalled(s, f"r{RECENT_REQUESTS + 2}")
+    assert last is not None and last.outcome == RECENT_REQUESTS + 2
+    assert last.digest == bytes([RECENT_REQUESTS + 2]) and last.blob is None
+    assert s.recent is not None and len(s.recent) == RECENT_REQUESTS

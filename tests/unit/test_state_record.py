@@ -10,7 +10,15 @@ import msgpack
 import numpy as np
 import pytest
 
-from server.state.record import MAGIC, ModelIdentity, RecordError, SessionRecord
+from server.state.record import (
+    FORMAT_VERSION,
+    MAGIC,
+    ModelIdentity,
+    RecordError,
+    Request,
+    SessionRecord,
+    storage_key,
+)
 
 MODEL = ModelIdentity("timemachine", "3", hashlib.sha256(b"model").hexdigest())
 
@@ -28,6 +36,10 @@ def make(rng: np.random.Generator, layers: int, hidden: int, vocab: int | None) 
         owner=str(rng.choice(["", "alice", "ünïcode"])),
         version=int(rng.integers(1, 1 << 40)),
         model=MODEL,
+        requests=tuple(
+            Request(f"r-{i}", rng.bytes(16), rng.bytes(int(rng.integers(0, 300))))
+            for i in range(int(rng.integers(0, 4)))
+        ),
     )
 
 
@@ -50,6 +62,7 @@ def same(a: SessionRecord, b: SessionRecord) -> None:
         "owner",
         "version",
         "model",
+        "requests",
     ):
         assert getattr(a, name) == getattr(b, name), name
 
@@ -117,8 +130,8 @@ def test_foreign_and_inconsistent_records_are_refused_by_name() -> None:
     body = data[:-32]
     with pytest.raises(RecordError, match="magic"):
         SessionRecord.from_bytes(resign(b"XXXX" + body[4:]))
-    with pytest.raises(RecordError, match="format 2"):
-        SessionRecord.from_bytes(resign(body[:4] + struct.pack("<H", 2) + body[6:]))
+    with pytest.raises(RecordError, match="format 3"):
+        SessionRecord.from_bytes(resign(body[:4] + struct.pack("<H", 3) + body[6:]))
     # A validly signed record whose header disagrees with its payload.
     (head_len,) = struct.unpack_from("<I", body, 6)
     header = msgpack.unpackb(body[10 : 10 + head_len])
@@ -149,3 +162,48 @@ def test_constructor_checks_shapes_and_dtypes() -> None:
     bumped = rec.replace(version=rec.version + 1, steps=rec.steps + 1)
     assert bumped.version == rec.version + 1 and bumped != rec
     assert rec.expires_unix_s == rec.last_used_unix_s + rec.idle_timeout_s
+
+
+def _with_header(data: bytes, fmt: int, change) -> bytes:
+    """``data`` re-signed with its header changed by ``change`` and format ``fmt``."""
+    body = data[:-32]
+    (head_len,) = struct.unpack_from("<I", body, 6)
+    header = msgpack.unpackb(body[10 : 10 + head_len], raw=False)
+    change(header)
+    head = msgpack.packb(header, use_bin_type=True)
+    return resign(body[:4] + struct.pack("<HI", fmt, len(head)) + head + body[10 + head_len :])
+
+
+def test_format_1_records_still_load_without_request_ids() -> None:
+    # What a server before format 2 wrote (and what an SQLite file or Redis may still hold).
+    assert FORMAT_VERSION == 2
+    rec = make(np.random.default_rng(), 2, 8, 5).replace(requests=(Request("r", b"d", b"o"),))
+    old = _with_header(rec.to_bytes(), 1, lambda h: h.pop("requests"))
+    back = SessionRecord.from_bytes(old)
+    assert back.requests == ()
+    same(rec.replace(requests=()), back)
+    # Format 2 keeps them, outcome bytes and all (b"": applied, outcome not kept).
+    rec = rec.replace(requests=(Request("a" * 128, b"\x00" * 16, b""), Request("b", b"d", b"x")))
+    assert SessionRecord.from_bytes(rec.to_bytes()).requests == rec.requests
+
+
+def test_malformed_request_lists_are_refused() -> None:
+    data = make(np.random.default_rng(), 1, 4, 3).to_bytes()
+    for bad in ([["r", "not bytes", b""]], [["r", b"d"]], "x", [["r" * 129, b"d", b""]]):
+
+        def put(h, bad=bad):
+            h["requests"] = bad
+
+        with pytest.raises(RecordError, match="requests"):
+            SessionRecord.from_bytes(_with_header(data, 2, put))
+    with pytest.raises(RecordError, match="requests"):
+        SessionRecord.from_bytes(_with_header(data, 2, lambda h: h.pop("requests")))
+
+
+def test_storage_keys_are_scoped_per_principal() -> None:
+    rec = make(np.random.default_rng(), 1, 4, 3)
+    # Principal "" keeps the bare id (records written before ids were scoped still load).
+    assert rec.replace(owner="", session_id="abc").key == "abc" == storage_key("", "abc")
+    assert rec.replace(owner="alice", session_id="abc").key == "alice/abc"
+    # A session id never holds "/": no (owner, id) pair shares another's key.
+    assert storage_key("a/b", "c") != storage_key("a", "b") and "/" not in storage_key("", "x")
