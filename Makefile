@@ -8,7 +8,7 @@ STAMP_ALL := $(VENV)/.installed-all
 STAMP_SERVE := $(VENV)/.installed-serve
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: install install-serve system-deps serve test lint protolint imports typecheck unit protos bench bench-quick container-test scale-test clean
+.PHONY: install install-serve system-deps serve test fuzz lint protolint imports typecheck unit protos bench bench-quick container-test scale-test clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,11 @@ system-deps:
 
 test: install system-deps lint protolint imports typecheck
 	$(BIN)/pytest -q
+
+# The hypothesis fuzzing of every RPC (health included) at 10,000 cases; the default test run
+# does about 1,100.
+fuzz: install
+	LSTM_SERVE_FUZZ_EXAMPLES=10000 $(BIN)/pytest -q tests/integration/test_server_fuzz.py
 
 protos: install
 	$(BIN)/python -m protos.generate

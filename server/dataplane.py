@@ -92,6 +92,7 @@ class StepResult:
     top: list[tuple[int, str, float]]  # (token id, token text, probability), most probable first
     tokens_consumed: int
     steps: int
+    model_version: str = ""  # the version that computed it ("" when recalled from a record)
 
 
 @dataclass(frozen=True)
@@ -983,7 +984,12 @@ class DataPlane(Admission):
             top = self._top_k(logits[-1], top_k)
         steps = session.steps + len(ids)
         result = StepResult(
-            session.id, None if output == OUTPUT_TOP_K else logits, top, len(ids), steps
+            session.id,
+            None if output == OUTPUT_TOP_K else logits,
+            top,
+            len(ids),
+            steps,
+            self.runtime.version,
         )
         new = Remembered(digest, result) if request_id else None
         await self._finish(session, snap, steps, request_id, new, caller)

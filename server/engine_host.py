@@ -32,7 +32,7 @@ from . import ipc
 from .app import Core, build_core
 from .dataplane import Caller, GenerateParams, ModelRef, StepResult, Stream
 from .errors import NotFound
-from .metrics import InferStats, RequestStats
+from .metrics import ModelInferStats, RequestStats
 from .settings import Settings, settings_from_json
 
 log = logging.getLogger("lstm_serve.engine")
@@ -43,7 +43,8 @@ Handler = Callable[["_Frontend", "Caller", list[Any]], Awaitable[Any]]
 def step_payload(r: StepResult) -> list[Any]:
     logits = None if r.logits is None else ipc.f32(r.logits)
     positions = 0 if r.logits is None else int(r.logits.shape[0])
-    return [r.session_id, logits, positions, [list(t) for t in r.top], r.tokens_consumed, r.steps]
+    top = [list(t) for t in r.top]
+    return [r.session_id, logits, positions, top, r.tokens_consumed, r.steps, r.model_version]
 
 
 class _Frontend:
@@ -67,7 +68,7 @@ class EngineHost:
         self.path = path
         self.frontends: set[_Frontend] = set()
         # The KServe service's inference counts, shipped by the front ends (ModelStatistics).
-        self.infer_stats = InferStats()
+        self.infer_stats = ModelInferStats()
         self._server: asyncio.AbstractServer | None = None
         self._stream_ids = itertools.count(1)
         self._handlers: dict[str, Handler] = {
@@ -132,7 +133,7 @@ class EngineHost:
             if op == ipc.HEARTBEAT:
                 self.core.requests.merge(RequestStats.from_wire(msg[2]))
                 if len(msg) > 3 and msg[3] is not None:
-                    self.infer_stats.merge(InferStats.from_wire(msg[3]))
+                    self.infer_stats.merge(ModelInferStats.from_wire(msg[3]))
                 if len(msg) > 4 and msg[4] is not None:
                     fe.index, fe.pid = int(msg[4][0]), int(msg[4][1])
                 return

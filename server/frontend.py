@@ -63,11 +63,12 @@ def _ctx(caller: Caller) -> list[Any]:
 
 
 def step_result(payload: list[Any]) -> StepResult:
-    sid, logits, positions, top, consumed, steps = payload
+    sid, logits, positions, top, consumed, steps, version = payload
     arr = None
     if logits is not None:
         arr = np.frombuffer(logits, np.float32).reshape(positions, -1)
-    return StepResult(sid, arr, [(int(i), t, float(p)) for i, t, p in top], consumed, steps)
+    top_ = [(int(i), t, float(p)) for i, t, p in top]
+    return StepResult(sid, arr, top_, consumed, steps, version)
 
 
 def _status(r: list[Any]) -> ModelStatus:
@@ -159,7 +160,7 @@ class RemotePlane(Admission):
         with contextlib.suppress(Unavailable):
             self._send([0, ipc.HEARTBEAT, stats.to_wire(), infer, me])
 
-    async def infer_stats(self) -> list[int]:
+    async def infer_stats(self) -> list[Any]:
         """The KServe inference counts every front end has shipped to the engine."""
         return list(await self.call(ipc.INFER_STATS))
 
@@ -448,7 +449,7 @@ class Frontend:
         stats, self.servicer.requests = self.servicer.requests, RequestStats()
         return stats
 
-    def _take_infer_stats(self) -> list[int] | None:
+    def _take_infer_stats(self) -> list[Any] | None:
         kserve = self.servicer.kserve
         return None if kserve is None else kserve.take_stats().to_wire()
 

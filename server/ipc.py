@@ -24,7 +24,7 @@ Replies:  ``[rid, kind, payload]`` with ``kind``:
 
 One-way messages (no reply): ``CANCEL`` (the client went away: the engine cancels the request,
 which puts the session back as it was), ``HEARTBEAT`` (payload: the front end's request stats
-since its last heartbeat).
+since its last heartbeat, its KServe inference counts per model version, and its index and pid).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ import numpy as np
 from protos.inference import grpc_service_pb2 as kpb
 from protos.inference import grpc_service_pb2_grpc as kpb_grpc
 
-from .dataplane import RETIRING, Caller, ModelInfo, ModelRef, ModelStatus, Plane, StepResult
+from .dataplane import READY, RETIRING, Caller, ModelInfo, ModelRef, ModelStatus, Plane, StepResult
 from .decode import UNDECODABLE, SparseLog, add_checked
 from .errors import (
     AlreadyExists,
@@ -50,7 +50,7 @@ from .errors import (
     ServeError,
     Unavailable,
 )
-from .metrics import InferStats
+from .metrics import InferStats, ModelInferStats
 from .servicer import CALLER, LstmServeServiceServicer, guarded, status_for
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,26 @@ def _shape(shape: list[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape[:8]) + f", ... ({len(shape)} dimensions)]"
 
 
+def _statistics(name: str, version: str, s: InferStats) -> Any:
+    """One model version's ModelStatistics entry."""
+    duration = kpb.StatisticDuration
+    return kpb.ModelStatistics(
+        name=name,
+        version=version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.success_count,
+        execution_count=s.success_count,
+        inference_stats=kpb.InferStatistics(
+            success=duration(count=s.success_count, ns=s.success_ns),
+            fail=duration(count=s.fail_count, ns=s.fail_ns),
+            queue=duration(count=s.success_count, ns=0),
+            compute_input=duration(count=s.success_count, ns=s.compute_input_ns),
+            compute_infer=duration(count=s.success_count, ns=s.compute_infer_ns),
+            compute_output=duration(count=s.success_count, ns=s.compute_output_ns),
+        ),
+    )
+
+
 def _index_rows(models: list[ModelStatus], ready_only: bool) -> list[Any]:
     """RepositoryIndex rows: one per version; a retiring version shows as Triton's UNLOADING
     (it still serves the sessions pinned to it)."""
@@ -251,7 +271,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         # Whether grpc.health.v1 says SERVING (model loaded, not draining, the session store
         # answers): ServerReady and ModelReady follow it. None: the plane alone decides.
         self.serving = serving
-        self.stats = InferStats()
+        self.stats = ModelInferStats()
         # (plane, name, version) -> (expiry, info): a named version's info never changes; the
         # newest version of a model may after a rollout, so that answer is kept for a second.
         self._infos: dict[tuple[int, str, str], tuple[float, ModelInfo]] = {}
@@ -331,11 +351,22 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        _, info = await self._check_model(request.name, request.version)
+        plane, info = await self._check_model(request.name, request.version)
+        versions = [info.version]
+        if not request.version:  # every loaded version of the model, as Triton lists them
+            _, models = await plane.list_models()
+            loaded = [
+                v.version
+                for m in models
+                if m.name == info.name
+                for v in m.versions
+                if v.state in (READY, RETIRING)
+            ]
+            versions = loaded or versions
         tensor = kpb.ModelMetadataResponse.TensorMetadata
         return kpb.ModelMetadataResponse(
             name=info.name,
-            versions=[info.version],
+            versions=versions,
             platform=PLATFORM,
             inputs=[
                 tensor(name=INPUT_TOKENS, datatype="INT64", shape=[1, -1]),
@@ -374,43 +405,37 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        # One entry per model version that has served inferences (Triton answers per version):
+        # of the named model (and version), or of every model when no name is given.
         plane = self._plane()
         if request.name:
+            await self._check_model(request.name, request.version)
+        totals = await self._totals(plane)
+        entries = [
+            _statistics(name, version, s)
+            for (name, version), s in sorted(totals.by_version.items())
+            if (not request.name or name == request.name)
+            and (not request.version or version == request.version)
+        ]
+        if request.name and not entries:
+            # A served model that has not run yet: zero counts, as Triton reports it.
             _, info = await self._check_model(request.name, request.version)
-        else:
-            info = await self._model(plane)
-        s = await self._totals(plane)
-        duration = kpb.StatisticDuration
-        stats = kpb.ModelStatistics(
-            name=info.name,
-            version=info.version,
-            last_inference=s.last_inference_ms,
-            inference_count=s.success_count,
-            execution_count=s.success_count,
-            inference_stats=kpb.InferStatistics(
-                success=duration(count=s.success_count, ns=s.success_ns),
-                fail=duration(count=s.fail_count, ns=s.fail_ns),
-                queue=duration(count=s.success_count, ns=0),
-                compute_input=duration(count=s.success_count, ns=s.compute_input_ns),
-                compute_infer=duration(count=s.success_count, ns=s.compute_infer_ns),
-                compute_output=duration(count=s.success_count, ns=s.compute_output_ns),
-            ),
-        )
-        return kpb.ModelStatisticsResponse(model_stats=[stats])
+            entries.append(_statistics(info.name, info.version, InferStats()))
+        return kpb.ModelStatisticsResponse(model_stats=entries)
 
-    async def _totals(self, plane: Plane) -> InferStats:
+    async def _totals(self, plane: Plane) -> ModelInferStats:
         """This process's counts, plus, in a front end, what every front end shipped to the
         engine (this one's not yet shipped counts are its own ``stats``)."""
         shipped = getattr(plane, "infer_stats", None)
-        total = InferStats()
+        total = ModelInferStats()
         if shipped is not None:
-            total.merge(InferStats.from_wire(await shipped()))
+            total.merge(ModelInferStats.from_wire(await shipped()))
         total.merge(self.stats)
         return total
 
-    def take_stats(self) -> InferStats:
+    def take_stats(self) -> ModelInferStats:
         """What this process counted since the last call (a front end's heartbeat ships it)."""
-        stats, self.stats = self.stats, InferStats()
+        stats, self.stats = self.stats, ModelInferStats()
         return stats
 
     # --- inference -----------------------------------------------------------------------------
@@ -493,11 +518,14 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             t2 = time.perf_counter_ns()
             response = self._response(request, info, result, raw)
         except BaseException:
-            self.stats.fail_count += 1
-            self.stats.fail_ns += time.perf_counter_ns() - t0
+            # A failed request counts under the version it named, else the newest one.
+            failed = self.stats.of(info.name, info.version)
+            failed.fail_count += 1
+            failed.fail_ns += time.perf_counter_ns() - t0
             raise
         t3 = time.perf_counter_ns()
-        s = self.stats
+        # Counted under the version that computed it (a sequence stays on its own version).
+        s = self.stats.of(info.name, result.model_version or info.version)
         s.success_count += 1
         s.success_ns += t3 - t0
         s.compute_input_ns += t1 - t0
@@ -645,7 +673,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             name=OUTPUT_LOGITS, datatype="FP32", shape=[1, logits.shape[1]]
         )
         response = kpb.ModelInferResponse(
-            model_name=info.name, model_version=info.version, id=request.id, outputs=[out]
+            model_name=info.name,
+            model_version=result.model_version or info.version,
+            id=request.id,
+            outputs=[out],
         )
         if raw:
             response.raw_output_contents.append(logits.astype("<f4", copy=False).tobytes())

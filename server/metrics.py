@@ -197,6 +197,33 @@ class InferStats:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
+class ModelInferStats:
+    """:class:`InferStats` per model version (KServe ModelStatistics answers per version)."""
+
+    def __init__(self) -> None:
+        self.by_version: dict[tuple[str, str], InferStats] = {}
+
+    def of(self, name: str, version: str) -> InferStats:
+        stats = self.by_version.get((name, version))
+        if stats is None:
+            stats = self.by_version[(name, version)] = InferStats()
+        return stats
+
+    def to_wire(self) -> list[Any]:
+        return [[n, v, s.to_wire()] for (n, v), s in self.by_version.items()]
+
+    @classmethod
+    def from_wire(cls, data: list[Any]) -> ModelInferStats:
+        out = cls()
+        for name, version, fields in data:
+            out.of(str(name), str(version)).merge(InferStats.from_wire(fields))
+        return out
+
+    def merge(self, other: ModelInferStats) -> None:
+        for (name, version), stats in other.by_version.items():
+            self.of(name, version).merge(stats)
+
+
 @dataclass
 class ModelInfoStats:
     """One loaded model version, as the metrics show it."""

@@ -524,8 +524,22 @@ def test_kserve_sequences_stay_on_their_version_and_a_new_start_takes_the_new_on
             {"seq": 6, "start": True, "tokens": [2, 3]},  # a new sequence: v2
             {"seq": 5, "start": True, "tokens": [2, 3]},  # restarted: v2 as well
         ]
-        (got,) = run_client(srv.target, [{"op": "infer", "steps": steps}])
+        meta, got, stats = run_client(
+            srv.target,
+            [
+                {"op": "metadata", "model": "tiny"},
+                {"op": "infer", "steps": steps},
+                {"op": "statistics"},
+            ],
+        )
+        assert meta["versions"] == ["1", "2"]  # v1 still serves sequence 5
         want1, _ = ref1.feed([4], state)
+        # Statistics per version: each inference counted under the version that computed it.
+        counts = {
+            m["version"]: int(m["inference_stats"]["success"]["count"])
+            for m in stats["model_stats"]
+        }
+        assert counts == {"1": 2, "2": 2}, stats
         want2, _ = ref2.feed([2, 3], ref2.zeros())
         np.testing.assert_allclose(got[0]["logits"], want1[-1:], atol=ATOL, rtol=0)
         np.testing.assert_allclose(got[1]["logits"], want2[-1:], atol=ATOL, rtol=0)
