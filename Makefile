@@ -8,7 +8,7 @@ STAMP_ALL := $(VENV)/.installed-all
 STAMP_SERVE := $(VENV)/.installed-serve
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: install install-serve system-deps serve test fuzz lint protolint imports typecheck unit protos bench bench-quick container-test scale-test clean
+.PHONY: install install-serve system-deps monitoring-check serve test fuzz lint protolint imports typecheck unit protos bench bench-quick container-test scale-test clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -55,7 +55,17 @@ typecheck: install
 system-deps:
 	@bash scripts/system-deps.sh
 
-test: install system-deps lint protolint imports typecheck
+# The Prometheus rules (deploy/prometheus/): promtool check config/rules, and the rule unit tests.
+# promtool is Debian's, unpacked by system-deps into .cache/prometheus (PROMETHEUS_DIR).
+PROMETHEUS_DIR ?= $(or $(LSTM_SERVE_PROMETHEUS_DIR),.cache/prometheus)
+PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
+
+monitoring-check: system-deps
+	$(PROMTOOL) check config deploy/prometheus.yml
+	$(PROMTOOL) check rules deploy/prometheus/lstm-serve.rules.yml
+	$(PROMTOOL) test rules deploy/prometheus/lstm-serve.rules.test.yml
+
+test: install system-deps monitoring-check lint protolint imports typecheck
 	$(BIN)/pytest -q
 
 # The hypothesis fuzzing of every RPC (health included) at 10,000 cases; the default test run

@@ -234,6 +234,7 @@ async def build_core(
             expose_build_info=s.expose_build_info,
         )
         plane.owned_by = models.owned_by
+        plane.sessions_of = models.sessions_of
         plane._buckets = models.buckets
         planes.append(plane)
         engine.start()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 from .runtime import ModelLoadError
-from .settings import SettingsError, from_args
+from .settings import Settings, SettingsError, from_args
 from .supervisor import StartError, Supervisor, run
 
 
@@ -36,11 +37,36 @@ def _announce(sup: Supervisor) -> None:
     print(f"lstm-serve: gRPC listening on {s.host}:{sup.port}", flush=True)
     if sup.metrics_port is not None:
         print(f"lstm-serve: metrics on http://{host}:{sup.metrics_port}/metrics", flush=True)
+    for line in _access_notes(s):
+        print(f"lstm-serve: {line}", flush=True)
+    tls = f" --tls-ca {shlex.quote(s.tls_cert)}" if s.tls_cert else ""
     print(
-        f"try: {_client_command()} generate --target {target} "
+        f"try: {_client_command()} generate --target {target}{tls} "
         '--prompt "time traveller" --max-tokens 100',
         flush=True,
     )
+
+
+def _access_notes(s: Settings) -> list[str]:
+    """What a client needs besides the target, for the "try:" line's reader (never a token)."""
+    notes = []
+    if s.tls_cert:
+        notes.append(
+            "TLS is on: clients need --tls-ca with the CA that signed --tls-cert (for a "
+            "self-signed certificate, that is the certificate file itself, which the try: line "
+            "passes)"
+        )
+    if s.tls_client_ca:
+        notes.append(
+            "mutual TLS is on: clients also need --tls-cert and --tls-key, a certificate signed "
+            "by --tls-client-ca"
+        )
+    if s.auth_tokens:
+        notes.append(
+            "--auth-tokens is on: clients need one of its tokens (--token TOKEN, or "
+            "LSTM_SERVE_TOKEN=TOKEN in the environment, which the try: line relies on)"
+        )
+    return notes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,15 +21,26 @@ any RPC; everything the server refuses raises :class:`grpc.RpcError`.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
 import queue
 import re
 import sys
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, NoReturn
+
+# gRPC's C core logs some failures itself, straight to stderr (a TLS handshake refused:
+# "E1204 ... ssl_transport_security.cc:... Handshake failed ..."), beside the one-line error
+# lstm-client prints for the same failure. It reads GRPC_VERBOSITY once, as grpc is imported,
+# so the lstm-client process (the console script, or python -m server.client) sets it to NONE
+# here unless the user set it; a program importing this module as a library keeps its own.
+if __name__ == "__main__" or Path(sys.argv[0]).name == "lstm-client":
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,6 +67,8 @@ _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d+)$")
 _SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p")
 _VERSION = re.compile(r"[0-9]+")
+SESSION_ACTIONS = ("list", "get", "close", "reset")
+VOCAB_PREVIEW = 12  # tokens `lstm-client info` shows
 _MIB = 2**20
 
 
@@ -118,6 +131,28 @@ class ModelList:
     def default(self) -> ModelStatus | None:
         """The default model, or None (a server that lists none as default)."""
         return next((m for m in self.models if m.is_default), None)
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """A session as :meth:`LstmClient.list_sessions` (and ``lstm-client sessions``) reports it:
+    GetSession's fields as plain values."""
+
+    session_id: str
+    model_name: str  # the model and version it is pinned to
+    model_version: str
+    steps: int  # tokens fed since it was created or last reset
+    created_unix_s: float
+    last_used_unix_s: float
+    idle_timeout_s: float  # the idle timeout in force
+    state_bytes: int
+    busy: bool  # a request is using it
+    has_next_distribution: bool  # Generate may continue it with an empty prompt
+
+    @classmethod
+    def from_pb(cls, m: Any) -> SessionSummary:
+        """From a ``SessionSummary`` or a ``GetSessionResponse`` message."""
+        return cls(**{f.name: getattr(m, f.name) for f in fields(cls)})
 
 
 class LstmClient:
@@ -221,6 +256,24 @@ class LstmClient:
             timeout=self.timeout,
             metadata=self._md(session_id),
         )
+
+    def list_sessions(self, page_size: int = 0) -> list[SessionSummary]:
+        """Every session of the caller's principal the server holds (not the ephemeral ones of
+        step streams), ordered by id, as :class:`SessionSummary`; fetched ``page_size`` at a
+        time (0: the server's page size, 1000)."""
+        _check_int("page_size", page_size, low=0)
+        out: list[SessionSummary] = []
+        token = ""
+        while True:
+            resp = self.stub.ListSessions(
+                pb.ListSessionsRequest(page_size=page_size, page_token=token),
+                timeout=self.timeout,
+                metadata=self._md(),
+            )
+            out += [SessionSummary.from_pb(m) for m in resp.sessions]
+            token = resp.next_page_token
+            if not token:
+                return out
 
     def export_session(self, session_id: str) -> bytes:
         """The session's record (state, counters, model identity) as bytes."""
@@ -761,8 +814,13 @@ def _parser() -> argparse.ArgumentParser:
         help="how many of the most probable next tokens to print",
     )
     model_flags(s, "of the ephemeral session", session=True)
-    command("health", "exit 0 only when the server is SERVING")
-    model_flags(command("info", "describe a served model"), "to describe")
+    json_help = "print JSON instead of text"
+    command("health", "exit 0 only when the server is SERVING").add_argument(
+        "--json", action="store_true", help=json_help
+    )
+    i = command("info", "describe a served model")
+    model_flags(i, "to describe")
+    i.add_argument("--json", action="store_true", help=json_help + " (vocab and config whole)")
     c = command("create", "create a session and print its id")
     c.add_argument("--session-id", default="", help="the id to use (default: the server picks)")
     c.add_argument(
@@ -796,6 +854,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     ms.add_argument("name", nargs="?", default="", metavar="NAME", help="the model to (un)load")
     ms.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ss = command(
+        "sessions",
+        "list your sessions ('sessions list'), or describe, close or reset one ('sessions get "
+        "ID', 'sessions close ID', 'sessions reset ID')",
+    )
+    ss.add_argument(
+        "action",
+        nargs="?",
+        choices=SESSION_ACTIONS,
+        default="list",
+        metavar="ACTION",
+        help="list, get ID, close ID or reset ID",
+    )
+    ss.add_argument("session", nargs="?", default="", metavar="ID", help="the session")
+    ss.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
 
@@ -808,6 +881,12 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"unrecognized arguments: {args.name}{see}", 2)
         if args.action != "list" and not args.name:
             _fail(f"models {args.action} needs the model's NAME{see}", 2)
+    if args.command == "sessions":
+        see = f" (see {PROG} sessions --help)"
+        if args.action == "list" and args.session:
+            _fail(f"unrecognized arguments: {args.session}{see}", 2)
+        if args.action != "list" and not args.session:
+            _fail(f"sessions {args.action} needs the session's ID{see}", 2)
     try:
         with LstmClient(
             args.target,
@@ -825,6 +904,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{name}: {details}", 1)
     except ValueError as e:  # the library's own argument checks: a usage error
         _fail(" ".join(str(e).split()), 2)
+    except BrokenPipeError:
+        # The reader went away (lstm-client generate ... | head -c 20): it had what it wanted,
+        # so exit 0 without a word. Python's advice: point stdout at devnull, or the flush at
+        # exit fails again and prints "Exception ignored ... BrokenPipeError".
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
     except OSError as e:  # --tls-ca/--record/--out that cannot be read or written
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         _fail(f"{e.strerror or e}{where}", 1)
@@ -879,11 +965,14 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
     if args.command == "health":
         status = client.health()
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-        print(name)
+        print(json.dumps({"status": name}) if args.json else name)
         return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
     if args.command == "info":
-        print(client.model_info(**model))
+        info = model_info_dict(client.model_info(**model))
+        print(json.dumps(info, indent=2) if args.json else format_model_info(info))
         return 0
+    if args.command == "sessions":
+        return _sessions(client, args)
     if args.command == "create":
         created = client._create_session(args.idle_timeout_s, args.session_id, **model)
         print(created.session_id)
@@ -916,6 +1005,131 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
         print(client.fork_session(args.session, args.new_session_id))
         return 0
     return 2
+
+
+def _sessions(client: LstmClient, args: argparse.Namespace) -> int:
+    sid = args.session
+    if args.action == "list":
+        listed = client.list_sessions()
+        if args.json:
+            print(json.dumps([asdict(x) for x in listed], indent=2))
+        else:
+            print(format_sessions(listed))
+    elif args.action == "get":
+        got = SessionSummary.from_pb(client.get_session(sid))
+        print(json.dumps(asdict(got), indent=2) if args.json else format_session(got))
+    elif args.action == "close":
+        client.close_session(sid)
+        print(f"closed {sid}")
+    else:
+        client.reset_session(sid)
+        print(f"reset {sid}")
+    return 0
+
+
+def _utc(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_sessions(sessions: Sequence[SessionSummary], now: float | None = None) -> str:
+    """``sessions`` as the table ``lstm-client sessions list`` prints: oldest first, idle
+    seconds since the last use, creation time in UTC."""
+    if not sessions:
+        return "no sessions"
+    now = time.time() if now is None else now
+    head = ("SESSION", "MODEL", "VERSION", "STEPS", "IDLE_S", "TIMEOUT_S", "BUSY", "CREATED")
+    rows = [head]
+    for x in sorted(sessions, key=lambda x: (x.created_unix_s, x.session_id)):
+        rows.append(
+            (
+                x.session_id,
+                x.model_name,
+                x.model_version,
+                str(x.steps),
+                f"{max(0.0, now - x.last_used_unix_s):.0f}",
+                f"{x.idle_timeout_s:g}",
+                "yes" if x.busy else "no",
+                _utc(x.created_unix_s),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    right = {3, 4, 5}
+    out = [
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
+    out.append(f"({len(sessions)} session{'s' if len(sessions) != 1 else ''})")
+    return "\n".join(out)
+
+
+def format_session(x: SessionSummary, now: float | None = None) -> str:
+    """One session as ``lstm-client sessions get`` prints it."""
+    now = time.time() if now is None else now
+    idle = max(0.0, now - x.last_used_unix_s)
+    lines = [
+        ("session", x.session_id),
+        ("model", f"{x.model_name} version {x.model_version}"),
+        ("steps", str(x.steps)),
+        ("created", _utc(x.created_unix_s)),
+        ("last used", f"{_utc(x.last_used_unix_s)} ({idle:.0f} s ago)"),
+        ("idle timeout", f"{x.idle_timeout_s:g} s"),
+        ("state", f"{x.state_bytes} bytes"),
+        ("busy", "yes" if x.busy else "no"),
+        ("can continue", "yes" if x.has_next_distribution else "no (no token fed yet)"),
+    ]
+    return "\n".join(f"{k:<13}{v}" for k, v in lines)
+
+
+def model_info_dict(m: Any) -> dict[str, Any]:
+    """A ``GetModelInfoResponse`` as plain JSON types: the vocabulary as a list, the config
+    parsed (left as a string if it is not JSON), the limits grouped."""
+    try:
+        config: Any = json.loads(m.config_json) if m.config_json else {}
+    except ValueError:
+        config = m.config_json
+    return {
+        "name": m.name,
+        "version": m.version,
+        "provider": m.provider,
+        "num_layers": m.num_layers,
+        "hidden_size": m.hidden_size,
+        "vocab_size": len(m.vocab),
+        "vocab": list(m.vocab),
+        "unk_id": m.unk_id,
+        "preprocess": m.preprocess,
+        "state_bytes_per_session": m.state_bytes_per_session,
+        "limits": {
+            "max_prompt_tokens": m.max_prompt_tokens,
+            "max_new_tokens": m.max_new_tokens,
+            "max_sessions": m.max_sessions,
+            "max_batch_size": m.max_batch_size,
+        },
+        "config": config,
+    }
+
+
+def format_model_info(info: dict[str, Any]) -> str:
+    """:func:`model_info_dict` as ``lstm-client info`` prints it: a line per fact, the
+    vocabulary's first tokens only (``--json`` has it whole)."""
+    vocab: list[str] = info["vocab"]
+    preview = " ".join(json.dumps(t) for t in vocab[:VOCAB_PREVIEW])
+    more = f" ... ({len(vocab) - VOCAB_PREVIEW} more)" if len(vocab) > VOCAB_PREVIEW else ""
+    limits = " ".join(f"{k}={v}" for k, v in info["limits"].items())
+    state = info["state_bytes_per_session"]
+    lines = [
+        ("model", f"{info['name']} version {info['version']}"),
+        ("provider", info["provider"]),
+        ("layers", f"{info['num_layers']} x LSTM, hidden size {info['hidden_size']}"),
+        ("vocabulary", f"{len(vocab)} tokens: {preview}{more}"),
+        ("unknown id", str(info["unk_id"])),
+        ("preprocess", info["preprocess"] or "(none)"),
+        ("state", f"{state} bytes per session ({state / 1024:.1f} KiB)"),
+        ("limits", limits),
+    ]
+    return "\n".join(f"{k:<11}{v}" for k, v in lines)
 
 
 def format_models(models: Sequence[ModelStatus], control_mode: str = "") -> str:

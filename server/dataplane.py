@@ -115,6 +115,9 @@ class GenerateChunk:
     finish_reason: str | None  # "length" | "stop" on the last chunk
 
 
+# ListSessions: the page size when the request names none, and the most one page holds.
+SESSIONS_PAGE = 1000
+
 OUTPUT_LAST = "last"
 OUTPUT_ALL = "all"
 OUTPUT_TOP_K = "top_k"
@@ -303,6 +306,10 @@ class Plane(Protocol):
 
     async def get_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> SessionInfo: ...
 
+    async def list_sessions(
+        self, page_size: int = 0, page_token: str = "", *, caller: Caller = ANONYMOUS
+    ) -> tuple[list[SessionInfo], str]: ...
+
     async def step(
         self,
         session_id: str,
@@ -412,6 +419,9 @@ class DataPlane(Admission):
         # Sessions a principal holds, for the quota. Several versions' planes share one count
         # (and one rate-limit bucket) when the model repository sets them (server/models.py).
         self.owned_by: Callable[[str], int] = store.owned_by
+        # A principal's sessions, for ListSessions: this plane's, or every loaded version's when
+        # the model repository sets it (server/models.py), like ``owned_by``.
+        self.sessions_of: Callable[[str], list[SessionInfo]] = self.sessions_here
         # Set when this plane's model version has been unloaded (server/models.py): a request
         # still reaching it (an open stream's next message) gets this error for its session.
         self.gone: Callable[[str], FailedPrecondition] | None = None
@@ -601,6 +611,35 @@ class DataPlane(Admission):
             return self._info(self.store.get(session_id, caller.principal))
         finally:
             self.request_done()
+
+    def sessions_here(self, principal: str) -> list[SessionInfo]:
+        """``principal``'s sessions this plane holds in memory, ephemeral ones (owned by a step
+        stream) left out."""
+        return [self._info(s) for s in self.store.owned(principal) if not s.ephemeral]
+
+    async def list_sessions(
+        self, page_size: int = 0, page_token: str = "", *, caller: Caller = ANONYMOUS
+    ) -> tuple[list[SessionInfo], str]:
+        """One page of ``caller``'s sessions (:attr:`sessions_of`), ordered by id, and the token
+        of the next page ("" after the last). ``page_size`` 0 means :data:`SESSIONS_PAGE`, and
+        larger is capped there; ``page_token``: the previous page's last id (the page starts
+        after it, so sessions created or closed meanwhile neither repeat nor shift others).
+        Lists the sessions held in memory: with a durable store, sessions only in the store
+        (created by another replica, or before a restart, and not used here since) are not
+        listed."""
+        if page_size < 0:
+            raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
+        if len(page_token) > 128:
+            raise InvalidArgument("page_token must be a session id (at most 128 characters)")
+        self._enter(caller)
+        try:
+            mine = self.sessions_of(caller.principal)
+        finally:
+            self.request_done()
+        size = min(page_size or SESSIONS_PAGE, SESSIONS_PAGE)
+        after = sorted((i for i in mine if i.session_id > page_token), key=lambda i: i.session_id)
+        page = after[:size]
+        return page, (page[-1].session_id if len(after) > size else "")
 
     # --- durable sessions ------------------------------------------------------------------------
 

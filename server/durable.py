@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .errors import Aborted, DeadlineExceeded, FailedPrecondition, ServeError, Unavailable
+from .metrics import STORE_STATS
 from .state import StateStore
 from .state.base import StoreError, Write
 from .state.record import ModelIdentity, Request, SessionRecord, storage_key
@@ -53,6 +54,7 @@ class Durable:
         self.model = model
         self._pending: list[tuple[Write, asyncio.Future[bool], float | None]] = []
         self._flushing = False
+        STORE_STATS.enabled = True  # lstm_serve_state_store_duration_seconds
 
     def record(
         self,
@@ -81,12 +83,15 @@ class Durable:
 
     async def load(self, session_id: str, owner: str = "") -> SessionRecord | None:
         """``owner``'s record of ``session_id``, None when there is none."""
+        t0 = time.perf_counter()
         try:
             record = await self.store.get(storage_key(owner, session_id))
         except StoreError as e:
             raise Unavailable(f"the session store is unreachable: {e}") from None
         except Exception as e:
             raise self._failed("get", e) from None
+        finally:
+            STORE_STATS.observe("get", time.perf_counter() - t0)
         if record is not None and (record.owner, record.session_id) != (owner, session_id):
             return None  # a record under a key it does not belong to: never another's session
         if record is not None:
@@ -95,12 +100,15 @@ class Durable:
 
     async def delete(self, session_id: str, owner: str = "") -> None:
         """Delete ``owner``'s record of ``session_id`` (absent: nothing happens)."""
+        t0 = time.perf_counter()
         try:
             await self.store.delete([storage_key(owner, session_id)])
         except StoreError as e:
             raise Unavailable(f"the session store is unreachable: {e}") from None
         except Exception as e:
             raise self._failed("delete", e) from None
+        finally:
+            STORE_STATS.observe("delete", time.perf_counter() - t0)
 
     @staticmethod
     def _failed(what: str, e: Exception) -> StoreFailed:
@@ -141,6 +149,7 @@ class Durable:
                 )
         if not batch:
             return
+        t0 = time.perf_counter()
         try:
             results = await self.store.put([w for w, _ in batch])
         except StoreError as e:
@@ -155,6 +164,8 @@ class Durable:
                 if not fut.done():
                     fut.set_exception(StoreFailed(str(failed)))
             return
+        finally:
+            STORE_STATS.observe("put", time.perf_counter() - t0)
         for (_, fut), ok in zip(batch, results, strict=True):
             if not fut.done():
                 fut.set_result(ok)

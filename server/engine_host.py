@@ -30,7 +30,7 @@ from typing import Any
 
 from . import ipc
 from .app import Core, build_core
-from .dataplane import Caller, GenerateParams, ModelRef, StepResult, Stream
+from .dataplane import Caller, GenerateParams, ModelRef, SessionInfo, StepResult, Stream
 from .errors import NotFound
 from .metrics import ModelInferStats, RequestStats
 from .settings import Settings, settings_from_json
@@ -45,6 +45,22 @@ def step_payload(r: StepResult) -> list[Any]:
     positions = 0 if r.logits is None else int(r.logits.shape[0])
     top = [list(t) for t in r.top]
     return [r.session_id, logits, positions, top, r.tokens_consumed, r.steps, r.model_version]
+
+
+def _session_payload(i: SessionInfo) -> list[Any]:
+    """A :class:`SessionInfo` on the wire (the front end rebuilds it positionally)."""
+    return [
+        i.session_id,
+        i.steps,
+        i.created_unix_s,
+        i.last_used_unix_s,
+        i.idle_timeout_s,
+        i.state_bytes,
+        i.busy,
+        i.has_next_distribution,
+        i.model_name,
+        i.model_version,
+    ]
 
 
 class _Frontend:
@@ -76,6 +92,7 @@ class EngineHost:
             ipc.CLOSE: self._close,
             ipc.RESET: self._reset,
             ipc.GET: self._get,
+            ipc.LIST_SESSIONS: self._list_sessions,
             ipc.STEP: self._step,
             ipc.STREAM_OPEN: self._stream_open,
             ipc.STREAM_STEP: self._stream_step,
@@ -224,19 +241,11 @@ class EngineHost:
         await self.plane.reset_session(args[0], caller=caller)
 
     async def _get(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
-        i = await self.plane.get_session(args[0], caller=caller)
-        return [
-            i.session_id,
-            i.steps,
-            i.created_unix_s,
-            i.last_used_unix_s,
-            i.idle_timeout_s,
-            i.state_bytes,
-            i.busy,
-            i.has_next_distribution,
-            i.model_name,
-            i.model_version,
-        ]
+        return _session_payload(await self.plane.get_session(args[0], caller=caller))
+
+    async def _list_sessions(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+        page, token = await self.plane.list_sessions(int(args[0]), str(args[1]), caller=caller)
+        return [[_session_payload(i) for i in page], token]
 
     async def _step(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         sid, text, token_ids, output, top_k, request_id, name, version = args

@@ -248,6 +248,14 @@ class RemotePlane(Admission):
     async def get_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> SessionInfo:
         return SessionInfo(*await self._unary(ipc.GET, session_id, caller=caller))
 
+    async def list_sessions(
+        self, page_size: int = 0, page_token: str = "", *, caller: Caller = ANONYMOUS
+    ) -> tuple[list[SessionInfo], str]:
+        rows, token = await self._unary(
+            ipc.LIST_SESSIONS, int(page_size), page_token, caller=caller
+        )
+        return [SessionInfo(*r) for r in rows], str(token)
+
     async def step(
         self,
         session_id: str,

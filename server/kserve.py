@@ -140,7 +140,7 @@ def _wrap(method: Handler[R], *, authenticate: bool) -> Handler[R]:
                 _bound(e)
                 raise
 
-        return await guarded(name, context, call, _code, self.base.requests.record)
+        return await guarded(name, context, call, _code, self.base.record_request)
 
     wrapper.authenticates = authenticate  # type: ignore[attr-defined]
     return wrapper

@@ -8,6 +8,10 @@ HTTP port, which answers ``/metrics`` and 404 for every other path. Every name h
 holds prometheus-client's ``process_*`` metrics (CPU, memory, open files) of the process that
 serves it: the engine process in ``lstm-serve``; :class:`ProcessMetrics` adds the resident memory
 and CPU time of every process of the server (supervisor, engine, each front end).
+
+The request counts are also served under the gRPC ecosystem's names (``grpc_server_*``, as
+go-grpc-prometheus and py-grpc-prometheus name them, codes spelled as Go spells them), so stock
+gRPC dashboards and alerts work unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +61,62 @@ LATENCY_BUCKETS = (
     60.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# gRPC status code names (grpc.StatusCode.X.name, what RequestStats records) as Go's
+# codes.Code.String() spells them: the `grpc_code` values of go-grpc-prometheus, which stock
+# dashboards and alert rules match (e.g. grpc_code=~"Unknown|Internal|Unavailable|...").
+GRPC_CODE_NAMES = {
+    "OK": "OK",
+    "CANCELLED": "Canceled",
+    "UNKNOWN": "Unknown",
+    "INVALID_ARGUMENT": "InvalidArgument",
+    "DEADLINE_EXCEEDED": "DeadlineExceeded",
+    "NOT_FOUND": "NotFound",
+    "ALREADY_EXISTS": "AlreadyExists",
+    "PERMISSION_DENIED": "PermissionDenied",
+    "RESOURCE_EXHAUSTED": "ResourceExhausted",
+    "FAILED_PRECONDITION": "FailedPrecondition",
+    "ABORTED": "Aborted",
+    "OUT_OF_RANGE": "OutOfRange",
+    "UNIMPLEMENTED": "Unimplemented",
+    "INTERNAL": "Internal",
+    "UNAVAILABLE": "Unavailable",
+    "DATA_LOSS": "DataLoss",
+    "UNAUTHENTICATED": "Unauthenticated",
+}
+
+_METHODS: dict[str, tuple[str, str]] | None = None
+
+
+def grpc_method_labels(method: str) -> tuple[str, str]:
+    """``(grpc_service, grpc_type)`` of an RPC recorded under its bare name (``Step``,
+    ``ModelInfer``, ``Check``), from the services' descriptors: ``lstmserve.v1.LstmServeService``,
+    KServe's ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health``; ``grpc_type`` is
+    ``unary``, ``client_stream``, ``server_stream`` or ``bidi_stream``. A name none of them has
+    is ``("unknown", "unknown")``. The services share no method name
+    (tests/unit/test_monitoring_assets.py); were one shared, the first service listed wins."""
+    global _METHODS
+    if _METHODS is None:
+        # Imported here: the generated modules are only needed when a scrape turns names into
+        # labels, and importing them at module level would tie every user of the stats to them.
+        from grpc_health.v1 import health_pb2
+
+        from protos.inference import grpc_service_pb2
+        from protos.lstmserve.v1 import lstm_serve_pb2
+
+        table: dict[str, tuple[str, str]] = {}
+        for module in (lstm_serve_pb2, grpc_service_pb2, health_pb2):
+            for service in module.DESCRIPTOR.services_by_name.values():
+                for m in service.methods:
+                    kind = {
+                        (False, False): "unary",
+                        (True, False): "client_stream",
+                        (False, True): "server_stream",
+                        (True, True): "bidi_stream",
+                    }[(m.client_streaming, m.server_streaming)]
+                    table.setdefault(m.name, (service.full_name, kind))
+        _METHODS = table
+    return _METHODS.get(method, ("unknown", "unknown"))
 
 
 @dataclass
@@ -161,6 +221,26 @@ class SchedulerStats:
     queue_depth: int = 0
 
 
+class StoreStats:
+    """Duration of each call to the durable session store (:mod:`server.durable`), by operation
+    (``get``, ``put``: one batch of commits, ``delete``), failures included. One per process
+    (:data:`STORE_STATS`): the store lives in the engine process, which serves the metrics.
+    ``enabled`` is set once a :class:`~server.durable.Durable` uses it; until then (no
+    ``--state-store``) the metric family has no series."""
+
+    OPS = ("get", "put", "delete")
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.durations = {op: Histogram(LATENCY_BUCKETS) for op in self.OPS}
+
+    def observe(self, op: str, seconds: float) -> None:
+        self.durations[op].observe(seconds)
+
+
+STORE_STATS = StoreStats()
+
+
 @dataclass
 class InferStats:
     """One model's counts since start (this process): Triton's ModelStatistics fields.
@@ -253,8 +333,11 @@ class PrometheusMetrics(Collector):
         state_bytes: Callable[[], int],
         sessions_ended: Callable[[], dict[str, int]],
         registry: CollectorRegistry | None = None,
+        store: StoreStats | None = None,
     ) -> None:
         self.requests = requests
+        # None: this process's store stats (the durable store is opened in the engine process).
+        self.store = store if store is not None else STORE_STATS
         self._schedulers = schedulers
         self._models = models
         self._sessions_active = sessions_active
@@ -297,6 +380,17 @@ class PrometheusMetrics(Collector):
         for method, n in list(self.requests.undecodable.items()):
             bad.add_metric([method], n)
         yield bad
+        yield from self._grpc_families()
+        store = HistogramMetricFamily(
+            p + "state_store_duration_seconds",
+            "Calls to the durable session store by operation (get, put: one batch of commits, "
+            "delete), failures included, seconds; none without --state-store.",
+            labels=["op"],
+        )
+        if self.store.enabled:
+            for op, hist in self.store.durations.items():
+                store.add_metric([op], hist.buckets(), hist.total)
+        yield store
         versions = list(self._schedulers())
         labels = ["model", "version"]
         for name, attr, text in (
@@ -361,6 +455,44 @@ class PrometheusMetrics(Collector):
         yield info
         yield sessions
         yield memory
+
+    def _grpc_families(self) -> Iterator[Any]:
+        """The same request counts under go-grpc-prometheus's names and labels.
+
+        ``grpc_server_started_total`` is counted when a call ends (the stats know calls only
+        then), so it equals ``grpc_server_handled_total`` summed over codes: calls in flight are
+        not in it."""
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        handled = CounterMetricFamily(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            labels=[*labels, "grpc_code"],
+        )
+        started = CounterMetricFamily(
+            "grpc_server_started",
+            "Total number of RPCs started on the server (counted when they end).",
+            labels=labels,
+        )
+        per_method: dict[str, int] = defaultdict(int)
+        for (method, code), n in list(self.requests.counts.items()):
+            service, kind = grpc_method_labels(method)
+            handled.add_metric([kind, service, method, GRPC_CODE_NAMES.get(code, code)], n)
+            per_method[method] += n
+        for method, n in per_method.items():
+            service, kind = grpc_method_labels(method)
+            started.add_metric([kind, service, method], n)
+        seconds = HistogramMetricFamily(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level "
+            "handled by the server (a whole stream for streaming RPCs).",
+            labels=labels,
+        )
+        for method, hist in list(self.requests.durations.items()):
+            service, kind = grpc_method_labels(method)
+            seconds.add_metric([kind, service, method], hist.buckets(), hist.total)
+        yield handled
+        yield started
+        yield seconds
 
     def start_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; the port.

@@ -234,6 +234,11 @@ class Models:
     def owned_by(self, principal: str) -> int:
         return sum(v.store.owned_by(principal) for v in self.versions.values())
 
+    def sessions_of(self, principal: str) -> list[SessionInfo]:
+        """``principal``'s sessions on every loaded version (retiring ones included), for
+        ListSessions (each version's plane lists through this, app.py sets it)."""
+        return [i for v in self.versions.values() for i in v.plane.sessions_here(principal)]
+
     async def store_reachable(self) -> bool:
         """Whether the durable session store answers (True without one). Readiness follows it
         (health, KServe ServerReady): while it is down every create fails UNAVAILABLE. One probe
@@ -648,6 +653,13 @@ class Models:
     async def get_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> SessionInfo:
         plane = await self.plane_of(session_id, caller)
         return await plane.get_session(session_id, caller=caller)
+
+    async def list_sessions(
+        self, page_size: int = 0, page_token: str = "", *, caller: Caller = ANONYMOUS
+    ) -> tuple[list[SessionInfo], str]:
+        # Any version's plane admits it (drain, rate limit) and lists every version's sessions
+        # (its ``sessions_of`` is :meth:`sessions_of`).
+        return await self._any().plane.list_sessions(page_size, page_token, caller=caller)
 
     async def step(
         self,

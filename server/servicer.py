@@ -32,6 +32,7 @@ from .dataplane import (
     ModelRef,
     ModelStatus,
     Plane,
+    SessionInfo,
     StepResult,
 )
 from .errors import (
@@ -68,12 +69,23 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
-_OUTPUTS = {
+_OUTPUTS: dict[int, str] = {
     pb.STEP_OUTPUT_UNSPECIFIED: OUTPUT_LAST,
     pb.STEP_OUTPUT_LAST_LOGITS: OUTPUT_LAST,
     pb.STEP_OUTPUT_ALL_LOGITS: OUTPUT_ALL,
     pb.STEP_OUTPUT_TOP_K: OUTPUT_TOP_K,
 }
+
+
+def _output(value: int) -> str:
+    """The data plane's output for a StepOutput value; an out-of-range one (a raw client may
+    send any int) is INVALID_ARGUMENT naming it."""
+    output = _OUTPUTS.get(value)
+    if output is None:
+        raise InvalidArgument(f"unknown output {value}")
+    return output
+
+
 _FINISH: dict[str, Any] = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
 
 R = TypeVar("R")
@@ -142,7 +154,9 @@ def rpc(method: Handler[R]) -> Handler[R]:
             CALLER.set(self.caller_of(context))  # UNAUTHENTICATED is mapped like any error
             return await method(self, request, context)
 
-        return await guarded(name, context, call, status_for, self.requests.record)
+        # Looked up when the call ends, not now: a front end's heartbeat swaps ``requests`` for a
+        # fresh object (shipping the old one), and a count recorded into the shipped one is lost.
+        return await guarded(name, context, call, status_for, self.record_request)
 
     return wrapper
 
@@ -196,6 +210,22 @@ def _status_pb(m: ModelStatus) -> Any:
     )
 
 
+def _session_fields(i: SessionInfo) -> dict[str, Any]:
+    """GetSessionResponse's (and SessionSummary's) fields."""
+    return {
+        "session_id": i.session_id,
+        "steps": i.steps,
+        "created_unix_s": i.created_unix_s,
+        "last_used_unix_s": i.last_used_unix_s,
+        "idle_timeout_s": i.idle_timeout_s,
+        "state_bytes": i.state_bytes,
+        "busy": i.busy,
+        "has_next_distribution": i.has_next_distribution,
+        "model_name": i.model_name,
+        "model_version": i.model_version,
+    }
+
+
 def _step_fields(result: StepResult) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "session_id": result.session_id,
@@ -224,6 +254,9 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
         self.authenticator = Authenticator()
         # The KServe v2 servicer beside this one, when grpc_server added it.
         self.kserve: Any = None
+
+    def record_request(self, method: str, code: str, seconds: float) -> None:
+        self.requests.record(method, code, seconds)
 
     def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:
         """Who calls (:class:`Unauthenticated` without a valid credential when authentication
@@ -268,17 +301,16 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
     @rpc
     async def GetSession(self, request: Any, context: Any) -> Any:
         i = await self._dp().get_session(request.session_id, caller=CALLER.get())
-        return pb.GetSessionResponse(
-            session_id=i.session_id,
-            steps=i.steps,
-            created_unix_s=i.created_unix_s,
-            last_used_unix_s=i.last_used_unix_s,
-            idle_timeout_s=i.idle_timeout_s,
-            state_bytes=i.state_bytes,
-            busy=i.busy,
-            has_next_distribution=i.has_next_distribution,
-            model_name=i.model_name,
-            model_version=i.model_version,
+        return pb.GetSessionResponse(**_session_fields(i))
+
+    @rpc
+    async def ListSessions(self, request: Any, context: Any) -> Any:
+        page, token = await self._dp().list_sessions(
+            request.page_size, request.page_token, caller=CALLER.get()
+        )
+        return pb.ListSessionsResponse(
+            sessions=[pb.SessionSummary(**_session_fields(i)) for i in page],
+            next_page_token=token,
         )
 
     @rpc
@@ -287,7 +319,7 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
             request.session_id,
             text=request.text,
             token_ids=request.token_ids,
-            output=_OUTPUTS.get(request.output, "?"),
+            output=_output(request.output),
             top_k=request.top_k,
             caller=CALLER.get(),
             request_id=request.request_id,
@@ -314,7 +346,7 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
                 result = await stream.step(
                     text=req.text,
                     token_ids=req.token_ids,
-                    output=_OUTPUTS.get(req.output, "?"),
+                    output=_output(req.output),
                     top_k=req.top_k,
                     request_id=req.request_id,
                 )

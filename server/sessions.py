@@ -141,6 +141,8 @@ class SessionStore:
         self._tie = itertools.count()
         self._gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()
         self._owned: Counter[str] = Counter()  # sessions held per principal
+        # Each principal's sessions by id (ListSessions reads one principal's without a scan).
+        self._by_owner: dict[str, dict[str, Session]] = {}
         self.stats = SessionStats()
 
     def __len__(self) -> int:
@@ -187,6 +189,7 @@ class SessionStore:
         session.key = (owner, sid)
         self._sessions[session.key] = session
         self._owned[owner] += 1
+        self._by_owner.setdefault(owner, {})[sid] = session
         self._gone.pop(session.key, None)
         self._push_deadline(session)
         return session
@@ -339,6 +342,12 @@ class SessionStore:
         for session in list(self._sessions.values()):
             self._end(session, reason)
 
+    def owned(self, principal: str) -> list[Session]:
+        """``principal``'s live sessions held here (idle ones past their timeout are ended
+        first). O(k log n) for the k due to expire, plus the principal's own count."""
+        self.expire_idle()
+        return list(self._by_owner.get(principal, {}).values())
+
     def owned_by(self, principal: str) -> int:
         """How many sessions ``principal`` holds here."""
         return self._owned[principal]
@@ -348,6 +357,11 @@ class SessionStore:
         self._owned[session.owner] -= 1
         if self._owned[session.owner] <= 0:
             del self._owned[session.owner]
+        mine = self._by_owner.get(session.owner)
+        if mine is not None:
+            mine.pop(session.id, None)
+            if not mine:
+                del self._by_owner[session.owner]
         self.pool.free(session.slot)
         session.slot = -1
         self.stats.ended[reason] += 1

@@ -197,9 +197,26 @@ def test_library_rejects_a_bad_target(target):
         LstmClient(target)
 
 
-def test_library_accepts_grpc_uris_and_ipv6():
-    for target in ("[::1]:50051", "localhost:1", "dns:///localhost:50051", "unix:/tmp/x.sock"):
-        LstmClient(target).close()
+def test_library_accepts_grpc_uris_and_ipv6(shared_server, tmp_path: Path):
+    # Each form reaches the server it names: the client hands the target to gRPC as given.
+    port = shared_server.app.port
+    for target in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"dns:///localhost:{port}",
+        f"ipv4:127.0.0.1:{port}",
+    ):
+        with LstmClient(target, timeout=10) as c:
+            assert c.health() == 1, target  # SERVING
+            assert len(c.model_info().vocab) == 28, target
+    # Forms with nothing behind them here are accepted too: the call, not the constructor,
+    # fails, and as an RPC error (nothing listening), not a ValueError.
+    for target in ("[::1]:1", "ipv6:[::1]:1", f"unix:{tmp_path / 'x.sock'}", "dns:///localhost:1"):
+        with LstmClient(target, timeout=5) as c:
+            assert _code(c.health) in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ), target
     with pytest.raises(ValueError, match="timeout"):
         LstmClient(NOWHERE, timeout=0)
 

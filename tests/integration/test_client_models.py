@@ -413,10 +413,10 @@ def test_info_names_the_model(both, capsys):
     t = ["--target", both.target]
     code, out, err = _main(["info", "--model", "digits", *t], capsys)
     assert code == 0, err
-    assert 'name: "digits"' in out and 'version: "7"' in out and 'vocab: "9"' in out
+    assert "model      digits version 7\n" in out and '"9"' in out
     code, out, err = _main(["info", *t], capsys)
     assert code == 0, err
-    assert 'name: "letters"' in out and 'vocab: "z"' in out
+    assert "model      letters version 1\n" in out
     with LstmClient(both.target, timeout=10) as c:
         info = c.model_info("digits", 7)
         assert (info.name, info.version, list(info.vocab)) == ("digits", "7", DIGITS)

@@ -191,6 +191,13 @@ def test_a_second_server_on_the_same_metrics_port_exits_1_and_the_first_serves_o
     assert first.stop() == 0
 
 
+def _time_wait_on(port: int) -> bool:
+    """A TCP connection whose local port is ``port`` is in TIME_WAIT (/proc/net/tcp: state 06)."""
+    with open("/proc/net/tcp", encoding="ascii") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(int(r[1].split(":")[1], 16) == port and r[3] == "06" for r in rows)
+
+
 def test_the_reservation_ignores_time_wait_and_lets_only_reuseport_sockets_beside_it():
     # A server that stopped a moment ago leaves its connections in TIME_WAIT on the port: a
     # restart must not take that for another server.
@@ -203,8 +210,15 @@ def test_the_reservation_ignores_time_wait_and_lets_only_reuseport_sockets_besid
     client = socket.create_connection(("127.0.0.1", port))
     accepted, _ = listener.accept()
     accepted.close()  # the server side closes first: its end waits in TIME_WAIT
-    time.sleep(0.1)
+    client.settimeout(30)
+    assert client.recv(1) == b""  # its FIN arrived
     client.close()
+    # The condition the test is about, waited for rather than slept on: a connection on the
+    # port in TIME_WAIT.
+    deadline = time.monotonic() + 30
+    while not _time_wait_on(port):
+        assert time.monotonic() < deadline, f"no connection on port {port} in TIME_WAIT"
+        time.sleep(0.01)
     with pytest.raises(StartError, match=f"port {port} on 127.0.0.1 is already in use"):
         reserve_port("127.0.0.1", port)  # the listener still holds it
     listener.close()

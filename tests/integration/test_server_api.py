@@ -192,7 +192,12 @@ def test_reset_and_get_session(shared_server, stub_for, reference: Reference):
     assert info.steps == 0 and not info.busy and not info.has_next_distribution
     assert t0 - 1 <= info.created_unix_s <= time.time() + 1
     first = stub.Step(pb.StepRequest(session_id=sid, text="abc"))
-    stub.Step(pb.StepRequest(session_id=sid, text="def"))
+    second = stub.Step(pb.StepRequest(session_id=sid, text="def"))
+    # The shared server's model is conftest's (same weights): each step continues the state.
+    want, state = reference.feed([2, 3, 4], reference.zeros())  # "abc"
+    np.testing.assert_allclose(np.asarray(first.logits), want[-1], atol=1e-5, rtol=0)
+    want, _ = reference.feed([5, 6, 7], state)  # "def", after "abc"
+    np.testing.assert_allclose(np.asarray(second.logits), want[-1], atol=1e-5, rtol=0)
     info = stub.GetSession(pb.GetSessionRequest(session_id=sid))
     assert info.steps == 6 and info.has_next_distribution
     assert info.last_used_unix_s >= info.created_unix_s
@@ -227,9 +232,11 @@ def test_model_repository_layout_names_the_model(start_server, stub_for):
 
 def test_stop_string_ends_generation_and_is_not_returned(shared_server, stub_for, reference):
     stub = stub_for(shared_server)
-    greedy = "".join(
-        m.text for m in stub.Generate(pb.GenerateRequest(prompt="the time", max_tokens=60))
-    )
+    plain = list(stub.Generate(pb.GenerateRequest(prompt="the time", max_tokens=60)))
+    greedy = "".join(m.text for m in plain)
+    # Without a stop string: the model's own greedy path (conftest's weights, in-process ORT).
+    prompt = [reference_vocab().index(c) for c in "the time"]
+    assert [t for m in plain for t in m.token_ids] == reference.greedy(prompt, 60)
     stop = greedy[20:23]
     cut = greedy.index(stop)
     msgs = list(

@@ -11,6 +11,11 @@ than ``RSS_GROWTH_BOUND``.
 
 Default: about 1,000 cases in all (hypothesis skips repeats: GetModelInfo has one message);
 ``LSTM_SERVE_FUZZ_EXAMPLES=N`` runs about N instead.
+
+The check after fuzzing never depends on test order or selection: the check test fuzzes the
+module's server itself (every RPC, typed and raw) before it checks, so run alone (a single test
+id, ``-k``) it still checks a fuzzed server; and the server's fixture checks once more at
+teardown when fuzz tests ran after the last check (any order, e.g. pytest-randomly's).
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ HEALTH_NAMES = ["", "lstmserve.v1.LstmServeService", "inference.GRPCInferenceSer
 TOTAL = int(os.environ.get("LSTM_SERVE_FUZZ_EXAMPLES", "0") or 0) or 1100
 TYPED_EXAMPLES = max(1, TOTAL * 4 // 5 // len(RPCS))
 RAW_EXAMPLES = max(1, TOTAL // 5 // len(RPCS))
+# The check test's own fuzzing pass, per RPC (~10 typed and ~4 raw by default).
+CHECK_TYPED_EXAMPLES = max(2, TYPED_EXAMPLES // 8)
+CHECK_RAW_EXAMPLES = max(2, RAW_EXAMPLES // 4)
 FUZZ = settings(
     deadline=None,
     database=None,  # nothing written into the checkout; a failure prints its example anyway
@@ -305,6 +313,8 @@ class Fuzzed:
         self.channel = grpc.insecure_channel(srv.target)
         self.rss_before = 0
         self.codes: dict[str, dict[str, int]] = {}
+        self.fuzz_calls = 0  # fuzzed calls (not the set-up's, not heal's)
+        self.checked_after = -1  # fuzz_calls when the server was last checked
 
     def call(self, name: str, request: Any, raw: bool = False) -> grpc.StatusCode:
         """One call of ``name`` (a message, a list for StepStream, or bytes with ``raw``) to
@@ -376,7 +386,7 @@ def _check_replies(name: str, request: Any, replies: list[Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzzed(model_path: Path) -> Iterator[Fuzzed]:
+def fuzzed(model_path: Path, reference: Reference) -> Iterator[Fuzzed]:
     # Small limits so an accepted Generate is cheap; an LRU-evicting table so the many sessions
     # the fuzzing creates never lock the pool out (and eviction gets fuzzed too).
     srv = ServerThread(
@@ -408,31 +418,73 @@ def fuzzed(model_path: Path) -> Iterator[Fuzzed]:
     f.rss_before = _rss_bytes()
     try:
         yield f
+        # Fuzzing that no check followed (fuzz tests run after the check test, or without it):
+        # check what it did too.
+        if f.fuzz_calls > 0 and f.fuzz_calls != f.checked_after:
+            _assert_intact(f, reference)
     finally:
         f.channel.close()
         srv.stop()
+
+
+def _fuzz_typed(fuzzed: Fuzzed, name: str, request: Any) -> None:
+    code = fuzzed.call(name, request)
+    fuzzed.fuzz_calls += 1
+    assert code in ALLOWED, f"{name} ended with {code.name}"
+
+
+def _fuzz_raw(fuzzed: Fuzzed, name: str, payload: Any) -> None:
+    code = fuzzed.call(name, payload, raw=True)
+    fuzzed.fuzz_calls += 1
+    assert code in ALLOWED, f"{name} with raw bytes ended with {code.name}"
 
 
 @pytest.mark.parametrize("name", list(RPCS))
 @settings(FUZZ, max_examples=TYPED_EXAMPLES)
 @given(data=st.data())
 def test_typed_messages_end_with_an_allowed_status(fuzzed: Fuzzed, name: str, data: Any) -> None:
-    request = data.draw(MESSAGES[name], label=name)
-    code = fuzzed.call(name, request)
-    assert code in ALLOWED, f"{name} ended with {code.name}"
+    _fuzz_typed(fuzzed, name, data.draw(MESSAGES[name], label=name))
 
 
 @pytest.mark.parametrize("name", list(RPCS))
 @settings(FUZZ, max_examples=RAW_EXAMPLES)
 @given(data=st.data())
 def test_raw_bytes_end_with_an_allowed_status(fuzzed: Fuzzed, name: str, data: Any) -> None:
-    payload = data.draw(_raw_payload(name), label=f"{name} bytes")
-    code = fuzzed.call(name, payload, raw=True)
-    assert code in ALLOWED, f"{name} with raw bytes ended with {code.name}"
+    _fuzz_raw(fuzzed, name, data.draw(_raw_payload(name), label=f"{name} bytes"))
 
 
 def test_server_still_exact_and_bounded_after_fuzzing(fuzzed: Fuzzed, reference: Reference) -> None:
-    """Runs last (pytest keeps file order): what the fuzzing must not have broken."""
+    """What the fuzzing must not have broken, on the server that was fuzzed. The test does not
+    rely on running after the fuzz tests (file order, selection): it fuzzes every RPC of that
+    server itself first, typed and raw, then checks."""
+    before = fuzzed.fuzz_calls
+    for name in RPCS:
+        _fuzz_pass(fuzzed, name)
+    # Every RPC got at least its one message (GetModelInfo has no other) and raw bytes.
+    assert fuzzed.fuzz_calls - before >= 2 * len(RPCS)
+    _assert_intact(fuzzed, reference)
+
+
+def _fuzz_pass(fuzzed: Fuzzed, name: str) -> None:
+    """A short run of both fuzz tests' inputs for one RPC."""
+
+    @settings(FUZZ, max_examples=CHECK_TYPED_EXAMPLES)
+    @given(data=st.data())
+    def typed(data: Any) -> None:
+        _fuzz_typed(fuzzed, name, data.draw(MESSAGES[name], label=name))
+
+    @settings(FUZZ, max_examples=CHECK_RAW_EXAMPLES)
+    @given(data=st.data())
+    def raw(data: Any) -> None:
+        _fuzz_raw(fuzzed, name, data.draw(_raw_payload(name), label=f"{name} bytes"))
+
+    typed()
+    raw()
+
+
+def _assert_intact(fuzzed: Fuzzed, reference: Reference) -> None:
+    """Exact greedy text and logits, no session left busy, RSS within its bound."""
+    fuzzed.checked_after = fuzzed.fuzz_calls  # (once, even when a check below fails)
     gen = fuzzed.channel.unary_stream(
         SERVICE + "Generate",
         request_serializer=pb.GenerateRequest.SerializeToString,

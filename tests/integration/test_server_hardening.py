@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_undecodable_bytes_get_invalid_argument_on_every_rpc(start_server, refer
     caplog.set_level(logging.INFO)
     srv = start_server(metrics_port=0)
     methods = [m.name for m in SERVICE.methods]
-    assert len(methods) == 14  # every RPC of the service, the model control ones included
+    assert len(methods) == 15  # every RPC of the service, the model control ones included
     with grpc.insecure_channel(srv.target) as ch:
         for name in methods:
             _expect_invalid(ch, name, [BAD])
@@ -100,10 +101,11 @@ def test_undecodable_bytes_get_invalid_argument_on_every_rpc(start_server, refer
         # The server goes on serving, exactly.
         stub = pb_grpc.LstmServeServiceStub(ch)
         sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
-        tokens = list(np.random.default_rng().integers(0, len(VOCAB), 17))
+        seed = random.SystemRandom().randrange(2**32)
+        tokens = [int(t) for t in np.random.default_rng(seed).integers(0, len(VOCAB), 17)]
         got = stub.Step(pb.StepRequest(session_id=sid, token_ids=tokens))
         want, _ = reference.feed(tokens, reference.zeros())
-        np.testing.assert_allclose(np.asarray(got.logits), want[-1], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got.logits), want[-1], atol=1e-5, err_msg=f"{seed}")
 
     body = _scrape(srv.app.metrics_port)
     bad = _samples(body, "lstm_serve_undecodable_requests_total")

@@ -67,13 +67,13 @@ def test_many_interleaved_sessions_match_in_process(
                         session_id=sids[i], token_ids=chunk, output=pb.STEP_OUTPUT_ALL_LOGITS
                     )
                 )
-                assert r.positions == len(chunk) and r.tokens_consumed == len(chunk)
+                assert r.positions == len(chunk) and r.tokens_consumed == len(chunk), (seed, i)
                 results[i].append(np.asarray(r.logits, np.float32).reshape(len(chunk), V))
         else:
             gate = threading.Event()
             call = stub.StepStream(_stream_requests(chunks, sids[i], gate))
             for chunk, r in zip(chunks, call, strict=True):
-                assert r.session_id == sids[i]
+                assert r.session_id == sids[i], (seed, i)
                 results[i].append(np.asarray(r.logits, np.float32).reshape(len(chunk), V))
                 time.sleep(local.random() * 0.002)
                 gate.set()
@@ -98,15 +98,15 @@ def test_many_interleaved_sessions_match_in_process(
             g.result(timeout=120)
 
     stats = srv.on_loop(lambda: srv.app.scheduler_stats)
-    assert stats.batch_size.counts[1:].sum() > 0, "no model call ever batched two sessions"
-    assert stats.tokens["prefill"] > 0 and stats.tokens["decode"] > 0
+    assert stats.batch_size.counts[1:].sum() > 0, f"seed {seed}: no call batched two sessions"
+    assert stats.tokens["prefill"] > 0 and stats.tokens["decode"] > 0, f"seed {seed}"
     for i, (_, chunks) in enumerate(plans):
         state = reference.zeros()
         for chunk, got in zip(chunks, results[i], strict=True):
             want, state = reference.feed(chunk, state)
             np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=f"seed {seed} s{i}")
         info = stub.GetSession(pb.GetSessionRequest(session_id=sids[i]))
-        assert info.steps == sum(len(c) for c in chunks)
+        assert info.steps == sum(len(c) for c in chunks), f"seed {seed} s{i}"
 
 
 def test_greedy_generate_equals_in_process(shared_server, stub_for, reference: Reference):

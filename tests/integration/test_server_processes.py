@@ -8,10 +8,12 @@ with a non-zero exit instead of leaving it half alive.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -114,19 +116,19 @@ def test_interleaved_sessions_across_two_frontends_match_in_process(serve, refer
             want, state = reference.feed(chunk, state)
             np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=f"seed {seed} s{i}")
         info = stubs[i % 2].GetSession(pb.GetSessionRequest(session_id=sids[i]))
-        assert info.steps == sum(len(c) for c in chunks)
+        assert info.steps == sum(len(c) for c in chunks), f"seed {seed} s{i}"
     fed = [VOCAB_INDEX[c] for c in "the time"]
     assert [t for m in msgs for t in m.token_ids] == reference.greedy(fed, 200)
     # One scrape shows both front ends' requests (shipped to the engine with each heartbeat).
     want_steps = sum(len(p) for p in plans)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # heartbeats every 0.5 s; generous on a loaded machine
     while time.monotonic() < deadline:
         text = srv.metrics()
         m = re.search(r'lstm_serve_requests_total\{code="OK",method="Step"\} (\S+)', text)
         if m and float(m.group(1)) == want_steps:
             break
         time.sleep(0.2)
-    assert m and float(m.group(1)) == want_steps, text
+    assert m and float(m.group(1)) == want_steps, f"seed {seed}: {text}"
     assert re.search(r'lstm_serve_batch_size_count\{model="[^"]+",version="\d+"\} (\S+)', text)
     for ch in (a, b):
         ch.close()
@@ -166,10 +168,11 @@ def test_kill_9_of_a_frontend_the_others_serve_and_it_is_replaced(serve):
     srv = serve("--frontends", "2", "--metrics-port", "-1")
     victim = srv.frontend_pids[0]
     os.kill(victim, signal.SIGKILL)
-    # Meanwhile new connections are served (by the survivor, then by either).
-    t0 = time.monotonic()
+    # Meanwhile new connections are served (by the survivor, then by either): a few of them,
+    # however long this machine takes.
+    deadline = time.monotonic() + 60
     served = 0
-    while time.monotonic() - t0 < 3:
+    while served < 5 and time.monotonic() < deadline:
         with grpc.insecure_channel(srv.target) as ch:
             stub = pb_grpc.LstmServeServiceStub(ch)
             try:
@@ -178,12 +181,21 @@ def test_kill_9_of_a_frontend_the_others_serve_and_it_is_replaced(serve):
                 served += 1
             except grpc.RpcError as e:  # only a connection that landed on the dead one
                 assert e.code() == grpc.StatusCode.UNAVAILABLE, e
-    assert served > 0
-    deadline = time.monotonic() + 20
+    assert served >= 5
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any("starting another" in x for x in srv.lines):
         time.sleep(0.1)
-    assert any("front end 0 exited" in x for x in srv.lines), "".join(srv.lines)
-    a, b = channels_on_two_frontends(srv.target)  # two front ends again
+    assert any("front end 0 exited" in x and "starting another" in x for x in srv.lines), "".join(
+        srv.lines
+    )
+    # Two front ends again, once the replacement has started (however long that takes here).
+    while True:
+        try:
+            a, b = channels_on_two_frontends(srv.target)
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, "".join(srv.lines)
+            time.sleep(0.2)
     a.close()
     b.close()
     assert srv.proc.poll() is None
@@ -197,22 +209,40 @@ def test_kill_9_of_the_engine_stops_the_server_non_zero_within_5_s(serve):
     call = stub.Generate(pb.GenerateRequest(prompt="the", max_tokens=4000))
     next(call)
     assert health(srv.target) == health_pb2.HealthCheckResponse.SERVING
+    # A health Watch on each front end's own connection: what each tells its watchers, in
+    # order, with no polling (a stream never moves to another connection).
+    fronts = channels_on_two_frontends(srv.target)
+    watches = [
+        health_pb2_grpc.HealthStub(c).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        for c in fronts
+    ]
+    assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
     t0 = time.monotonic()
     os.kill(srv.engine_pid, signal.SIGKILL)
-    seen: list[tuple[float, int | None]] = []
-    while srv.proc.poll() is None and time.monotonic() - t0 < 5:
-        seen.append((time.monotonic() - t0, health(srv.target)))
-        time.sleep(0.05)
-    code = srv.proc.poll()
+    try:
+        code = srv.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        code = None
     assert code is not None and code != 0, f"still running after {time.monotonic() - t0:.1f} s"
-    # The front ends look at the engine every 0.1 s: after that, never SERVING again
-    # (NOT_SERVING while they fail what was open, then nothing listening).
-    late = {status for t, status in seen if t > 0.3}
-    assert late <= {health_pb2.HealthCheckResponse.NOT_SERVING, None}, seen
+    # Each front end saw the engine go by itself (not only when the supervisor stopped it) ...
+    deadline = time.monotonic() + 10  # the pump thread reads what the processes wrote
+    for i in range(2):
+        said = f"[frontend {i}]: the engine process is gone"
+        while not any(said in x for x in srv.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(said in x for x in srv.lines), "".join(srv.lines)
+    # ... and told its watchers NOT_SERVING before it went (while it failed what was open),
+    # never SERVING again.
+    for i, w in enumerate(watches):
+        after: list[int] = []
+        with contextlib.suppress(grpc.RpcError):  # the front end went: the stream ends
+            after.extend(m.status for m in w)
+        assert after and set(after) == {health_pb2.HealthCheckResponse.NOT_SERVING}, (i, after)
     with pytest.raises(grpc.RpcError) as e:
         list(call)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    ch.close()
+    for c in (ch, *fronts):
+        c.close()
 
 
 VOCAB = ["<unk>", " ", *"abcdefghijklmnopqrstuvwxyz"]

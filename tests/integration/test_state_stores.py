@@ -28,6 +28,7 @@ from server.state import (
     Write,
     open_store,
 )
+from server.state.memory import MemoryStore
 from server.state.redis import KEY_PREFIX
 from server.state.sqlite import SqliteStore
 from tests.state_services import _free_port, redis_url  # noqa: F401  (a fixture)
@@ -202,34 +203,80 @@ def test_get_after_delete_is_none(url: str) -> None:
     run(url, body)
 
 
+class WallClock:
+    """A wall clock (``time.time``) the test moves by hand, for the stores that take one."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_idle_records_expire(url: str) -> None:
+    # Memory and SQLite judge expiry by a clock they are given: a fake one, moved past the short
+    # record's timeout. Redis judges it by its own clock: the short record gets a few seconds
+    # (so it is surely there when first read) and the test polls until Redis drops it.
+    clock = WallClock() if not url.startswith("redis") else None
+    idle = 2.0 if clock is None else 0.2
+
+    def at_now(rec: SessionRecord) -> SessionRecord:
+        if clock is None:
+            return rec
+        return rec.replace(created_unix_s=clock.now, last_used_unix_s=clock.now)
+
     async def body(s: StateStore) -> None:
-        short, long = new_record(idle_s=0.2), new_record(idle_s=300.0)
-        forever = new_record(idle_s=float("inf"))
+        short, long = at_now(new_record(idle_s=idle)), at_now(new_record(idle_s=300.0))
+        forever = at_now(new_record(idle_s=float("inf")))
         await s.put([Write(short, 0), Write(long, 0), Write(forever, 0)])
         assert await s.get(short.session_id) == short
-        await asyncio.sleep(0.4)
+        if clock is not None:
+            clock.now += idle - 0.01
+            assert await s.get(short.session_id) == short  # not yet
+            clock.now += 0.02
+        else:
+            deadline = time.monotonic() + idle + 30
+            while await s.get(short.session_id) is not None:
+                assert time.monotonic() < deadline, "the short record never expired"
+                await asyncio.sleep(0.05)
         assert await s.get(short.session_id) is None
         assert await s.get(long.session_id) == long
         assert await s.get(forever.session_id) == forever
         # An expired record is absent: updating it fails, creating it again succeeds.
         assert await s.put([Write(advanced(short), 1)]) == [False]
-        assert await s.put([Write(short.replace(idle_timeout_s=60.0), 0)]) == [True]
+        assert await s.put([Write(at_now(short.replace(idle_timeout_s=60.0)), 0)]) == [True]
 
-    run(url, body)
+    if clock is None:
+        run(url, body)
+    elif url == "memory":
+        asyncio.run(_with_store(MemoryStore(clock=clock), body))
+    else:
+        asyncio.run(_with_store(SqliteStore(url[len("sqlite:///") :], clock=clock), body))
+
+
+async def _with_store(store: StateStore, body: Body) -> None:
+    try:
+        await body(store)
+    finally:
+        await store.close()
 
 
 def test_redis_expires_by_ttl(redis_url: str) -> None:  # noqa: F811
     async def body(s: StateStore) -> None:
-        rec = new_record(idle_s=0.2)
+        # Seconds, not tenths: the TTL is read back before it runs out however slow this
+        # machine is; then the test polls for the key to go.
+        rec = new_record(idle_s=2.0)
         await s.put([Write(rec, 0)])
         raw = redis.Redis.from_url(redis_url)
         try:
             ttl_ms = raw.pttl(KEY_PREFIX + rec.session_id)
-            assert isinstance(ttl_ms, int) and 0 < ttl_ms <= 250
-            time.sleep(0.4)
+            # The record's own expiry: last use + 2 s (not a default, not none).
+            assert isinstance(ttl_ms, int) and 0 < ttl_ms <= 2001, ttl_ms
+            deadline = time.monotonic() + 30
             # Gone from Redis itself, not merely hidden by the store.
-            assert raw.exists(KEY_PREFIX + rec.session_id) == 0
+            while raw.exists(KEY_PREFIX + rec.session_id):
+                assert time.monotonic() < deadline, "Redis kept the key past its TTL"
+                time.sleep(0.05)
         finally:
             raw.close()
 

@@ -226,7 +226,7 @@ def test_failed_shapes_are_measured_against_float64(tmp_path: Path) -> None:
         assert 0 < case["outputs"][name]["reference"] < 1e-4
 
 
-def test_parity_uses_fresh_inputs_each_run(tmp_path: Path) -> None:
+def test_parity_uses_fresh_inputs_each_run() -> None:
     model = random_model("torch", "onehot", 1, 16)
     ref = torch_forward(model)
     kw = {"num_layers": 1, "hidden_size": 16, "vocab_size": 28, "T_values": (1,), "B_values": (1,)}

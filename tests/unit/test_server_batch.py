@@ -10,17 +10,18 @@ from server.batch import Batch, StatePool
 
 @pytest.mark.parametrize(("L", "H", "cap"), [(1, 8, 5), (2, 16, 64), (3, 4, 1)])
 def test_gather_scatter_round_trip_matches_reference(L, H, cap):
-    rng = np.random.default_rng()
+    seed = np.random.SeedSequence().entropy  # in every message: a failing plan can be replayed
+    rng = np.random.default_rng(seed)
     pool = StatePool(L, H, 7, cap)
     slots = [pool.alloc() for _ in range(cap)]
     ref = {s: (np.zeros((L, H), np.float32), np.zeros((L, H), np.float32)) for s in slots}
     for _ in range(20):
         chosen = rng.permutation(slots)[: rng.integers(1, cap + 1)]
         h, c = pool.gather(np.asarray(chosen))
-        assert h.shape == (L, len(chosen), H) and h.flags.c_contiguous
+        assert h.shape == (L, len(chosen), H) and h.flags.c_contiguous, f"seed {seed}"
         for i, s in enumerate(chosen):
-            np.testing.assert_array_equal(h[:, i], ref[s][0])
-            np.testing.assert_array_equal(c[:, i], ref[s][1])
+            np.testing.assert_array_equal(h[:, i], ref[s][0], err_msg=f"seed {seed}")
+            np.testing.assert_array_equal(c[:, i], ref[s][1], err_msg=f"seed {seed}")
         hn = rng.standard_normal(h.shape).astype(np.float32)
         cn = rng.standard_normal(c.shape).astype(np.float32)
         pool.scatter(np.asarray(chosen), hn, cn)

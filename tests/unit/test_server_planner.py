@@ -167,7 +167,7 @@ def test_steps_batch_into_one_decode_call_and_match_each_session_alone(loop):
         assert planner.schedule() is None
 
 
-def test_generations_past_max_batch_size_take_turns(loop):
+def test_generations_past_max_batch_size_take_turns():
     planner, pool = make(max_batch_size=2)
     model = FakeModel()
     gens = [gen(pool.alloc(), max_tokens=1000) for _ in range(5)]
@@ -333,7 +333,7 @@ def test_greedy_generation_follows_the_model_and_stops_at_max_tokens(loop):
     ref.check(pool, slot)  # the state holds every generated token
 
 
-def test_messages_come_about_once_per_iteration_in_chunks(loop):
+def test_messages_come_about_once_per_iteration_in_chunks():
     planner, pool = make(max_batch_size=64, stream_chunk_tokens=4)
     model = FakeModel()
     gens = [gen(pool.alloc(), max_tokens=1000) for _ in range(3)]
@@ -352,7 +352,7 @@ def test_messages_come_about_once_per_iteration_in_chunks(loop):
 @pytest.mark.parametrize(
     ("stop", "other"), [("b c", "zz"), ("c", "qq"), (" c d", "never"), ("zz", "qq")]
 )
-def test_stop_strings_across_chunk_boundaries(loop, stop, other):
+def test_stop_strings_across_chunk_boundaries(stop, other):
     # The model writes "a b c d a b c d ..."; messages are drained every iteration, so a stop
     # string spanning several tokens always crosses a drain boundary.
     model = FakeModel(script=[2, 3, 4, 3, 5, 3, 1, 3])
@@ -387,7 +387,7 @@ def test_stop_strings_across_chunk_boundaries(loop, stop, other):
     assert "".join(TABLE[t] for t in ids) == "".join(texts)
 
 
-def test_drain_holds_back_as_many_characters_as_a_stop_string_could_need(loop):
+def test_drain_holds_back_as_many_characters_as_a_stop_string_could_need():
     g = gen(0, max_tokens=100, stops=["b c"])
     for t in (1, 3, 2):  # "a b": " b" could begin "b c"
         g.accept(t)

@@ -103,6 +103,46 @@ class GetSessionResponse(_message.Message):
     model_version: str
     def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., idle_timeout_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., busy: _Optional[bool] = ..., has_next_distribution: _Optional[bool] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class SessionSummary(_message.Message):
+    __slots__ = ("session_id", "steps", "created_unix_s", "last_used_unix_s", "idle_timeout_s", "state_bytes", "busy", "has_next_distribution", "model_name", "model_version")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    HAS_NEXT_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    steps: int
+    created_unix_s: float
+    last_used_unix_s: float
+    idle_timeout_s: float
+    state_bytes: int
+    busy: bool
+    has_next_distribution: bool
+    model_name: str
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., idle_timeout_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., busy: _Optional[bool] = ..., has_next_distribution: _Optional[bool] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_page_token")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionSummary]
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class TokenProbability(_message.Message):
     __slots__ = ("token_id", "token", "probability")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class LstmServeServiceStub:
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/lstmserve.v1.LstmServeService/ListSessions',
+                request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
         self.Step = channel.unary_unary(
                 '/lstmserve.v1.LstmServeService/Step',
                 request_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StepRequest.SerializeToString,
@@ -132,6 +137,16 @@ class LstmServeServiceServicer:
 
     def GetSession(self, request, context):
         """Describes a session without touching its state or its last-used time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Lists the caller's own sessions (those of its principal; every principal's are the same
+        one without authentication), ordered by id, a page at a time. Sessions owned by a
+        StepStream (ephemeral) are left out. With a durable state store, lists the sessions this
+        server holds in memory (a session only in the store is not listed until it is used here).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -237,6 +252,11 @@ def add_LstmServeServiceServicer_to_server(servicer, server):
                     servicer.GetSession,
                     request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionRequest.FromString,
                     response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListSessionsRequest.FromString,
+                    response_serializer=protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListSessionsResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
@@ -397,6 +417,33 @@ class LstmServeService:
             '/lstmserve.v1.LstmServeService/GetSession',
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionRequest.SerializeToString,
             protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServeService/ListSessions',
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListSessionsRequest.SerializeToString,
+            protos_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
