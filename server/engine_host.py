@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import os
 import signal
@@ -86,7 +85,6 @@ class EngineHost:
         # The KServe service's inference counts, shipped by the front ends (ModelStatistics).
         self.infer_stats = ModelInferStats()
         self._server: asyncio.AbstractServer | None = None
-        self._stream_ids = itertools.count(1)
         self._handlers: dict[str, Handler] = {
             ipc.CREATE: self._create,
             ipc.CLOSE: self._close,
@@ -94,7 +92,6 @@ class EngineHost:
             ipc.GET: self._get,
             ipc.LIST_SESSIONS: self._list_sessions,
             ipc.STEP: self._step,
-            ipc.STREAM_OPEN: self._stream_open,
             ipc.STREAM_STEP: self._stream_step,
             ipc.STREAM_CLOSE: self._stream_close,
             ipc.MODEL_INFO: self._model_info,
@@ -158,11 +155,22 @@ class EngineHost:
                 task = fe.tasks.get(rid)
                 if task is not None:
                     task.cancel()
+                elif rid in fe.streams:
+                    # A StepStream open that completed here while its front-end call was being
+                    # cancelled: the front end never learnt of the stream (its id is the open's
+                    # request id), so nothing would ever close it and its session would stay
+                    # attached. Close it now.
+                    stream = fe.streams.pop(rid)
+                    asyncio.get_running_loop().create_task(stream.close("disconnected"))
                 return
             principal, left = msg[2]
             caller = Caller(str(principal), None if left is None else time.monotonic() + left)
             if op == ipc.GENERATE:
                 coro: Awaitable[None] = self._generate(fe, rid, caller, msg[3:])
+            elif op == ipc.STREAM_OPEN:
+                coro = self._unary(
+                    fe, rid, functools.partial(self._stream_open, rid), caller, msg[3:]
+                )
             else:
                 handler = self._handlers.get(op)
                 if handler is None:
@@ -261,11 +269,14 @@ class EngineHost:
         )
         return step_payload(r)
 
-    async def _stream_open(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
+    async def _stream_open(
+        self, stream_id: int, fe: _Frontend, caller: Caller, args: list[Any]
+    ) -> Any:
+        # The stream's id is its open request's id (unique on this front end's connection), so
+        # a CANCEL of that request that arrives after the open completed finds the stream.
         stream = await self.plane.open_stream(
             args[0], caller=caller, model=ModelRef(args[1], args[2])
         )
-        stream_id = next(self._stream_ids)
         fe.streams[stream_id] = stream
         return [stream_id, stream.session_id]
 
