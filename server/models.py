@@ -274,7 +274,7 @@ class Models:
         if self.repository is None:
             version = await self._load_version_file(self.single)
             self.default_name = version.name
-            self.models[version.name] = _Model(version.name, VersionPolicy("specific", versions=()))
+            self.models[version.name] = _Model(version.name)
             return
         names = model_names(self.repository)
         if not names:
@@ -545,7 +545,7 @@ class Models:
         ready = self._ready_versions(name)
         if ready:
             return ready[-1]
-        if name in self.models or (name, "") in self.versions:
+        if name in self.models:
             if any(n == name for n, _ in self._loading):
                 raise Unavailable(f"model {name[:64]!r} is still loading; retry shortly")
             raise Unavailable(f"model {name[:64]!r} has no version ready")
@@ -600,6 +600,24 @@ class Models:
                 f"not {model.describe()}"
             )
 
+    def _check_free(self, session_id: str, caller: Caller, but: Version | None = None) -> None:
+        """AlreadyExists when ``caller`` holds ``session_id`` on a loaded version other than
+        ``but``: ids are one namespace per principal across versions, and each version's store
+        checks only its own (``but``'s store answers for itself, in the same words)."""
+        if session_id and any(
+            v.store.local(session_id, caller.principal) is not None
+            for v in self.versions.values()
+            if v is not but
+        ):
+            raise AlreadyExists(f"session id {quote(session_id)} is taken")
+
+    async def _plane_for(self, session_id: str, caller: Caller, model: ModelRef) -> DataPlane:
+        """The plane of the version ``session_id`` is pinned to; with no session id, the one a new
+        (ephemeral) session of ``model`` goes to."""
+        if session_id:
+            return await self.plane_of(session_id, caller, model)
+        return self.target(model).plane
+
     def _version_gone(self, session_id: str, name: str, version: str) -> FailedPrecondition:
         return FailedPrecondition(
             f"session {quote(session_id)} is pinned to model {name} version {version}, which "
@@ -625,12 +643,7 @@ class Models:
         model: ModelRef = ANY_MODEL,
     ) -> SessionInfo:
         target = self.target(model)
-        if session_id and any(
-            v.store.local(session_id, caller.principal) is not None
-            for v in self.versions.values()
-            if v is not target
-        ):
-            raise AlreadyExists(f"session id {session_id[:64]!r} is taken")
+        self._check_free(session_id, caller, but=target)
         return await target.plane.create_session(idle_timeout_s, session_id, caller=caller)
 
     async def close_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> None:
@@ -689,10 +702,7 @@ class Models:
     async def open_stream(
         self, session_id: str = "", *, caller: Caller = ANONYMOUS, model: ModelRef = ANY_MODEL
     ) -> Stream:
-        if session_id:
-            plane = await self.plane_of(session_id, caller, model)
-        else:
-            plane = self.target(model).plane
+        plane = await self._plane_for(session_id, caller, model)
         return await plane.open_stream(session_id, caller=caller)
 
     async def export_session(self, session_id: str, *, caller: Caller = ANONYMOUS) -> bytes:
@@ -714,17 +724,14 @@ class Models:
                 f"(sha256 {m.checksum[:12]}...), which is not loaded here "
                 f"(serving: {self.serving(m.name)})"
             )
+        self._check_free(session_id or record.session_id, caller, but=held)
         return await held.plane.import_session(data, session_id, caller=caller)
 
     async def fork_session(
         self, session_id: str, new_session_id: str = "", *, caller: Caller = ANONYMOUS
     ) -> str:
         plane = await self.plane_of(session_id, caller)
-        if new_session_id and any(
-            v.store.local(new_session_id, caller.principal) is not None
-            for v in self.versions.values()
-        ):
-            raise AlreadyExists(f"session id {new_session_id[:64]!r} is taken")
+        self._check_free(new_session_id, caller)
         return await plane.fork_session(session_id, new_session_id, caller=caller)
 
     async def generate(
@@ -737,10 +744,7 @@ class Models:
         request_id: str = "",
         model: ModelRef = ANY_MODEL,
     ) -> AsyncGenerator[GenerateChunk, None]:
-        if session_id:
-            plane = await self.plane_of(session_id, caller, model)
-        else:
-            plane = self.target(model).plane
+        plane = await self._plane_for(session_id, caller, model)
         chunks = plane.generate(session_id, prompt, params, caller=caller, request_id=request_id)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:

@@ -546,3 +546,45 @@ def test_kserve_sequences_stay_on_their_version_and_a_new_start_takes_the_new_on
         np.testing.assert_allclose(got[2]["logits"], want2[-1:], atol=ATOL, rtol=0)
     finally:
         srv.stop()
+
+
+def test_a_session_id_is_one_name_across_versions(tmp_path: Path):
+    """Create, fork and import refuse an id the caller holds on another loaded version (each
+    version's own store sees only its sessions), so a request by id never has two to choose."""
+    repo = tmp_path / "repo"
+    publish(repo, "tiny", 1, seed=1)
+    publish(repo, "tiny", 2, seed=2)
+    policy(repo, "tiny", {"all": {}})
+    srv = start(repo)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.LstmServeServiceStub(ch)
+            taken = "taken-session-0001"
+            stub.CreateSession(
+                pb.CreateSessionRequest(session_id=taken, model_version="1"), timeout=10
+            )
+            other = stub.CreateSession(pb.CreateSessionRequest(model_version="2"), timeout=10)
+            record = stub.ExportSession(
+                pb.ExportSessionRequest(session_id=other.session_id), timeout=10
+            ).record
+            calls = [
+                lambda: stub.CreateSession(
+                    pb.CreateSessionRequest(session_id=taken, model_version="2"), timeout=10
+                ),
+                lambda: stub.ForkSession(
+                    pb.ForkSessionRequest(session_id=other.session_id, new_session_id=taken),
+                    timeout=10,
+                ),
+                lambda: stub.ImportSession(
+                    pb.ImportSessionRequest(record=record, session_id=taken), timeout=10
+                ),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                assert "is taken" in e.value.details()
+            info = stub.GetSession(pb.GetSessionRequest(session_id=taken), timeout=10)
+            assert info.model_version == "1"
+    finally:
+        srv.stop()
