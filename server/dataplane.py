@@ -419,6 +419,7 @@ class DataPlane(Admission):
         # Sessions a principal holds, for the quota. Several versions' planes share one count
         # (and one rate-limit bucket) when the model repository sets them (server/models.py).
         self.owned_by: Callable[[str], int] = store.owned_by
+        self._model_info: ModelInfo | None = None
         # A principal's sessions, for ListSessions: this plane's, or every loaded version's when
         # the model repository sets it (server/models.py), like ``owned_by``.
         self.sessions_of: Callable[[str], list[SessionInfo]] = self.sessions_here
@@ -475,8 +476,12 @@ class DataPlane(Admission):
     async def model_info(self) -> ModelInfo:
         """The model and the limits. ``config_json`` leaves out what the exporter recorded about
         the build (checkpoint and corpus SHA-256, library versions: facts for an attacker, not
-        for a client) unless ``expose_build_info``."""
+        for a client) unless ``expose_build_info``. Built once: none of it changes."""
+        if self._model_info is None:
+            self._model_info = self._describe()
+        return self._model_info
 
+    def _describe(self) -> ModelInfo:
         def public(value: object) -> object:
             if not isinstance(value, dict):
                 return value

@@ -126,24 +126,37 @@ def add_servicer(
             logger.undecodable(name, message)
             return InvalidArgument(f"request is not a valid {message}")
 
-        kw: dict[str, Any] = {
-            "request_deserializer": _deserializer(getattr(pb, message)),
-            "response_serializer": getattr(pb, method.output_type.name).SerializeToString,
-        }
         if method.client_streaming:
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if method.server_streaming
-                else grpc.stream_unary_rpc_method_handler
-            )
-            handlers[name] = factory(_streaming(behavior, reject), **kw)
+            handlers[name] = _handler(method, pb, _streaming(behavior, reject))
         else:
-            factory = (
-                grpc.unary_stream_rpc_method_handler
-                if method.server_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
-            handlers[name] = factory(_unary(servicer, name, behavior, reject), **kw)
+            handlers[name] = _handler(method, pb, _unary(servicer, name, behavior, reject))
+    _register(server, service, handlers)
+
+
+def _handler(method: Any, messages: Any, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """``behavior`` as the handler of ``method`` (a protobuf method descriptor whose messages
+    are in the module ``messages``), with a deserializer that returns :data:`UNDECODABLE` for
+    bytes that do not parse."""
+    kw: dict[str, Any] = {
+        "request_deserializer": _deserializer(getattr(messages, method.input_type.name)),
+        "response_serializer": getattr(messages, method.output_type.name).SerializeToString,
+    }
+    if method.client_streaming:
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
+    else:
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+    return factory(behavior, **kw)
+
+
+def _register(server: grpc.aio.Server, service: Any, handlers: dict[str, Any]) -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
@@ -195,30 +208,8 @@ def add_checked(servicer: Any, service: Any, messages: Any, server: grpc.aio.Ser
     in the module ``messages``) with deserializers that return :data:`UNDECODABLE` for bytes
     that do not parse; the servicer's methods must handle it (the KServe servicer answers
     INVALID_ARGUMENT, or an ``error_message`` inside its stream, as Triton does)."""
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
-    for method in service.methods:
-        kw: dict[str, Any] = {
-            "request_deserializer": _deserializer(getattr(messages, method.input_type.name)),
-            "response_serializer": getattr(messages, method.output_type.name).SerializeToString,
-        }
-        behavior = getattr(servicer, method.name)
-        if method.client_streaming:
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if method.server_streaming
-                else grpc.stream_unary_rpc_method_handler
-            )
-        else:
-            factory = (
-                grpc.unary_stream_rpc_method_handler
-                if method.server_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
-        handlers[method.name] = factory(behavior, **kw)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(service.full_name, handlers)
+    handlers = {m.name: _handler(m, messages, getattr(servicer, m.name)) for m in service.methods}
+    _register(server, service, handlers)
 
 
 def add_health(
@@ -255,17 +246,5 @@ def add_health(
                 grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {message}"
             )
 
-        kw: dict[str, Any] = {
-            "request_deserializer": _deserializer(getattr(health_pb2, message)),
-            "response_serializer": getattr(health_pb2, method.output_type.name).SerializeToString,
-        }
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[name] = factory(handle, **kw)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(service.full_name, handlers)
+        handlers[name] = _handler(method, health_pb2, handle)
+    _register(server, service, handlers)

@@ -272,9 +272,6 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         # answers): ServerReady and ModelReady follow it. None: the plane alone decides.
         self.serving = serving
         self.stats = ModelInferStats()
-        # (plane, name, version) -> (expiry, info): a named version's info never changes; the
-        # newest version of a model may after a rollout, so that answer is kept for a second.
-        self._infos: dict[tuple[int, str, str], tuple[float, ModelInfo]] = {}
         self._sparse_log = SparseLog()
 
     # --- helpers -------------------------------------------------------------------------------
@@ -286,16 +283,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return plane
 
     async def _model(self, plane: Plane, name: str = "", version: str = "") -> ModelInfo:
-        key = (id(plane), name, version)
-        now = time.monotonic()
-        cached = self._infos.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        info = await plane.model_info(ModelRef(name, version))
-        if len(self._infos) > 1024:
-            self._infos.clear()
-        self._infos[key] = (now + (1e18 if version else 1.0), info)
-        return info
+        # Cheap on every request: each version's plane builds its info once, and a front end's
+        # RemotePlane caches the engine's answers.
+        return await plane.model_info(ModelRef(name, version))
 
     async def _check_model(self, name: str, version: str) -> tuple[Plane, ModelInfo]:
         plane = self._plane()
@@ -656,13 +646,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         await self._plane().load_model(request.model_name, caller=CALLER.get())
-        self._infos.clear()
         return kpb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         await self._plane().unload_model(request.model_name, caller=CALLER.get())
-        self._infos.clear()
         return kpb.RepositoryModelUnloadResponse()
 
     @staticmethod
