@@ -40,20 +40,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import hashlib
 import io
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,7 +59,6 @@ import numpy as np
 from . import common
 from . import server_bench as sb
 
-RENDER = common.ROOT / "deploy" / "nginx" / "render.py"
 KEY_PREFIX = "lstm-serve:session:"  # server.state.redis.KEY_PREFIX
 BATCH_WRITE = 100  # records per put() while filling Redis
 BATCH_COMMIT = 16  # records per put() in the commit phase (one engine tick's worth)
@@ -80,47 +75,17 @@ def _free_port() -> int:
 
 
 def _binary(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if not path:
-        raise SystemExit(f"deploy-costs: {name} not found (Debian package; scripts/system-deps.sh)")
-    return path
+    from tests.state_services import ServiceError, find_program
+
+    try:
+        return find_program(name, install=False)
+    except ServiceError as e:
+        raise SystemExit(f"deploy-costs: {e}") from None
 
 
 def _version(cmd: list[str]) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True)
     return " ".join((p.stdout + p.stderr).split())
-
-
-@contextlib.contextmanager
-def _nginx(target: str, workdir: Path) -> Iterator[str]:
-    """nginx from ``render.py scale`` in front of one replica; yields its HOST:PORT."""
-    binary = _binary("nginx")
-    prefix = workdir / "nginx"
-    prefix.mkdir()
-    port = _free_port()
-    args = [sys.executable, str(RENDER), "scale", "--prefix", str(prefix)]
-    args += ["--listen", f"127.0.0.1:{port}", "--replica", target]
-    conf = prefix / "nginx.conf"
-    conf.write_text(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
-    cmd = [binary, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")]
-    test = subprocess.run([*cmd, "-t"], capture_output=True, text=True)
-    if test.returncode != 0:
-        raise SystemExit(f"deploy-costs: nginx -t failed: {test.stderr.strip()}")
-    proc = subprocess.Popen([*cmd, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _redis(url: str) -> Any:
@@ -162,7 +127,7 @@ def _timed_steps(client: Any, sid: str, calls: int, rng: np.random.Generator) ->
 
 def record_and_nginx(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from server.client import LstmClient
-    from tests.state_services import redis_server
+    from tests.state_services import nginx_proxy, redis_server
 
     model = str(common.BUNDLED_MODEL)
     rng = np.random.default_rng(0)
@@ -170,7 +135,7 @@ def record_and_nginx(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         flags = ["--state-store", url, "--frontends", "1"]
         with (
             sb.running_server(model, extra=flags, source=args.server_src) as srv,
-            _nginx(srv.target, workdir) as proxy,
+            nginx_proxy([srv.target], workdir) as proxy,
             LstmClient(srv.target, timeout=10) as direct,
             LstmClient(proxy, timeout=10) as via,
         ):

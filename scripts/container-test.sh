@@ -20,8 +20,8 @@
 # drains requests that are in flight (they complete with the full text) and exits 0 within the
 # drain grace.
 #
-# Needs root and apt (it installs buildah podman runc debootstrap when missing and unpacks
-# Debian's prometheus package into the cache), the project venv
+# Needs root and apt (it installs buildah podman runc debootstrap when missing; promtool and
+# prometheus come from scripts/system-deps.sh, as for make test), the project venv
 # (`make install`) and the bundled model server/model_repo/timemachine/1/model.onnx.
 # Environment: LSTM_SERVE_CT_CACHE (cache folder, default ~/.cache/lstm-serve-container),
 # VENV (default .venv). --keep leaves the temporary folder and the image for debugging.
@@ -424,25 +424,20 @@ print(f"metrics: {len({k[0] for k in samples})} series names, Generate OK counte
 PYEOF
 
 # --- 9. Prometheus with deploy/prometheus.yml scrapes the container ------------------------------
-# Debian's prometheus package, unpacked rather than installed so that no service starts.
+# Debian's prometheus package, unpacked (never installed, so no service starts) by the same
+# script that `make test` runs.
 t=$(now)
-prom_dir=$CACHE/prometheus
-if [ ! -x "$prom_dir/usr/bin/prometheus" ] || [ ! -x "$prom_dir/usr/bin/promtool" ]; then
-    mkdir -p "$WORK/deb"
-    # A fresh machine may have no package lists yet.
-    { (cd "$WORK/deb" && apt-get download prometheus) ||
-        { apt-get update -qq && (cd "$WORK/deb" && apt-get download prometheus); }; } \
-        >"$WORK/apt-download.log" 2>&1 ||
-        { cat "$WORK/apt-download.log" >&2; die "apt-get download prometheus failed"; }
-    rm -rf "$prom_dir"
-    dpkg-deb -x "$WORK"/deb/prometheus_*.deb "$prom_dir"
-fi
+bash "$ROOT/scripts/system-deps.sh" >"$WORK/system-deps.log" 2>&1 ||
+    { cat "$WORK/system-deps.log" >&2; die "scripts/system-deps.sh could not provide prometheus"; }
+prom_dir=${LSTM_SERVE_PROMETHEUS_DIR:-$ROOT/.cache/prometheus}
 "$prom_dir/usr/bin/promtool" check config "$ROOT/deploy/prometheus.yml" >"$WORK/promtool.log" 2>&1 ||
     { cat "$WORK/promtool.log" >&2; die "promtool rejects deploy/prometheus.yml"; }
 # Only the target changes: compose's service name becomes this container's metrics port.
 grep -q '"lstm-serve:9090"' "$ROOT/deploy/prometheus.yml" ||
     die "deploy/prometheus.yml no longer targets lstm-serve:9090"
 sed "s/\"lstm-serve:9090\"/\"127.0.0.1:$metrics_port\"/" "$ROOT/deploy/prometheus.yml" >"$WORK/prometheus.yml"
+# The rule files prometheus.yml names (prometheus/*.rules.yml) are relative to it: copy them too.
+cp -r "$ROOT/deploy/prometheus" "$WORK/prometheus"
 prom_port=$(free_port)
 "$prom_dir/usr/bin/prometheus" --config.file="$WORK/prometheus.yml" \
     --storage.tsdb.path="$WORK/prometheus-data" --web.listen-address="127.0.0.1:$prom_port" \

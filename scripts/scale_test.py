@@ -32,7 +32,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,7 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 from server.client import LstmClient  # noqa: E402
 from tests.reference import Reference  # noqa: E402
-from tests.state_services import ServiceError, redis_server  # noqa: E402
+from tests.state_services import (  # noqa: E402
+    ServiceError,
+    find_program,
+    nginx_proxy,
+    redis_server,
+)
 
 MODEL = ROOT / "server" / "model_repo" / "timemachine" / "1" / "model.onnx"
 RETRYABLE = {
@@ -65,20 +69,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def need(binary: str) -> str:
-    """The path of ``binary``; ``scripts/system-deps.sh`` installs it first when missing."""
-    path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
-    if path:
-        return path
-    log(f"{binary} missing: running scripts/system-deps.sh")
-    if subprocess.run(["bash", str(ROOT / "scripts" / "system-deps.sh")]).returncode != 0:
-        raise SystemExit(f"scale-test: {binary} not found (scripts/system-deps.sh said why above)")
-    path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
-    if not path:
-        raise SystemExit(f"scale-test: {binary} still not found after scripts/system-deps.sh")
-    return path
 
 
 class Replica:
@@ -136,42 +126,6 @@ class Replica:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-@contextlib.contextmanager
-def nginx(listen_port: int, replicas: list[Replica], workdir: Path) -> Iterator[str]:
-    binary = need("nginx")
-    prefix = workdir / "nginx"
-    prefix.mkdir()
-    render = ROOT / "deploy" / "nginx" / "render.py"
-    args = [sys.executable, str(render), "scale", "--prefix", str(prefix)]
-    args += ["--listen", f"127.0.0.1:{listen_port}"]
-    for r in replicas:
-        args += ["--replica", f"127.0.0.1:{r.port}"]
-    conf = prefix / "nginx.conf"
-    conf.write_text(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
-    cmd = [binary, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")]
-    test = subprocess.run([*cmd, "-t"], capture_output=True, text=True)
-    if test.returncode != 0:
-        raise SystemExit(f"scale-test: nginx -t failed: {test.stderr.strip()}")
-    proc = subprocess.Popen([*cmd, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", listen_port), timeout=0.5),
-            ):
-                break
-            time.sleep(0.1)
-        yield f"127.0.0.1:{listen_port}"
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Session:
@@ -240,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="whole run, seconds")
     a = p.parse_args(argv)
     deadline = time.monotonic() + a.timeout
-    need("redis-server")
-    need("nginx")
+    try:  # scripts/system-deps.sh installs what is missing, or says how
+        find_program("redis-server")
+        find_program("nginx")
+    except ServiceError as e:
+        raise SystemExit(f"scale-test: {e}") from None
     ref = Reference(MODEL)
     workdir = Path(tempfile.mkdtemp(prefix="lstm-scale-"))
     replicas: list[Replica] = []
@@ -257,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in replicas:
                 r.wait_ready(deadline)
             log(f"redis {store}, {a.replicas} replicas on ports {[r.port for r in replicas]}")
-            with nginx(free_port(), replicas, workdir) as target:
+            upstreams = [f"127.0.0.1:{r.port}" for r in replicas]
+            with nginx_proxy(upstreams, workdir) as target:
                 return run(target, replicas, ref, a, deadline)
         finally:
             for r in replicas:

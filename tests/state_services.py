@@ -1,6 +1,7 @@
-"""Real services for the state-store tests: a throwaway ``redis-server`` on a free loopback port.
+"""Real services on free loopback ports: a throwaway ``redis-server``, and nginx (Debian's) as the
+session-affine proxy that ``deploy/nginx/render.py`` configures.
 
-One helper, usable from pytest (the ``redis_url`` fixture) and from a script::
+Usable from pytest (the ``redis_url`` fixture) and from scripts (the scale test, benchmarks)::
 
     python -m tests.state_services      # starts one, prints its URL, stops on Ctrl-C
 
@@ -33,22 +34,36 @@ class ServiceError(RuntimeError):
     """A service could not be found, installed or started."""
 
 
-def find_redis_server(install: bool = True) -> str:
-    """Path of ``redis-server``, installed first by ``scripts/system-deps.sh`` when missing.
+def find_program(name: str, install: bool = True) -> str:
+    """Path of ``name`` (redis-server, nginx, ...: in /usr/sbin too, which a non-root PATH may
+    lack), installed first by ``scripts/system-deps.sh`` when missing.
 
     That script is the one install step that ``make test`` and ``.ci/run`` share (apt-get as
     root); otherwise it names the command. Raises ServiceError with its message.
     """
-    path = shutil.which("redis-server")
+
+    def which() -> str | None:
+        return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+    missing = f"{name} not found: install the Debian package ({SYSTEM_DEPS.name} names it)"
+    path = which()
     if path:
         return path
     if not install:
-        raise ServiceError(MISSING)
+        raise ServiceError(missing)
     done = subprocess.run(["bash", str(SYSTEM_DEPS)], capture_output=True, text=True)
-    path = shutil.which("redis-server")
+    path = which()
     if done.returncode != 0 or not path:
-        raise ServiceError(f"{MISSING}; {SYSTEM_DEPS.name}: {' '.join(done.stderr.split())}")
+        raise ServiceError(f"{missing}; {SYSTEM_DEPS.name}: {' '.join(done.stderr.split())}")
     return path
+
+
+def find_redis_server(install: bool = True) -> str:
+    """Path of ``redis-server`` (:func:`find_program`)."""
+    try:
+        return find_program("redis-server", install)
+    except ServiceError as e:
+        raise ServiceError(str(e).replace("redis-server not found", MISSING, 1)) from None
 
 
 def _free_port() -> int:
@@ -107,6 +122,50 @@ def redis_server(timeout_s: float = 10.0) -> Iterator[str]:
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             _stop(proc)
+
+
+@contextlib.contextmanager
+def nginx_proxy(replicas: list[str], workdir: Path, listen_port: int = 0) -> Iterator[str]:
+    """nginx configured by ``deploy/nginx/render.py scale`` (hashing ``lstm-session-id``) in
+    front of ``replicas`` (HOST:PORT each), listening on ``listen_port`` (0: a free one) with its
+    files under ``workdir/nginx``; yields its HOST:PORT. Raises ServiceError when ``nginx -t``
+    rejects the configuration."""
+    import signal
+    import sys
+
+    binary = find_program("nginx")
+    prefix = workdir / "nginx"
+    prefix.mkdir()
+    port = listen_port or _free_port()
+    render = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "render.py"
+    args = [sys.executable, str(render), "scale", "--prefix", str(prefix)]
+    args += ["--listen", f"127.0.0.1:{port}"]
+    for target in replicas:
+        args += ["--replica", target]
+    conf = prefix / "nginx.conf"
+    conf.write_text(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    cmd = [binary, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")]
+    test = subprocess.run([*cmd, "-t"], capture_output=True, text=True)
+    if test.returncode != 0:
+        raise ServiceError(f"nginx -t failed: {test.stderr.strip()}")
+    proc = subprocess.Popen([*cmd, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), timeout=0.5),
+            ):
+                break
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
