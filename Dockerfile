@@ -2,8 +2,9 @@
 # lstm-serve: the stateful gRPC server on ONNX Runtime, with the bundled Time Machine model.
 #
 #   docker build -t lstm-serve .
-#   docker run --rm -p 50051:50051 -p 9090:9090 lstm-serve              # CPU
-#   docker run --rm --gpus all -p 50051:50051 -p 9090:9090 lstm-serve   # CUDA when it really works
+#   docker run --rm -p 50051:50051 -p 8000:8000 -p 9090:9090 lstm-serve            # CPU
+#   docker run --rm --gpus all -p 50051:50051 -p 8000:8000 -p 9090:9090 lstm-serve # CUDA if it works
+#   curl -s 127.0.0.1:8000/v2/health/ready -w '%{http_code}\n'   # KServe v2 over HTTP/REST
 #
 # Behind a TLS-intercepting proxy, lend the build the host's CA bundle (it is mounted for the pip
 # steps only, never copied into a layer):
@@ -73,13 +74,15 @@ ENV PATH=/opt/lstm-serve/bin:$PATH \
     HOME=/tmp \
     LSTM_SERVE_HOST=0.0.0.0 \
     LSTM_SERVE_PORT=50051 \
+    LSTM_SERVE_HTTP_PORT=8000 \
     LSTM_SERVE_METRICS_PORT=9090 \
     LSTM_SERVE_PROVIDER=auto \
     LSTM_SERVE_MODEL_REPOSITORY=/models \
     LSTM_SERVE_DRAIN_GRACE_S=8
 
-# gRPC, Prometheus metrics.
-EXPOSE 50051 9090
+# gRPC (ours and KServe v2), KServe v2 over HTTP/REST (probes can use /v2/health/ready),
+# Prometheus metrics.
+EXPOSE 50051 8000 9090
 
 # A numeric user, so orchestrators can verify runAsNonRoot without a passwd lookup.
 USER 10001:10001

@@ -27,8 +27,9 @@ install: $(STAMP_ALL)
 install-serve: $(STAMP_SERVE)
 
 # What `make serve` passes on top of the defaults; the test suite starts the same command beside
-# itself (tests/integration/conftest.py) to prove it never needs the default ports.
-SERVE_FLAGS := --reflection
+# itself (tests/integration/conftest.py) to prove it never needs the default ports. KServe v2
+# over HTTP/REST is off by default in the library; `make serve` (like the container) turns it on.
+SERVE_FLAGS := --reflection --http-port 8000
 
 serve: install-serve
 	$(BIN)/lstm-serve $(SERVE_FLAGS)

@@ -178,6 +178,26 @@ async def _stream_steps(
     return steps
 
 
+SERVICE = "lstmserve.v1.LstmServeService"
+
+
+class _Renamed:
+    """A channel whose method paths name ``service`` instead of today's service: the messages
+    are unchanged since the service was renamed (from ``lstmserve.v1.LstmServe``), so the same
+    load generator can drive an older server in an A/B run."""
+
+    def __init__(self, channel: grpc.aio.Channel, service: str) -> None:
+        self._channel, self._prefix = channel, f"/{service}/"
+
+    def __getattr__(self, kind: str) -> Any:
+        make = getattr(self._channel, kind)
+
+        def renamed(path: str, *args: Any, **kwargs: Any) -> Any:
+            return make(path.replace(f"/{SERVICE}/", self._prefix), *args, **kwargs)
+
+        return renamed
+
+
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     start = args.start_ns or time.monotonic_ns() + int(0.2e9)
     ws = start + int(args.warmup * 1e9)
@@ -192,7 +212,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         grpc.aio.insecure_channel(args.target, options=options)
         for _ in range(max(1, min(args.channels, args.concurrency)))
     ]
-    stubs = [pb_grpc.LstmServeServiceStub(ch) for ch in channels]
+    stubs = [pb_grpc.LstmServeServiceStub(_Renamed(ch, args.service)) for ch in channels]
     for ch in channels:
         await asyncio.wait_for(ch.channel_ready(), timeout=10)
     delay = (start - time.monotonic_ns()) / 1e9
@@ -254,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=28)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--service", default=SERVICE, help="the server's full service name")
     p.add_argument("--out", default="", help=".npz file for the raw samples")
     args = p.parse_args(argv)
     try:

@@ -267,6 +267,7 @@ def parts(result: dict[str, Any]) -> list[Part]:
         )
     out.extend(_kserve(s.get("kserve_perf_analyzer", {})))
     out.extend(_rollout(s.get("rollout", {})))
+    out.extend(_efficiency(s.get("efficiency", {})))
     loads = ", ".join(
         f"{k} {sec.get('load_average_after', ['?'])[0]}"
         for k, sec in s.items()
@@ -296,6 +297,7 @@ def _kserve(kq: dict[str, Any]) -> list[Part]:
                 o.get("rtt", {}).get("p50_ms"),
                 o.get("rtt", {}).get("p99_ms"),
                 infer / steps if infer and steps else None,
+                r.get("server_mean_batch"),
             ]
         )
     head = ["conc", "PA infer/s", "PA p50", "PA p99", "ours steps/s", "ours p50", "ours p99"]
@@ -304,11 +306,55 @@ def _kserve(kq: dict[str, Any]) -> list[Part]:
             "13. KServe v2: perf_analyzer (sequence mode) vs our StepStream",
             f" (perf_analyzer: ModelStreamInfer, sequences of {kq['sequence_length']} one-token "
             "requests; ours: benchmarks.loadgen stream, one token per step; same server; ms)",
-            Table([*head, "PA ÷ ours"], rows),
+            Table([*head, "PA ÷ ours", "PA mean batch"], rows),
         ),
         Part(
             body="perf_analyzer's infer/s ÷ our steps/s at 16: "
             f"{_f(kq.get('kserve_vs_lstmserve_16'), 3)}."
+        ),
+    ]
+
+
+def _efficiency(ef: dict[str, Any]) -> list[Part]:
+    """Section 15: the A/B against the single-process server, topologies, p1 on the same mix."""
+    if "table" not in ef:
+        return []
+    rows = [
+        [
+            r["server"],
+            r["streams"],
+            r["steps_per_s"],
+            r["cpu_ms_per_step"],
+            r["server_cpu_cores"],
+            r["rtt_p50_ms"],
+            r["errors"],
+        ]
+        for r in ef["table"]
+    ]
+    head = ["server", "streams", "steps/s", "CPU ms/step", "server cores", "RTT p50", "errors"]
+    ratios = ", ".join(
+        f"{c} streams: steps/s {_f(ef.get(f'steps_ratio_s{c}'), 3)}, "
+        f"CPU/step {_f(ef.get(f'cpu_ratio_s{c}'), 3)}"
+        for c in (1, 16, 64)
+    )
+    p1 = ", ".join(
+        f"{_f(r['server_tokens_per_s'], 0)} ÷ {_f(r['inprocess_tokens_per_s'], 0)}"
+        for r in ef.get("p1_rounds", [])
+    )
+    return [
+        Part(
+            "15. Efficiency: A/B against the single-process server "
+            f"({ef['base_commit']}), same run",
+            f" (StepStream, one token per message; medians of {ef['rounds']} round(s), servers "
+            "in rotated order; CPU summed over each server's whole process tree)",
+            Table(head, rows, digits=3),
+        ),
+        Part(
+            body=f"Default topology here: **{ef['default_topology']}** (fastest at 16 streams: "
+            f"{ef['fastest_topology_s16']}; single ÷ split steps/s at 16: "
+            f"{_f(ef.get('single_vs_split_s16'), 3)}). The default ÷ {ef['base_commit']}: "
+            f"{ratios}. p1 on the same mix (Generate at 64 through the server ÷ the same engine "
+            f"in process, tokens/s per round: {p1}): {_f(ef.get('p1_mix_ratio'), 3)}."
         ),
     ]
 

@@ -45,6 +45,7 @@ from .common import ROOT, ModelUnderTest, SectionSkipped, percentiles_ms, ratio
 MODEL = "timemachine"
 P99_TARGET = 1.5  # p99(during) / p99(steady)
 _PIDS = re.compile(r"engine pid (\d+), \d+ front end\(s\) pid ([\d,]+)")
+_SINGLE = re.compile(r"one process \(engine and gRPC\) pid (\d+)")
 _METRICS = re.compile(r"metrics on http://(\S+?)/metrics")
 _LOADED = re.compile(r"model (\S+) version (\S+) loaded in ([\d.]+) s")
 _GAUGE = re.compile(r"^lstm_serve_model_(sessions|memory_bytes)\{([^}]*)\}\s+(\S+)")
@@ -71,6 +72,8 @@ def roles(log: list[str], supervisor: int) -> dict[int, str]:
     """pid -> role from the server's "engine pid N, K front end(s) pid A,B" line."""
     out = {supervisor: "supervisor"}
     for line in log:
+        if m := _SINGLE.search(line):
+            out[int(m.group(1))] = "server"
         m = _PIDS.search(line)
         if m:
             out[int(m.group(1))] = "engine"

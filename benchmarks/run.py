@@ -41,7 +41,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import common, engine_overhead, inprocess, report, rollout, state_stores, training_bench
+from . import (
+    common,
+    efficiency,
+    engine_overhead,
+    inprocess,
+    report,
+    rollout,
+    state_stores,
+    training_bench,
+)
 from . import perf_analyzer as pa
 from . import server_bench as sb
 from .common import SectionSkipped, ratio
@@ -77,6 +86,17 @@ SUMMARY_KEYS = (
     "rollout_p99_during_vs_steady",
     "rollout_steps_during_vs_steady",
     "rollout_first_v2_s",
+    # Section 15 (issue 18): this tree's default topology against the single-process server.
+    "ab_steps_vs_single_process_s1",
+    "ab_steps_vs_single_process_s16",
+    "ab_steps_vs_single_process_s64",
+    "ab_cpu_per_step_vs_single_process_s1",
+    "ab_cpu_per_step_vs_single_process_s16",
+    "ab_cpu_per_step_vs_single_process_s64",
+    "topology_single_vs_split_s16",
+    "default_topology_is_fastest",
+    "p1_generate64_vs_inprocess_mix",
+    "kserve_mean_batch_c16",
 )
 # (key, comparison, target) from the issue. Every run records the verdicts; only a full run's
 # figures are meant to be judged by them (--quick is a smoke test).
@@ -96,6 +116,17 @@ TARGETS = (
     ("create_session_large_vs_small_p50", "<=", 2.0),
     # Issue 17; its other target (no errors) and the pinning check are the section's verdicts.
     ("rollout_p99_during_vs_steady", "<=", 1.5),
+    # Issue 18.
+    ("ab_steps_vs_single_process_s1", ">=", efficiency.STEPS_RATIO_TARGET),
+    ("ab_steps_vs_single_process_s16", ">=", efficiency.STEPS_RATIO_TARGET),
+    ("ab_steps_vs_single_process_s64", ">=", efficiency.STEPS_RATIO_TARGET),
+    ("ab_cpu_per_step_vs_single_process_s1", "<=", 1.0),
+    ("ab_cpu_per_step_vs_single_process_s16", "<=", efficiency.CPU_RATIO_TARGET_16),
+    ("ab_cpu_per_step_vs_single_process_s64", "<=", 1.0),
+    ("default_topology_is_fastest", ">=", 1.0),
+    ("p1_generate64_vs_inprocess_mix", ">=", efficiency.P1_MIX_TARGET),
+    ("kserve_mean_batch_c16", ">=", 4.0),
+    ("kserve_vs_lstmserve_stream16", ">=", 0.9),
 )
 
 
@@ -148,6 +179,8 @@ class Profile:
         # window (the ratio's denominator) holds no start-up transient.
         self.rollout_warmup = 1.0 if quick else 2.0
         self.rollout_poll_s = 0.5
+        # Section 15: rounds of the A/B (servers in rotated order each round).
+        self.ab_rounds = 1 if quick else 3
 
 
 def _default_corpus() -> Path | None:
@@ -203,6 +236,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="run the server from this tree (holding server/, protos/, export/) instead of "
         "this checkout, e.g. a `git worktree` of another commit",
+    )
+    p.add_argument(
+        "--base-src",
+        type=Path,
+        default=None,
+        help="section 15's single-process server: this tree instead of a temporary git "
+        f"worktree of {efficiency.BASE_COMMIT}",
     )
     p.add_argument(
         "--profile",
@@ -546,14 +586,19 @@ def kserve(ctx: Context) -> dict[str, Any]:
     ours: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-pa-") as tmp,
-        sb.running_server(ctx.model.path, extra=flags, source=ctx.args.server_src) as srv,
+        sb.running_server(
+            ctx.model.path, extra=[*flags, "--metrics-port", "0"], source=ctx.args.server_src
+        ) as srv,
     ):
         name = pa.model_name(srv.target)
         data = pa.write_data(Path(tmp) / "tokens.json", V)
         for c in p.kserve_conc:
-            pa_rows.append(
-                pa.run(binary, env, srv.target, name, c, data, window_ms=p.kserve_window_ms)
-            )
+            before = sb.batch_totals(srv)
+            row = pa.run(binary, env, srv.target, name, c, data, window_ms=p.kserve_window_ms)
+            # Rows per model call over perf_analyzer's whole run (warm-up included), from the
+            # server's own histogram: whether KServe requests join one batch as StepStream's do.
+            row["server_mean_batch"] = sb.mean_batch(before, sb.batch_totals(srv))
+            pa_rows.append(row)
             ours.append(sb.drive(srv, _load(ctx, "stream", c), V))
     at16 = _row_at(pa_rows, "concurrency", 16) or {}
     ours16 = _row_at(ours, "concurrency", 16) or {}
@@ -589,6 +634,21 @@ def rollout_section(ctx: Context) -> dict[str, Any]:
         )
 
 
+def efficiency_section(ctx: Context) -> dict[str, Any]:
+    _need_server(ctx)
+    p = ctx.prof
+    return efficiency.run(
+        ctx.model.path,
+        ctx.model.vocab_size,
+        rounds=p.ab_rounds,
+        duration=p.duration,
+        warmup=p.warmup,
+        lead=p.lead,
+        max_tokens=p.max_tokens,
+        base=ctx.args.base_src,
+    )
+
+
 # Section n is SECTIONS[n - 1] (what --sections selects); the keys are results.json's.
 SECTIONS: tuple[tuple[str, Section], ...] = (
     ("inprocess_ort", inprocess_ort),
@@ -605,6 +665,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("create_scaling", create_scaling),
     ("kserve_perf_analyzer", kserve),
     ("rollout", rollout_section),
+    ("efficiency", efficiency_section),
 )
 
 # --- server sweeps -----------------------------------------------------------------------------
@@ -786,6 +847,15 @@ def summarise(ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
     if pa16 and "error" in pa16:
         for key in ("perf_analyzer_seq_c16_infer_per_s", "kserve_vs_lstmserve_stream16"):
             reasons[key] = f"kserve_perf_analyzer: perf_analyzer at 16: {pa16['error']}"
+    ef = s.get("efficiency", {})
+    for c in efficiency.STREAMS:
+        put(f"ab_steps_vs_single_process_s{c}", ef.get(f"steps_ratio_s{c}"), "efficiency")
+        put(f"ab_cpu_per_step_vs_single_process_s{c}", ef.get(f"cpu_ratio_s{c}"), "efficiency")
+    put("topology_single_vs_split_s16", ef.get("single_vs_split_s16"), "efficiency")
+    fastest = ef.get("default_is_fastest")
+    put("default_topology_is_fastest", None if fastest is None else float(fastest), "efficiency")
+    put("p1_generate64_vs_inprocess_mix", ef.get("p1_mix_ratio"), "efficiency")
+    put("kserve_mean_batch_c16", pa16 and pa16.get("server_mean_batch"), "kserve_perf_analyzer")
     ro = s.get("rollout", {})
     put("rollout_p99_during_vs_steady", ro.get("p99_during_vs_steady"), "rollout")
     put("rollout_steps_during_vs_steady", ro.get("steps_during_vs_steady"), "rollout")

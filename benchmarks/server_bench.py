@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 from .common import ROOT, ModelUnderTest, SectionSkipped, percentiles_ms
 
 _LISTEN = re.compile(r"gRPC listening on \S*?:(\d+)")
+_METRICS = re.compile(r"metrics on (http://\S+?)/metrics")
 
 
 def server_available() -> str | None:
@@ -128,6 +130,35 @@ def running_server(
     return _running(cmd, startup_timeout, source)
 
 
+def batch_totals(srv: ServerProcess) -> tuple[float, float] | None:
+    """``(sum, count)`` of the server's ``lstm_serve_batch_size`` histogram (every model and
+    version), None when it serves no metrics (``--metrics-port -1``) or does not answer."""
+    url = next((m.group(1) for line in srv.log if (m := _METRICS.search(line))), None)
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("lstm_serve_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lstm_serve_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def mean_batch(
+    before: tuple[float, float] | None, after: tuple[float, float] | None
+) -> float | None:
+    """Mean rows per model call between two :func:`batch_totals`."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def running_null_server(vocab: int) -> contextlib.AbstractContextManager[ServerProcess]:
     """Start :mod:`benchmarks.null_server` (the gRPC floor) the same way."""
     cmd = [sys.executable, "-m", "benchmarks.null_server", "--vocab", str(vocab)]
@@ -208,6 +239,7 @@ class LoadSpec:
     max_tokens: int = 128
     client_procs: int = 1
     lead: float = 2.5  # seconds for the loadgen processes to start and connect before the window
+    service: str = "lstmserve.v1.LstmServeService"  # what an older server calls it (A/B runs)
 
 
 def drive(
@@ -253,6 +285,8 @@ def drive(
                 str(1_000_000 * i),
                 "--out",
                 str(out),
+                "--service",
+                spec.service,
             ]
             p = subprocess.Popen(
                 cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

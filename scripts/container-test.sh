@@ -15,7 +15,7 @@
 # it runs as a numeric non-root user and declares its health check and stop signal; it turns
 # healthy (`podman healthcheck run`);
 # greedy `lstm-client generate` against it prints exactly what a local server (host venv, same
-# bundled model) prints; its metrics port serves the server's metrics; deploy/prometheus.yml
+# bundled model) prints; KServe v2 over HTTP answers /v2/health/ready and a JSON inference (curl); its metrics port serves the server's metrics; deploy/prometheus.yml
 # passes promtool and a real Prometheus scrapes the container with it; on the stop signal it
 # drains requests that are in flight (they complete with the full text) and exits 0 within the
 # drain grace.
@@ -322,13 +322,15 @@ REF_PID=""
 # --- 6. the container: start, healthy ------------------------------------------------------------
 port=$(free_port)
 metrics_port=$(free_port)
-log "run: $IMAGE on gRPC :$port, metrics :$metrics_port"
+http_port=$(free_port)
+log "run: $IMAGE on gRPC :$port, metrics :$metrics_port, HTTP :$http_port"
 t=$(now)
 # podman 4 logs that it cannot reach systemd to schedule health checks; they run by hand here.
 # The same hardening as deploy/compose.yaml: read-only root, tmpfs /tmp, no capabilities.
 podman run -d --name "$CTR" --network host \
     --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
     -e "LSTM_SERVE_PORT=$port" -e "LSTM_SERVE_METRICS_PORT=$metrics_port" \
+    -e "LSTM_SERVE_HTTP_PORT=$http_port" \
     "$IMAGE" >/dev/null 2>>"$WORK/podman.log" || { cat "$WORK/podman.log" >&2; die "podman run failed"; }
 # With vfs, `podman run` copies the whole image into the container's layer first: most of the
 # start time here, and not what a user with overlay storage sees. Report both parts.
@@ -354,6 +356,18 @@ cmp -s "$WORK/out/ref-short.txt" "$WORK/out/ctr-short.txt" || {
     die "the container's greedy text differs from the local server's"
 }
 log "generate: container text == local text ($(wc -c <"$WORK/out/ctr-short.txt") bytes)"
+# KServe v2 over HTTP/REST (the image turns it on): what Kubernetes' httpGet probes ask, and one
+# plain-JSON inference.
+ready=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$http_port/v2/health/ready") ||
+    die "curl could not reach the container's HTTP port $http_port"
+[ "$ready" = 200 ] || die "/v2/health/ready answered $ready, not 200"
+curl -sf "http://127.0.0.1:$http_port/v2/models/timemachine/infer" \
+    -H 'Content-Type: application/json' \
+    -d '{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["the time"]}]}' \
+    >"$WORK/out/http-infer.json" || die "HTTP inference against the container failed"
+"$PY" -c 'import json, sys; (o,) = json.load(open(sys.argv[1]))["outputs"]; assert o["name"] == "logits" and len(o["data"]) == 28, o' \
+    "$WORK/out/http-infer.json" || die "HTTP inference answered $(head -c 300 "$WORK/out/http-infer.json")"
+log "http: /v2/health/ready 200, /v2/models/timemachine/infer gives 28 logits"
 # No GPU here: the server must say it serves from the CPU, without ONNX Runtime's CUDA error spam.
 podman logs "$CTR" >"$WORK/out/container-start.log" 2>&1
 grep -q '/models/timemachine/1/model.onnx' "$WORK/out/container-start.log" ||

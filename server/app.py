@@ -3,7 +3,8 @@
 * :func:`build_core`: the engine side (model, state pool, sessions, engine loop, data plane,
   metrics). The engine process (:mod:`server.engine_host`) serves it to the front ends.
 * :func:`grpc_server`: a gRPC server with our service, health and (optionally) reflection;
-  each front end (:mod:`server.frontend`) runs one over a remote data plane.
+  each front end (:mod:`server.frontend`) runs one over a remote data plane; and beside it
+  :func:`http_server`, KServe v2 over HTTP/REST (``--http-port``) over the same servicers.
 * :class:`App`: both in one process (the core behind a local gRPC server). ``lstm-serve`` runs
   the multi-process topology (:mod:`server.supervisor`); App is for embedding the server in a
   Python process: the integration tests use it to read the engine's state and drive its clock.
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ from .errors import Unauthenticated
 from .kserve import KSERVE_SERVICE_NAME, KServeServicer, add_kserve_servicer
 from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerStats
 from .models import Models, Version, run_periodically
+from .rest import Rest, RestServer
 from .runtime import ModelRuntime, bundled_model_path, check_model_source
 from .servicer import SERVICE_NAME, LstmServeServiceServicer, QuietPeerGone
 from .sessions import SessionStore
@@ -349,6 +353,47 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
+async def http_server(
+    settings: Settings, servicer: LstmServeServiceServicer, *, reuse_port: bool = False
+) -> RestServer | None:
+    """KServe v2 over HTTP/REST on ``host:http_port`` (None when ``http_port`` is -1), over the
+    KServe servicer :func:`grpc_server` made for ``servicer`` (so: same authenticator, plane and
+    metrics); the gRPC port's TLS and message size limit. ``reuse_port`` as for
+    :func:`grpc_server`. Raises :class:`OSError` naming the port and its flag."""
+    s = settings
+    if s.http_port < 0:
+        return None
+    rest = RestServer(Rest(lambda: servicer.kserve, s.max_message_bytes()))
+    try:
+        await rest.start(
+            s.host,
+            s.http_port,
+            ssl_context=http_ssl_context(s) if s.tls_cert else None,
+            reuse_port=reuse_port,
+        )
+    except OSError as e:
+        what = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
+        err = OSError(
+            f"cannot serve HTTP on {s.host}:{s.http_port}: {what} "
+            "(choose another port with --http-port / LSTM_SERVE_HTTP_PORT; -1: none)"
+        )
+        err.errno = e.errno
+        raise err from e
+    return rest
+
+
+def http_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """:func:`server_credentials` for the HTTP port: ``--tls-cert``/``--tls-key``, and with
+    ``--tls-client-ca`` a client certificate signed by that CA is required (its common name is
+    the principal when no token is sent, as on gRPC)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca:
+        context.load_verify_locations(settings.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 # grpcio-reflection serves grpc.reflection.v1alpha only; v1 is the same messages on another
 # path (newer tools such as grpcurl ask for v1 first), so the same servicer answers both.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -413,8 +458,11 @@ class App:
         *,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings.validate()
+        # True under the supervisor, which holds the ports reserved (supervisor.reserve_port).
+        self.reuse_port = reuse_port
         self.registry = registry if registry is not None else CollectorRegistry()
         self.clock = clock
         self.requests = RequestStats()
@@ -423,6 +471,8 @@ class App:
         self._health_follow: asyncio.Task[None] | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.rest: RestServer | None = None
+        self.http_port: int | None = None  # None: no HTTP (--http-port -1)
         self.core: Core | None = None
         self._load: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -456,7 +506,15 @@ class App:
         """Bind the ports and begin loading the model (see :meth:`ready`)."""
         # A missing model or repository is reported before anything starts.
         check_model_source(self.settings.model, self.settings.model_repository)
-        server, self.port = grpc_server(self.settings, self.servicer, self.health)
+        server, self.port = grpc_server(
+            self.settings, self.servicer, self.health, reuse_port=self.reuse_port
+        )
+        try:
+            self.rest = await http_server(self.settings, self.servicer, reuse_port=self.reuse_port)
+        except OSError:
+            await server.stop(None)
+            raise
+        self.http_port = self.rest.port if self.rest is not None else None
         await set_health(self.health, NOT_SERVING)
         await server.start()
         self.server = server
@@ -516,6 +574,8 @@ class App:
         if self.server is not None:
             # Whatever is still open (idle streams) is cancelled now.
             await self.server.stop(0.5 if clean else 0)
+        if self.rest is not None:
+            await self.rest.stop()
         if self.core is not None:
             await self.core.stop()
         self._stopped.set()

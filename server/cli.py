@@ -29,12 +29,23 @@ def _announce(sup: Supervisor) -> None:
     target = f"{host}:{sup.port}"
     assert sup.engine is not None
     print(f"lstm-serve: {sup.describe}", flush=True)
-    pids = ",".join(str(fe.pid) for fe in sup.frontends)
-    print(
-        f"lstm-serve: engine pid {sup.engine.pid}, {len(sup.frontends)} front end(s) pid {pids}",
-        flush=True,
-    )
+    if sup.topology == "single":
+        print(f"lstm-serve: one process (engine and gRPC) pid {sup.engine.pid}", flush=True)
+    else:
+        pids = ",".join(str(fe.pid) for fe in sup.frontends)
+        print(
+            f"lstm-serve: engine pid {sup.engine.pid}, {len(sup.frontends)} front end(s) "
+            f"pid {pids}",
+            flush=True,
+        )
     print(f"lstm-serve: gRPC listening on {s.host}:{sup.port}", flush=True)
+    if sup.http_port is not None:
+        scheme = "https" if s.tls_cert else "http"
+        print(
+            f"lstm-serve: KServe v2 HTTP/REST on {scheme}://{host}:{sup.http_port}/v2 "
+            f"(readiness: {scheme}://{host}:{sup.http_port}/v2/health/ready)",
+            flush=True,
+        )
     if sup.metrics_port is not None:
         print(f"lstm-serve: metrics on http://{host}:{sup.metrics_port}/metrics", flush=True)
     for line in _access_notes(s):

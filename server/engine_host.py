@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
     )
     try:
-        sys.exit(asyncio.run(run(settings, a.socket)))
+        sys.exit(ipc.run_loop(run(settings, a.socket)))
     except Exception as e:  # a load failure: one line for the supervisor to repeat
         print(f"ENGINE FAILED {type(e).__name__}: {e}", flush=True)
         sys.exit(1)

@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from . import ipc
-from .app import HEALTH_POLL_S, NOT_SERVING, SERVING, Health, grpc_server, set_health
+from .app import (
+    HEALTH_POLL_S,
+    NOT_SERVING,
+    SERVING,
+    Health,
+    grpc_server,
+    http_server,
+    set_health,
+)
 from .dataplane import (
     ANONYMOUS,
     ANY_MODEL,
@@ -413,6 +421,8 @@ class Frontend:
         await self.plane.connect()
         self._heartbeat()  # the engine's metrics show this process from now on
         server, port = grpc_server(s, self.servicer, self.health, reuse_port=True)
+        # KServe v2 over HTTP/REST (--http-port) on its own port, shared the same way.
+        rest = await http_server(s, self.servicer, reuse_port=True)
         await set_health(self.health, NOT_SERVING)
         await server.start()
         loop = asyncio.get_running_loop()
@@ -439,10 +449,14 @@ class Frontend:
             log.error("the engine process is gone: exiting")
             await asyncio.sleep(0.5)  # health checks in flight see NOT_SERVING
             await server.stop(0)
+            if rest is not None:
+                await rest.stop()
             code = 1
         else:
             clean = await self.plane.wait_idle(s.drain_grace_s)
             await server.stop(0.5 if clean else 0)
+            if rest is not None:
+                await rest.stop()
             code = 0
         watch.cancel()
         self._heartbeat()
@@ -538,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s %(levelname)s %(name)s[frontend {a.index}]: %(message)s",
     )
     try:
-        sys.exit(asyncio.run(run(settings, a.socket, a.engine_pid, a.index)))
+        sys.exit(ipc.run_loop(run(settings, a.socket, a.engine_pid, a.index)))
     except OSError as e:
         print(f"FRONTEND FAILED {e}", flush=True)
         sys.exit(1)

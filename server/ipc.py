@@ -30,13 +30,15 @@ since its last heartbeat, its KServe inference counts per model version, and its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, cast
 
 import msgpack
 import numpy as np
 
 from .errors import ServeError
+
+T = TypeVar("T")
 
 # Request ops.
 CREATE = "create"
@@ -125,8 +127,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though not necessarily an asyncio.Transport subclass (uvloop's).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._unpacker.feed(data)
@@ -170,6 +172,17 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before the call: do it now
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on uvloop where it is installed (Linux, macOS): a server process's
+    event loop costs less CPU per step on it, grpc.aio included (benchmarks/README.md, section
+    15); elsewhere on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def status_payload(m: Any) -> list[Any]:

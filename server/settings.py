@@ -18,6 +18,9 @@ ENV_PREFIX = "LSTM_SERVE_"
 PROVIDERS = ("auto", "cuda", "cpu")
 EVICTION_POLICIES = ("refuse", "lru")
 CONTROL_MODES = ("none", "poll", "explicit")
+TOPOLOGIES = ("auto", "single", "split")
+# At most this many available cores: 'auto' runs the single-process topology.
+SINGLE_MAX_CORES = 2
 
 
 class SettingsError(ValueError):
@@ -40,6 +43,12 @@ class Settings:
     metrics_port: int = _doc(
         "Prometheus /metrics HTTP port on the same host; 0 picks a free port, -1 disables.",
         default=9090,
+    )
+    http_port: int = _doc(
+        "KServe v2 HTTP/REST port (/v2/health/ready, /v2/models/NAME/infer, ...) on the same "
+        "host, with the gRPC port's TLS, authentication and limits; 0 picks a free port, -1 "
+        "disables.",
+        default=-1,
     )
     model: str = _doc(
         "One model: an .onnx file, a version folder holding model.onnx, or a model folder "
@@ -130,10 +139,17 @@ class Settings:
         "(at most 64), about one message per iteration in all; a slow reader gets more.",
         default=16,
     )
+    topology: str = _doc(
+        "How the server runs: 'single' = the engine and gRPC in one process; 'split' = an "
+        "engine process and --frontends gRPC processes; 'auto' = split when --frontends is "
+        "given or more than 2 cores are available, else single (on 2 cores single measured "
+        "cheaper per step and faster: benchmarks/README.md, section 15).",
+        default="auto",
+    )
     frontends: int = _doc(
-        "gRPC front-end processes sharing the port (SO_REUSEPORT), each talking to the one "
-        "engine process; 0 = one per available core minus one for the engine, at least 1 and "
-        "at most 8.",
+        "With the split topology: gRPC front-end processes sharing the port (SO_REUSEPORT), "
+        "each talking to the one engine process; 0 = one per available core minus one for the "
+        "engine, at least 1 and at most 8.",
         default=0,
     )
     tls_cert: str = _doc(
@@ -196,6 +212,8 @@ class Settings:
             raise bad("port", f"must be in 0..65535, got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise bad("metrics_port", f"must be in -1..65535, got {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise bad("http_port", f"must be in -1..65535, got {self.http_port}")
         if self.provider not in PROVIDERS:
             raise bad("provider", f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
         if not (
@@ -228,6 +246,10 @@ class Settings:
         for name in ("repository_poll_s", "version_drain_s"):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be > 0, got {getattr(self, name)}")
+        if self.topology not in TOPOLOGIES:
+            raise bad("topology", f"must be one of {', '.join(TOPOLOGIES)}, got {self.topology!r}")
+        if self.topology == "single" and self.frontends > 0:
+            raise bad("frontends", "front-end processes need --topology split (or auto)")
         if self.eviction not in EVICTION_POLICIES:
             raise bad(
                 "eviction", f"must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}"
@@ -282,6 +304,14 @@ class Settings:
         """
         prompt = self.max_prompt_tokens * 8 * 4
         return max(prompt, self.max_record_bytes) + (64 << 10)
+
+    def resolved_topology(self) -> str:
+        """``topology``, with 'auto' resolved by the rule in its help text."""
+        if self.topology != "auto":
+            return self.topology
+        if self.frontends > 0 or len(os.sched_getaffinity(0)) > SINGLE_MAX_CORES:
+            return "split"
+        return "single"
 
     def frontend_count(self) -> int:
         """``frontends``, with 0 resolved by the rule in its help text."""

@@ -1,6 +1,11 @@
 """``lstm-serve``'s parent process: starts the engine and the front ends and watches them.
 
-Topology (vLLM v1's split between API-server processes and an engine-core process)::
+Two topologies (``--topology``; ``auto`` picks single on hosts with at most 2 available cores,
+where it measured cheaper and faster, and split elsewhere):
+
+* single: one child (:mod:`server.single`) runs the engine and gRPC (and HTTP) together, on the
+  reserved ports; its death stops the server (exit 1), as the engine's does below.
+* split (vLLM v1's split between API-server processes and an engine-core process)::
 
     supervisor ── engine process (model, state pool, sessions, engine loop; /metrics)
                ├─ front end 0 ─┐
@@ -8,8 +13,8 @@ Topology (vLLM v1's split between API-server processes and an engine-core proces
                └─ ...         ─┘
 
 * The port is reserved first (:func:`reserve_port`: a port another process holds is a start
-  error; 0 picks a free one); the engine starts (it loads the model); then every front end binds
-  that port.
+  error; 0 picks a free one), and so is the KServe v2 HTTP port (``--http-port``) when it is on;
+  the engine starts (it loads the model); then every front end binds those ports.
 * A front end that dies is started again on the same port; the engine ends the requests and
   streams it had open as soon as its connection closes.
 * If the engine dies, everything stops and ``lstm-serve`` exits non-zero: the front ends see it
@@ -50,9 +55,10 @@ class StartError(RuntimeError):
 
 
 PORT_FLAG = "--port / LSTM_SERVE_PORT"
+HTTP_PORT_FLAG = "--http-port / LSTM_SERVE_HTTP_PORT"
 
 
-def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
+def reserve_port(host: str, port: int, flag: str = PORT_FLAG) -> tuple[list[socket.socket], int]:
     """Hold ``host:port`` for this server's front ends alone: ``(held sockets, port)``.
 
     The front ends bind with SO_REUSEPORT so that they share the port, and the kernel lets any
@@ -68,7 +74,8 @@ def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
     What this cannot stop: a program of the same user that binds the port later WITH
     SO_REUSEPORT without checking first (the kernel lets it join).
 
-    Raises :class:`StartError` with a one-line reason naming the port and the flag.
+    Raises :class:`StartError` with a one-line reason naming the port and ``flag`` (the
+    setting that chose it: the gRPC port's, or the HTTP port's).
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         return [], port  # no sharing to guard against: the front ends cannot share a port either
@@ -100,13 +107,12 @@ def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
             if e.errno == errno.EADDRINUSE:
                 raise StartError(
                     f"port {port} on {host} is already in use by another process "
-                    f"(choose another with {PORT_FLAG})"
+                    f"(choose another with {flag})"
                 ) from e
             raise StartError(
-                f"cannot listen on {host}:{chosen}: {e.strerror} "
-                f"(--host / LSTM_SERVE_HOST, {PORT_FLAG})"
+                f"cannot listen on {host}:{chosen}: {e.strerror} (--host / LSTM_SERVE_HOST, {flag})"
             ) from e
-    raise StartError(f"found no free port on {host} for every address (give one with {PORT_FLAG})")
+    raise StartError(f"found no free port on {host} for every address (give one with {flag})")
 
 
 class _Child:
@@ -181,12 +187,14 @@ class Supervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.validate()
+        self.topology = self.settings.resolved_topology()
         self.rundir = Path(tempfile.mkdtemp(prefix="lstm-serve-"))
         self.socket = str(self.rundir / "engine.sock")
         self.engine: _Child | None = None
         self.frontends: list[_Child] = []
         self.port = 0
         self._port_guard: list[socket.socket] = []  # see reserve_port
+        self.http_port: int | None = None  # KServe v2 HTTP/REST; None: off (--http-port -1)
         self.metrics_port: int | None = None
         self.describe = ""
         self.restarts = 0
@@ -196,9 +204,16 @@ class Supervisor:
         self._stop.set()
 
     def forward(self, sig: int) -> None:
-        """Send ``sig`` to every front end (SIGHUP: reload the tokens file)."""
+        """Send ``sig`` to every process serving gRPC (SIGHUP: reload the tokens file)."""
         for fe in self.frontends:
             fe.signal(sig)
+        if self.topology == "single" and self.engine is not None:
+            self.engine.signal(sig)
+
+    def _single_argv(self) -> list[str]:
+        http_port = -1 if self.http_port is None else self.http_port
+        ss = dataclasses.replace(self.settings, port=self.port, http_port=http_port)
+        return [sys.executable, "-m", "server.single", "--settings-json", ss.to_json()]
 
     def _engine_argv(self) -> list[str]:
         return [
@@ -212,7 +227,8 @@ class Supervisor:
         ]
 
     def _frontend_argv(self, index: int, port: int) -> list[str]:
-        fs = dataclasses.replace(self.settings, port=port, metrics_port=-1)
+        http_port = -1 if self.http_port is None else self.http_port
+        fs = dataclasses.replace(self.settings, port=port, http_port=http_port, metrics_port=-1)
         return [
             sys.executable,
             "-m",
@@ -233,14 +249,30 @@ class Supervisor:
         check_model_source(self.settings.model, self.settings.model_repository)
         # And a port someone else holds, before the model loads.
         self._port_guard, self.port = reserve_port(self.settings.host, self.settings.port)
+        if self.settings.http_port >= 0:
+            # The HTTP port is held the same way, for the same reasons.
+            try:
+                held, self.http_port = reserve_port(
+                    self.settings.host, self.settings.http_port, HTTP_PORT_FLAG
+                )
+            except StartError:
+                for s in self._port_guard:
+                    s.close()
+                raise
+            self._port_guard += held
         try:
-            self.engine = _Child("engine", self._engine_argv())
+            if self.topology == "single":
+                # The one process serves gRPC itself, on the reserved port.
+                self.engine = _Child("server", self._single_argv())
+            else:
+                self.engine = _Child("engine", self._engine_argv())
             words = self.engine.start("ENGINE READY", "ENGINE FAILED")
             metrics_port = int(words[0])
             self.metrics_port = metrics_port if metrics_port >= 0 else None
             self.describe = " ".join(words[1:])
-            for i in range(self.settings.frontend_count()):
-                self._start_frontend(i, self.port)
+            if self.topology == "split":
+                for i in range(self.settings.frontend_count()):
+                    self._start_frontend(i, self.port)
         except BaseException:
             self.stop_all(grace=0)
             raise
@@ -260,7 +292,7 @@ class Supervisor:
         while not self._stop.wait(POLL_S):
             code = self.engine.poll()
             if code is not None:
-                log.error("the engine process exited (code %s): stopping", code)
+                log.error("the %s process exited (code %s): stopping", self.engine.name, code)
                 self.stop_all(grace=3.0)
                 return 1
             for i, fe in enumerate(self.frontends):

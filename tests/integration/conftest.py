@@ -275,6 +275,8 @@ class Served:
             if m := re.search(r"engine pid (\d+), \d+ front end\(s\) pid ([\d,]+)", line):
                 self.engine_pid = int(m.group(1))
                 self.frontend_pids = [int(p) for p in m.group(2).split(",")]
+            if m := re.search(r"one process \(engine and gRPC\) pid (\d+)", line):
+                self.engine_pid = int(m.group(1))  # the single topology: no front ends
             if m := re.search(r"metrics on http://\S+:(\d+)/", line):
                 self.metrics_port = int(m.group(1))
             if m := re.search(r"gRPC listening on \S*?:(\d+)", line):

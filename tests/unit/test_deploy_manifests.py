@@ -111,7 +111,10 @@ def test_manifest_validates_against_the_kubernetes_schema(where: str, version: s
     [
         ("replicas is a word", "spec.replicas: 'three' is not of type 'integer'"),
         ("unknown container field", "'imagePulPolicy' was unexpected"),
-        ("probe port is a list", "readinessProbe.grpc.port: [50051] is not of type 'integer'"),
+        (
+            "probe port is a list",
+            "readinessProbe.httpGet.port: [8000] is not valid under any of the given schemas",
+        ),
         ("unknown kind", "Couldn't find schema for kind StatefullSet"),
     ],
 )
@@ -123,7 +126,7 @@ def test_a_broken_manifest_is_rejected(breakage: str, expected: str):
     elif breakage == "unknown container field":
         container["imagePulPolicy"] = container.pop("imagePullPolicy")
     elif breakage == "probe port is a list":
-        container["readinessProbe"]["grpc"]["port"] = [50051]
+        container["readinessProbe"]["httpGet"]["port"] = [8000]
     else:
         broken["kind"] = "StatefullSet"
     error = _schema_error(broken, K8S_VERSIONS[0])
@@ -192,13 +195,34 @@ def test_replicas_share_the_redis_service_and_drain_inside_their_grace():
     port = redis_svc["spec"]["ports"][0]["port"]
     assert env["LSTM_SERVE_STATE_STORE"] == f"redis://{redis_svc['metadata']['name']}:{port}/0"
     assert redis_svc["spec"]["selector"].items() <= _pod_labels(_one("Deployment", "redis")).items()
-    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     needed = int(pre_stop[1]) + float(env["LSTM_SERVE_DRAIN_GRACE_S"])
     assert pod["terminationGracePeriodSeconds"] > needed
+
+
+def test_probes_use_kserve_http_health_on_the_port_the_image_serves_it():
+    """Startup and readiness on /v2/health/ready, liveness on /v2/health/live, on the container
+    port that is the image's LSTM_SERVE_HTTP_PORT (EXPOSEd), which the pod does not turn off."""
+    (container,) = _one("StatefulSet")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    paths = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready"}
+    paths["livenessProbe"] = "/v2/health/live"
+    for probe, path in paths.items():
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, probe
+        assert get["port"] == "http", probe
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    image_port = re.search(r"LSTM_SERVE_HTTP_PORT=(\d+)", dockerfile)
+    assert image_port, "the image does not turn KServe v2 HTTP on"
+    assert ports["http"] == int(image_port[1])
+    exposed = re.search(r"^EXPOSE (.*)$", dockerfile, re.M)
+    assert exposed and image_port[1] in exposed[1].split()
+    assert _env(container).get("LSTM_SERVE_HTTP_PORT", image_port[1]) == image_port[1]
+    headless = _one("Service", "lstm-serve-pods")
+    assert {"name": "http", "port": 8000, "targetPort": "http", "appProtocol": "http"} in headless[
+        "spec"
+    ]["ports"]
 
 
 def test_every_container_has_resources_and_runs_unprivileged():

@@ -106,3 +106,19 @@ def test_frontend_count_follows_the_cores(monkeypatch):
     for cores, want in [(1, 1), (2, 1), (3, 2), (16, 8), (64, 8)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert Settings().frontend_count() == want, cores
+
+
+def test_topology_auto_is_single_on_at_most_two_cores_else_split(monkeypatch):
+    import server.settings as st
+
+    for cores, want in ((1, "single"), (2, "single"), (3, "split"), (16, "split")):
+        monkeypatch.setattr(st.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert Settings().resolved_topology() == want, cores
+        # Asking for front ends asks for the split; an explicit topology is kept.
+        assert Settings(frontends=2).resolved_topology() == "split"
+        assert Settings(topology="single").resolved_topology() == "single"
+        assert Settings(topology="split").resolved_topology() == "split"
+    with pytest.raises(SettingsError, match="--topology"):
+        Settings(topology="single", frontends=2).validate()
+    with pytest.raises(SettingsError, match="topology"):
+        Settings(topology="both").validate()
