@@ -187,6 +187,20 @@ def _print_single(report: dict[str, Any]) -> None:
                 f"T={r['T']} B={r['B']} {r['speedup']:.2f}x" for r in q["speed"]["rows"]
             )
             print(f"int8 speed-up (ORT, {q['speed']['threads']} thread): {rows}")
+    held = report.get("heldout")
+    if held:
+        t = held["fp32"]["test"]
+        line = (
+            f"held-out one step ahead ({t['points']} points): "
+            f"fp32 MAE {t['mae']:.4g} RMSE {t['rmse']:.4g}"
+        )
+        cmp_ = held.get("int8_vs_fp32")
+        if cmp_:
+            line += (
+                f", int8 MAE {cmp_['int8']:.4g} ({cmp_['relative_change']:+.2%}, "
+                f"tolerance ±{cmp_['tolerance']:.0%})"
+            )
+        print(line)
     ppl = report.get("perplexity")
     if ppl:
         line = (
@@ -200,7 +214,7 @@ def _print_single(report: dict[str, Any]) -> None:
                 f"tolerance ±{cmp_['tolerance']:.0%})"
             )
         print(line)
-    elif q:
+    elif q and not held:
         print("int8 perplexity not checked: pass --corpus PATH for held-out figures")
 
 

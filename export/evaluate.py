@@ -18,12 +18,15 @@ import numpy as np
 
 from contract.model import (
     INPUT_C0,
+    INPUT_FEATURES,
     INPUT_H0,
     INPUT_TOKENS,
     OUTPUT_CN,
     OUTPUT_HN,
     OUTPUT_LOGITS,
+    OUTPUT_OUTPUTS,
     ModelSpec,
+    SequenceSpec,
 )
 from contract.text import EVAL_BATCH, EVAL_STEPS, CorpusError, eval_rows
 
@@ -94,3 +97,35 @@ def perplexity(
         num_steps=num_steps,
         seconds=time.perf_counter() - start,
     )
+
+
+def forecast_errors(session: Any, spec: SequenceSpec, data: Any) -> dict[str, Any]:
+    """One-step-ahead MAE and RMSE of a ``sequence`` model, in the data's units, per part.
+
+    ``data`` is a ``training.series.SeriesData`` (duck-typed: this module stays torch-free).
+    The raw series goes through the contract as a client would send it: scaled with the
+    model's own metadata (:meth:`SequenceSpec.scale_features`), read in one call from a zero
+    state, and the outputs unscaled with the metadata too. Returns ``{"val": {...}, "test":
+    {...}, "predictions_scaled": [...]}`` (the last for drift figures; callers drop it).
+    """
+    raw = np.asarray(data.series.values[:-1], dtype=np.float64)
+    x = spec.scale_features(raw)[:, None, :]
+    L, H = spec.num_layers, spec.hidden_size
+    zero = np.zeros((L, 1, H), np.float32)
+    start = time.perf_counter()
+    (out,) = session.run([OUTPUT_OUTPUTS], {INPUT_FEATURES: x, INPUT_H0: zero, INPUT_C0: zero})
+    seconds = time.perf_counter() - start
+    pred = spec.unscale_outputs(out[:, 0, :])
+    truth = data.raw_targets()
+    result: dict[str, Any] = {"method": "ORT, contract scaling, one call from a zero state"}
+    for part in ("val", "test"):
+        sl = data.part(part)
+        d = pred[sl] - truth[sl]
+        result[part] = {
+            "mae": float(np.mean(np.abs(d))) if d.size else None,
+            "rmse": float(np.sqrt(np.mean(d * d))) if d.size else None,
+            "points": len(d),
+        }
+    result["seconds"] = round(seconds, 4)
+    result["predictions_scaled"] = out[:, 0, :]
+    return result

@@ -16,6 +16,13 @@ Steps (:func:`build_artifacts`; nothing touches the output paths until all of th
 6. optionally the int8 variant (:mod:`export.quantize`) and, given a corpus, held-out perplexity
    of both (:mod:`export.evaluate`); int8 outside its tolerance raises :class:`ExportError`.
 
+A ``sequence`` checkpoint (a forecaster, ``training.checkpoint.SequenceCheckpoint``) takes the
+same steps with its own graph (``features, h0, c0 -> outputs, hn, cn``) and metadata (kind,
+sizes, feature and output names, scaling); its held-out figures need no corpus: the checkpoint
+carries its series, and the one-step-ahead MAE/RMSE on the held-out part is measured with ORT
+through the contract (:func:`export.evaluate.forecast_errors`), fp32 and int8, the int8 change
+in MAE judged by ``int8_tolerance``.
+
 :func:`export_checkpoint` then writes each file with temp file + ``os.replace``.
 """
 
@@ -34,7 +41,15 @@ import numpy as np
 import onnx
 
 from contract.files import sha256_bytes, sha256_file, write_atomic
-from contract.model import META_CONFIG, ContractError, ModelSpec, validate
+from contract.model import (
+    KIND_SEQUENCE,
+    KIND_TOKEN_LM,
+    META_CONFIG,
+    ContractError,
+    ModelSpec,
+    SequenceSpec,
+    validate,
+)
 from contract.text import (
     DEFAULT_VAL_FRACTION,
     PREPROCESS_RULES,
@@ -44,8 +59,8 @@ from contract.text import (
 )
 
 from .common import ExportError, library_versions, utc_now
-from .evaluate import perplexity
-from .graph import NumpyLayer, NumpyWeights, build_model
+from .evaluate import forecast_errors, perplexity
+from .graph import NumpyLayer, NumpyWeights, SequenceWeights, build_model, build_sequence_model
 from .parity import DEFAULT_TOLERANCE, check_parity, cpu_session, session_forward, torch_forward
 from .quantize import DEFAULT_PPL_TOLERANCE, compare_perplexity, measure_speed, quantize_int8
 
@@ -175,6 +190,7 @@ def model_config(ckpt: Any, checkpoint_sha256: str, *, created_at: str) -> dict[
             f"know (known: {sorted(PREPROCESS_RULES)})"
         )
     config: dict[str, Any] = {
+        "kind": KIND_TOKEN_LM,
         "num_layers": mc.num_layers,
         "hidden_size": mc.hidden_size,
         "vocab_size": mc.vocab_size,
@@ -231,10 +247,14 @@ def build_artifacts(checkpoint: str | Path, options: ExportOptions | None = None
             "a different kind of file)"
         )
     corpus = _read_corpus(options.corpus) if options.corpus is not None else None  # fail early
-    from training.checkpoint import load  # torch: imported only once there is work for it
+    from training.checkpoint import SequenceCheckpoint, load_any  # torch: only once needed
 
-    ckpt = load(checkpoint)  # raises CheckpointError with a one-line reason
+    any_ckpt = load_any(checkpoint)  # raises CheckpointError with a one-line reason
     raw_sha = sha256_file(checkpoint)
+    if isinstance(any_ckpt, SequenceCheckpoint):
+        # The series travels in the checkpoint: a corpus has nothing to add to this model.
+        return _sequence_artifacts(checkpoint, any_ckpt, raw_sha, options, start)
+    ckpt = any_ckpt
     created_at = utc_now()
     torch_model = ckpt.build_model().float().eval()
     config = model_config(ckpt, raw_sha, created_at=created_at)
@@ -323,6 +343,188 @@ def build_artifacts(checkpoint: str | Path, options: ExportOptions | None = None
 
     report["seconds"] = round(time.perf_counter() - start, 3)
     return Artifacts(fp32=fp32, int8=int8, report=report)
+
+
+def sequence_weights(model: Any) -> SequenceWeights:
+    """A ``SequenceLSTM``'s weights in the graph builder's numpy layout (either cell)."""
+    import torch
+
+    from training.model import lstm_layer_weights
+
+    def np32(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(torch.float32).cpu().numpy().copy()
+
+    layers = [
+        NumpyLayer(np32(lw.w_ih), np32(lw.w_hh), np32(lw.b_ih), np32(lw.b_hh))
+        for lw in lstm_layer_weights(model)
+    ]
+    return SequenceWeights(layers, np32(model.output.weight), np32(model.output.bias))
+
+
+def sequence_config(ckpt: Any, checkpoint_sha256: str, *, created_at: str) -> dict[str, Any]:
+    """The ``lstm_serve.config`` metadata of a sequence checkpoint (contract keys, then what a
+    client and a reader of the file want to know: the data, the training, provenance)."""
+    mc, series = ckpt.model_config, ckpt.series
+    metrics = ckpt.metrics or {}
+    return {
+        "kind": KIND_SEQUENCE,
+        "num_layers": mc.num_layers,
+        "hidden_size": mc.hidden_size,
+        "cell": mc.cell,
+        "num_features": mc.num_features,
+        "num_outputs": mc.num_outputs,
+        "feature_names": list(series["feature_names"]),
+        "output_names": list(series["output_names"]),
+        "scaling": series["scaling"],
+        "horizon": series.get("horizon", 1),
+        "data": {k: series.get(k) for k in ("dataset", "source", "sha256", "unit", "period")},
+        "variant": "fp32",
+        "training": {
+            "epoch": ckpt.epoch,
+            "best_val_mse": _finite_or_none(ckpt.best_val_loss),
+            "best_epoch": metrics.get("best_epoch"),
+        },
+        "checkpoint_sha256": checkpoint_sha256,
+        "versions": library_versions(),
+        "created_at": created_at,
+    }
+
+
+def _sequence_artifacts(
+    checkpoint: Path, ckpt: Any, raw_sha: str, options: ExportOptions, start: float
+) -> Artifacts:
+    """:func:`build_artifacts` for a sequence checkpoint (same steps, same report sections,
+    plus ``heldout``; ``perplexity`` is None)."""
+    from training.series import SeriesData, SeriesError
+
+    created_at = utc_now()
+    torch_model = ckpt.build_model().float().eval()
+    config = sequence_config(ckpt, raw_sha, created_at=created_at)
+    try:
+        data = SeriesData.from_record(ckpt.series)
+        proto = build_sequence_model(sequence_weights(torch_model), config)
+    except (ContractError, SeriesError) as e:
+        raise ExportError(f"cannot describe this checkpoint in the contract: {e}") from None
+    fp32 = proto.SerializeToString()
+    spec = _validate_sequence_bytes(fp32, "float32")
+    mc = ckpt.model_config
+    if (spec.num_layers, spec.hidden_size, spec.num_features, spec.num_outputs) != (
+        mc.num_layers,
+        mc.hidden_size,
+        mc.num_features,
+        mc.num_outputs,
+    ):
+        raise ExportError("exported metadata does not describe the checkpoint (exporter bug)")
+    L, H, F = mc.num_layers, mc.hidden_size, mc.num_features
+    fp32_sess = cpu_session(fp32, options.threads)
+    parity = check_parity(
+        session_forward(fp32_sess, sequence=True),
+        torch_forward(torch_model, options.threads),
+        reference64=torch_forward(copy.deepcopy(torch_model).double(), options.threads),
+        num_layers=L,
+        hidden_size=H,
+        vocab_size=0,
+        num_features=F,
+        tolerance=options.tolerance,
+    )
+    if not parity.passed:
+        raise ExportError(parity.summary())
+    fp_err = forecast_errors(fp32_sess, spec, data)
+    report: dict[str, Any] = {
+        "kind": KIND_SEQUENCE,
+        "checkpoint": {
+            "path": str(checkpoint),
+            "sha256": raw_sha,
+            "size_bytes": checkpoint.stat().st_size,
+        },
+        "model": {
+            k: config[k]
+            for k in (
+                "kind",
+                "cell",
+                "num_layers",
+                "hidden_size",
+                "num_features",
+                "num_outputs",
+                "feature_names",
+                "output_names",
+            )
+        }
+        | {"parameters": int(sum(p.numel() for p in torch_model.parameters()))},
+        "training": dict(config["training"]) | {"data": config["data"]},
+        "train_config": ckpt.train_config,
+        "parity": {"reference": "PyTorch SequenceLSTM, float32"} | parity.to_dict(),
+        "fp32": {"sha256": sha256_bytes(fp32), "size_bytes": len(fp32)},
+        "int8": None,
+        "perplexity": None,
+        "heldout": {"fp32": fp_err, "int8": None, "int8_vs_fp32": None},
+        "versions": config["versions"],
+        "created_at": created_at,
+    }
+    int8: bytes | None = None
+    if options.int8:
+        int8 = quantize_int8(fp32, per_channel=options.per_channel)
+        _validate_sequence_bytes(int8, "int8")
+        int8_sess = cpu_session(int8, options.threads)
+        q_err = forecast_errors(int8_sess, spec, data)
+        report["heldout"]["int8"] = q_err
+        report["heldout"]["int8_vs_fp32"] = _compare_mae(fp_err, q_err, options.int8_tolerance)
+        f = fp_err["predictions_scaled"]
+        q = q_err["predictions_scaled"]
+        report["int8"] = {
+            "sha256": sha256_bytes(int8),
+            "size_bytes": len(int8),
+            "size_ratio": round(len(int8) / len(fp32), 4),
+            "ops": json.loads(_config_json(int8))["quantization"]["ops"],
+            "drift_vs_fp32": {
+                "input": "the whole series, B=1",
+                "max_abs_outputs_diff": round(float(np.max(np.abs(np.subtract(f, q)))), 6),
+            },
+            "speed": None,
+        }
+        if options.measure_speed:
+            report["int8"]["speed"] = measure_speed(
+                fp32_sess,
+                int8_sess,
+                num_layers=L,
+                hidden_size=H,
+                vocab_size=0,
+                threads=options.threads,
+                num_features=F,
+            )
+    for part in ("fp32", "int8"):
+        if report["heldout"][part] is not None:
+            report["heldout"][part].pop("predictions_scaled")
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return Artifacts(fp32=fp32, int8=int8, report=report)
+
+
+def _compare_mae(fp: dict[str, Any], q: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """The int8-vs-float32 figure of a sequence model: relative change of the held-out MAE,
+    two-sided like the perplexity check; raises :class:`ExportError` outside ``tolerance``."""
+    a, b = fp["test"]["mae"], q["test"]["mae"]
+    rel = b / a - 1.0 if a > 0 else (0.0 if b == a else math.inf)
+    result = {
+        "metric": "held-out MAE",
+        "fp32": round(a, 6),
+        "int8": round(b, 6),
+        "relative_change": round(rel, 6),
+        "tolerance": tolerance,
+        "within_tolerance": bool(math.isfinite(rel) and abs(rel) <= tolerance),
+    }
+    if not result["within_tolerance"]:
+        raise ExportError(
+            f"int8 held-out MAE {b:.4g} is {rel:+.2%} vs float32 {a:.4g} "
+            f"(tolerance ±{tolerance:.0%})"
+        )
+    return result
+
+
+def _validate_sequence_bytes(data: bytes, what: str) -> SequenceSpec:
+    try:
+        return validate(data, kind=KIND_SEQUENCE)
+    except ContractError as e:
+        raise ExportError(f"{what} model breaks the contract: {e}") from None
 
 
 def _config_json(model: bytes) -> str:

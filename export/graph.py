@@ -12,6 +12,10 @@ Graph::
     per layer k: LSTM(X, W_k, R_k, B_k, h0[k:k+1], c0[k:k+1]) -> Y[T,1,B,H], Y_h, Y_c
                  X = Squeeze(Y, 1)
     logits = X @ W_out^T + b_out;  hn = Concat(Y_h_k);  cn = Concat(Y_c_k)
+
+A ``sequence`` model (:func:`build_sequence_model`) is the same graph without the table: the
+float features ``[T, B, F]`` are the first layer's input, and the head gives ``outputs``
+``[T, B, O]``.
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from contract.model import (
     INPUT_C0,
+    INPUT_FEATURES,
     INPUT_H0,
     INPUT_TOKENS,
+    KIND_SEQUENCE,
     OUTPUT_CN,
     OUTPUT_HN,
     OUTPUT_LOGITS,
+    OUTPUT_OUTPUTS,
+    Scaling,
     make_metadata,
+    make_sequence_metadata,
 )
 
 OPSET = 17
@@ -76,28 +85,18 @@ def _reorder(blocks: np.ndarray, hidden: int) -> np.ndarray:
     return np.concatenate([parts[k] for k in _TORCH_TO_ONNX_BLOCKS], axis=0)
 
 
-def build_model(
-    weights: NumpyWeights,
-    vocab: Sequence[str],
-    config: Mapping[str, Any],
-    *,
-    graph_name: str = "lstm_serve_char_lm",
-) -> onnx.ModelProto:
-    """Return a checked ModelProto that follows the contract, with metadata from ``config``."""
-    H = weights.hidden_size
-    L = len(weights.layers)
-    V = weights.vocab_size
+def _lstm_layers(
+    layers: Sequence[NumpyLayer],
+    H: int,
+    x: str,
+    nodes: list[onnx.NodeProto],
+    inits: list[TensorProto],
+) -> tuple[str, list[str], list[str]]:
+    """Append one ONNX ``LSTM`` per layer reading ``x``; returns the last layer's output name
+    and the names of every layer's final h and c."""
     f32 = np.float32
-    inits: list[TensorProto] = [
-        numpy_helper.from_array(weights.input_table.astype(f32), "input_table"),
-        numpy_helper.from_array(weights.out_w.T.astype(f32).copy(), "out_w_t"),
-        numpy_helper.from_array(weights.out_b.astype(f32), "out_b"),
-        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
-    ]
-    nodes = [helper.make_node("Gather", ["input_table", INPUT_TOKENS], ["x0"], axis=0)]
-    x = "x0"
     ys_h, ys_c = [], []
-    for k, layer in enumerate(weights.layers):
+    for k, layer in enumerate(layers):
         W = _reorder(layer.w_ih, H)[None].astype(f32)
         R = _reorder(layer.w_hh, H)[None].astype(f32)
         B = np.concatenate([_reorder(layer.b_ih, H), _reorder(layer.b_hh, H)])[None].astype(f32)
@@ -123,6 +122,42 @@ def build_model(
         x = f"x{k + 1}"
         ys_h.append(f"yh{k}")
         ys_c.append(f"yc{k}")
+    return x, ys_h, ys_c
+
+
+def _finish(graph: onnx.GraphProto, meta: dict[str, str]) -> onnx.ModelProto:
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="lstm-serve",
+    )
+    # ORT releases of this era accept IR version 10; newer onnx defaults higher.
+    model.ir_version = 10
+    helper.set_model_props(model, meta)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_model(
+    weights: NumpyWeights,
+    vocab: Sequence[str],
+    config: Mapping[str, Any],
+    *,
+    graph_name: str = "lstm_serve_char_lm",
+) -> onnx.ModelProto:
+    """Return a checked ModelProto that follows the contract, with metadata from ``config``."""
+    H = weights.hidden_size
+    L = len(weights.layers)
+    V = weights.vocab_size
+    f32 = np.float32
+    inits: list[TensorProto] = [
+        numpy_helper.from_array(weights.input_table.astype(f32), "input_table"),
+        numpy_helper.from_array(weights.out_w.T.astype(f32).copy(), "out_w_t"),
+        numpy_helper.from_array(weights.out_b.astype(f32), "out_b"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+    ]
+    nodes = [helper.make_node("Gather", ["input_table", INPUT_TOKENS], ["x0"], axis=0)]
+    x, ys_h, ys_c = _lstm_layers(weights.layers, H, "x0", nodes, inits)
     nodes += [
         helper.make_node("MatMul", [x, "out_w_t"], ["proj"]),
         helper.make_node("Add", ["proj", "out_b"], [OUTPUT_LOGITS]),
@@ -144,16 +179,113 @@ def build_model(
         ],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="lstm-serve",
+    return _finish(graph, make_metadata(vocab, config))
+
+
+@dataclass(frozen=True)
+class SequenceWeights:
+    """A sequence model's weights: the layers (the first reads the F features) and the head."""
+
+    layers: Sequence[NumpyLayer]
+    out_w: np.ndarray  # [O, H]
+    out_b: np.ndarray  # [O]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.layers[0].w_hh.shape[1])
+
+    @property
+    def num_features(self) -> int:
+        return int(self.layers[0].w_ih.shape[1])
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.out_w.shape[0])
+
+
+def build_sequence_model(
+    weights: SequenceWeights,
+    config: Mapping[str, Any],
+    *,
+    graph_name: str = "lstm_serve_sequence",
+) -> onnx.ModelProto:
+    """A checked ``sequence`` ModelProto, ``features, h0, c0 -> outputs, hn, cn``; ``config``
+    is the ``lstm_serve.config`` metadata (checked by the contract before anything is built)."""
+    meta = make_sequence_metadata(config)
+    H, L = weights.hidden_size, len(weights.layers)
+    F, O = weights.num_features, weights.num_outputs  # noqa: E741 - the contract's letters
+    f32 = np.float32
+    inits: list[TensorProto] = [
+        numpy_helper.from_array(weights.out_w.T.astype(f32).copy(), "out_w_t"),
+        numpy_helper.from_array(weights.out_b.astype(f32), "out_b"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+    ]
+    nodes: list[onnx.NodeProto] = []
+    x, ys_h, ys_c = _lstm_layers(weights.layers, H, INPUT_FEATURES, nodes, inits)
+    nodes += [
+        helper.make_node("MatMul", [x, "out_w_t"], ["proj"]),
+        helper.make_node("Add", ["proj", "out_b"], [OUTPUT_OUTPUTS]),
+        helper.make_node("Concat", ys_h, [OUTPUT_HN], axis=0),
+        helper.make_node("Concat", ys_c, [OUTPUT_CN], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        graph_name,
+        inputs=[
+            helper.make_tensor_value_info(INPUT_FEATURES, TensorProto.FLOAT, ["T", "B", F]),
+            helper.make_tensor_value_info(INPUT_H0, TensorProto.FLOAT, [L, "B", H]),
+            helper.make_tensor_value_info(INPUT_C0, TensorProto.FLOAT, [L, "B", H]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info(OUTPUT_OUTPUTS, TensorProto.FLOAT, ["T", "B", O]),
+            helper.make_tensor_value_info(OUTPUT_HN, TensorProto.FLOAT, [L, "B", H]),
+            helper.make_tensor_value_info(OUTPUT_CN, TensorProto.FLOAT, [L, "B", H]),
+        ],
+        initializer=inits,
     )
-    # ORT releases of this era accept IR version 10; newer onnx defaults higher.
-    model.ir_version = 10
-    helper.set_model_props(model, make_metadata(vocab, config))
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _finish(graph, meta)
+
+
+def random_sequence_model(
+    num_features: int = 3,
+    num_outputs: int = 2,
+    hidden_size: int = 16,
+    num_layers: int = 1,
+    *,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """A small ``sequence`` model with random weights (tests, benchmarks, fixtures)."""
+    rng = np.random.default_rng(seed)
+    base = random_weights(2, hidden_size, num_layers, seed=seed)
+    first = base.layers[0]
+    layers = [
+        NumpyLayer(
+            rng.normal(0, 0.3, (4 * hidden_size, num_features)).astype(np.float32),
+            first.w_hh,
+            first.b_ih,
+            first.b_hh,
+        ),
+        *base.layers[1:],
+    ]
+    weights = SequenceWeights(
+        layers,
+        rng.normal(0, 0.3, (num_outputs, hidden_size)).astype(np.float32),
+        rng.normal(0, 0.3, (num_outputs,)).astype(np.float32),
+    )
+    config = {
+        "kind": KIND_SEQUENCE,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "cell": "random",
+        "num_features": num_features,
+        "num_outputs": num_outputs,
+        "feature_names": [f"x{i}" for i in range(num_features)],
+        "output_names": [f"y{j}" for j in range(num_outputs)],
+        "scaling": Scaling(
+            (0.0,) * num_features, (1.0,) * num_features, (0.0,) * num_outputs, (1.0,) * num_outputs
+        ).to_dict(),
+    }
+    return build_sequence_model(weights, config)
 
 
 def random_weights(

@@ -18,6 +18,9 @@ Chaining: ``T`` tokens fed one call at a time, carrying ``(hn, cn)`` into the ne
 so a graph that only works at one length, or loses state between calls, fails here.
 
 Non-finite outputs fail parity: a NaN difference is never "within tolerance".
+
+A ``sequence`` model is checked the same way (``num_features`` given): standard normal
+``features [T, B, F]`` instead of tokens, ``outputs`` instead of ``logits``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from contract.model import INPUT_C0, INPUT_H0, INPUT_TOKENS, OUTPUT_CN, OUTPUT_HN, OUTPUT_LOGITS
+from contract.model import (
+    INPUT_C0,
+    INPUT_FEATURES,
+    INPUT_H0,
+    INPUT_TOKENS,
+    OUTPUT_CN,
+    OUTPUT_HN,
+    OUTPUT_LOGITS,
+    OUTPUT_OUTPUTS,
+    SEQUENCE_OUTPUT_NAMES,
+)
 
 PARITY_T = (1, 7, 35, 100)
 PARITY_B = (1, 3, 32, 512)
@@ -55,22 +68,23 @@ def cpu_session(model: bytes | str, threads: int = 1) -> Any:
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def session_forward(session: Any) -> Forward:
-    """Wrap a contract-following ORT session as ``(tokens, h0, c0) -> (logits, hn, cn)``."""
+def session_forward(session: Any, *, sequence: bool = False) -> Forward:
+    """Wrap a contract-following ORT session as ``(tokens, h0, c0) -> (logits, hn, cn)``, or
+    with ``sequence`` as ``(features, h0, c0) -> (outputs, hn, cn)``."""
+    first = INPUT_FEATURES if sequence else INPUT_TOKENS
+    names = [OUTPUT_OUTPUTS if sequence else OUTPUT_LOGITS, OUTPUT_HN, OUTPUT_CN]
 
     def run(tokens: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> Arrays:
-        logits, hn, cn = session.run(
-            list(OUTPUTS), {INPUT_TOKENS: tokens, INPUT_H0: h0, INPUT_C0: c0}
-        )
+        logits, hn, cn = session.run(names, {first: tokens, INPUT_H0: h0, INPUT_C0: c0})
         return logits, hn, cn
 
     return run
 
 
 def torch_forward(model: Any, threads: int = 1) -> Forward:
-    """Wrap a ``training.model.CharLSTM`` as a parity reference (eval mode, the model's dtype:
-    float32 for the check, a float64 copy for the diagnosis). Outputs keep the model's dtype;
-    differences are taken in float64."""
+    """Wrap a ``training.model.CharLSTM`` or ``SequenceLSTM`` as a parity reference (eval mode,
+    the model's dtype: float32 for the check, a float64 copy for the diagnosis). Outputs keep
+    the model's dtype; differences are taken in float64."""
     import torch
 
     model.eval()
@@ -206,9 +220,13 @@ class ParityReport:
 
 
 def _random_inputs(
-    rng: np.random.Generator, T: int, B: int, L: int, H: int, V: int
+    rng: np.random.Generator, T: int, B: int, L: int, H: int, V: int, F: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    tokens = rng.integers(0, V, size=(T, B), dtype=np.int64)
+    tokens: np.ndarray
+    if F is None:
+        tokens = rng.integers(0, V, size=(T, B), dtype=np.int64)
+    else:
+        tokens = rng.standard_normal((T, B, F), dtype=np.float32)
     h0 = rng.standard_normal((L, B, H), dtype=np.float32)
     c0 = rng.standard_normal((L, B, H), dtype=np.float32)
     return tokens, h0, c0
@@ -244,6 +262,7 @@ def check_parity(
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int | None = None,
     reference64: Forward | None = None,
+    num_features: int | None = None,
 ) -> ParityReport:
     """Compare ``candidate`` (the ONNX model) with ``reference`` on fresh random inputs.
 
@@ -251,8 +270,10 @@ def check_parity(
     seed (fresh unless given) is in the report so a failure can be replayed. With
     ``reference64`` (the reference model in float64), each failed shape also records how far
     the candidate and the reference each are from float64, so the report can tell float32
-    rounding from a wrong graph. It never changes pass/fail.
+    rounding from a wrong graph. It never changes pass/fail. ``num_features`` makes it a
+    ``sequence`` check (random features ``[T, B, F]``; ``vocab_size`` is then unused).
     """
+    outputs = OUTPUTS if num_features is None else SEQUENCE_OUTPUT_NAMES
     seed = secrets.randbits(32) if seed is None else seed
     rng = np.random.default_rng(seed)
     report = ParityReport(tolerance=tolerance, seed=seed)
@@ -260,25 +281,25 @@ def check_parity(
     start = time.perf_counter()
     for T in T_values:
         for B in B_values:
-            tokens, h0, c0 = _random_inputs(rng, T, B, L, H, V)
+            tokens, h0, c0 = _random_inputs(rng, T, B, L, H, V, num_features)
             got = candidate(tokens, h0, c0)
             want = reference(tokens, h0, c0)
-            diffs = {n: _max_abs(g, w) for n, g, w in zip(OUTPUTS, got, want, strict=True)}
+            diffs = {n: _max_abs(g, w) for n, g, w in zip(outputs, got, want, strict=True)}
             vs64 = None
             failed = not all(_within(v, tolerance) for v in diffs.values())
             if reference64 is not None and failed:
                 exact = reference64(tokens, h0, c0)
                 vs64 = {
                     n: {"candidate": _max_abs(g, x), "reference": _max_abs(w, x)}
-                    for n, g, w, x in zip(OUTPUTS, got, want, exact, strict=True)
+                    for n, g, w, x in zip(outputs, got, want, exact, strict=True)
                 }
             report.cases.append(CaseResult("shape", T, B, diffs, vs64))
     for T, B in chain_cases:
-        tokens, h0, c0 = _random_inputs(rng, T, B, L, H, V)
+        tokens, h0, c0 = _random_inputs(rng, T, B, L, H, V, num_features)
         whole = candidate(tokens, h0, c0)
         for kind, bounds in (("chain-steps", list(range(T + 1))), ("chain-chunks", _chunks(T))):
             chained = _run_chained(candidate, tokens, h0, c0, bounds)
-            diffs = {n: _max_abs(g, w) for n, g, w in zip(OUTPUTS, chained, whole, strict=True)}
+            diffs = {n: _max_abs(g, w) for n, g, w in zip(outputs, chained, whole, strict=True)}
             report.cases.append(CaseResult(kind, T, B, diffs))
     report.seconds = time.perf_counter() - start
     return report

@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from contract.model import INPUT_C0, INPUT_H0, INPUT_TOKENS, META_CONFIG, OUTPUT_LOGITS
+from contract.model import (
+    INPUT_C0,
+    INPUT_FEATURES,
+    INPUT_H0,
+    INPUT_TOKENS,
+    META_CONFIG,
+    OUTPUT_LOGITS,
+    OUTPUT_OUTPUTS,
+)
 
 from .common import ExportError, one_line
 from .evaluate import Perplexity
@@ -124,7 +132,13 @@ def compare_perplexity(
 
 
 def _paired_medians(
-    first: Any, second: Any, feeds: Mapping[str, np.ndarray], *, min_seconds: float, max_reps: int
+    first: Any,
+    second: Any,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    min_seconds: float,
+    max_reps: int,
+    output: str = OUTPUT_LOGITS,
 ) -> tuple[float, float]:
     """Median call time of two sessions on the same feeds, timed alternately.
 
@@ -132,14 +146,14 @@ def _paired_medians(
     machine is shared): both sessions see the same conditions.
     """
     for sess in (first, second):
-        sess.run([OUTPUT_LOGITS], feeds)  # warm-up: first call allocates
+        sess.run([output], feeds)  # warm-up: first call allocates
     a: list[float] = []
     b: list[float] = []
     total = 0.0
     while len(a) < 5 or (total < min_seconds and len(a) < max_reps):
         for sess, out in ((first, a), (second, b)):
             t0 = time.perf_counter()
-            sess.run([OUTPUT_LOGITS], feeds)
+            sess.run([output], feeds)
             dt = time.perf_counter() - t0
             out.append(dt)
             total += dt
@@ -158,23 +172,33 @@ def measure_speed(
     min_seconds: float = 0.5,
     max_reps: int = 200,
     threads: int = 1,
+    num_features: int | None = None,
 ) -> dict[str, Any]:
     """Median in-process ORT call time, float32 vs int8, per (T, B); informational only.
 
     ``T=1`` is the server's decode step, ``T=35`` a prefill. Sessions should use the same
-    thread count (``threads`` is recorded, not applied).
+    thread count (``threads`` is recorded, not applied). ``num_features``: a ``sequence``
+    model, fed standard normal features (``vocab_size`` unused).
     """
     rng = np.random.default_rng()
     rows = []
     for T in steps:
         for B in batches:
             feeds: dict[str, np.ndarray] = {
-                INPUT_TOKENS: rng.integers(0, vocab_size, (T, B), dtype=np.int64),
                 INPUT_H0: rng.standard_normal((num_layers, B, hidden_size), dtype=np.float32),
                 INPUT_C0: rng.standard_normal((num_layers, B, hidden_size), dtype=np.float32),
             }
+            if num_features is None:
+                feeds[INPUT_TOKENS] = rng.integers(0, vocab_size, (T, B), dtype=np.int64)
+            else:
+                feeds[INPUT_FEATURES] = rng.standard_normal((T, B, num_features), np.float32)
             f, q = _paired_medians(
-                fp32_session, int8_session, feeds, min_seconds=min_seconds, max_reps=max_reps
+                fp32_session,
+                int8_session,
+                feeds,
+                min_seconds=min_seconds,
+                max_reps=max_reps,
+                output=OUTPUT_LOGITS if num_features is None else OUTPUT_OUTPUTS,
             )
             rows.append(
                 {

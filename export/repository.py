@@ -328,6 +328,9 @@ class ManifestEntry:
     int8: dict[str, Any] | None = None
     exported_at: str | None = None
     seconds: float | None = None
+    # status "ok", sequence models only (written only when set, so token entries read and
+    # write exactly as before): the held-out one-step-ahead errors, fp32 and int8
+    heldout: dict[str, Any] | None = None
     # status "failed"
     attempted_at: str | None = None
     previous: PreviousVersion | None = None
@@ -360,6 +363,7 @@ class ManifestEntry:
             int8=report["int8"],
             exported_at=report["created_at"],
             seconds=report["seconds"],
+            heldout=report.get("heldout"),
         )
 
     @classmethod
@@ -406,6 +410,8 @@ class ManifestEntry:
         }
         if self.status == "ok":
             d |= {k: getattr(self, k) for k in _OK_KEYS}
+            if self.heldout is not None:
+                d["heldout"] = self.heldout
         else:
             d["attempted_at"] = self.attempted_at
             d["previous"] = self.previous.to_dict() if self.previous is not None else None
@@ -431,7 +437,7 @@ class ManifestEntry:
             _fields(d, *_OK_KEYS)
             if not isinstance(d["version"], int) or not isinstance(d["exported_at"], str):
                 raise ValueError("an ok entry needs an integer version and exported_at")
-            return cls(**common, **{k: d[k] for k in _OK_KEYS})
+            return cls(**common, **{k: d[k] for k in _OK_KEYS}, heldout=d.get("heldout"))
         _fields(d, *_FAILED_KEYS)
         previous = d["previous"]
         return cls(
@@ -566,6 +572,11 @@ def _detail(report: dict[str, Any]) -> str:
     parity = report["parity"]
     worst = max((v for v in parity["max_abs_diff"].values() if v is not None), default=0.0)
     parts = [f"parity max|diff| {worst:.1e}"]
+    held = report.get("heldout")
+    if held:
+        parts.append(f"held-out MAE {held['fp32']['test']['mae']:.4g}")
+        if held.get("int8_vs_fp32"):
+            parts.append(f"int8 {held['int8_vs_fp32']['relative_change']:+.2%}")
     ppl = report.get("perplexity")
     if ppl:
         parts.append(f"val ppl {ppl['fp32']['perplexity']:.3f}")

@@ -117,3 +117,52 @@ class TrainConfig:
             embedding_dim=self.embedding_dim,
             dropout=self.dropout,
         )
+
+
+@dataclass(frozen=True)
+class ForecastConfig:
+    """Every setting of a forecaster run (``lstm-train forecast``); stored in its checkpoint.
+
+    The defaults are the bundled sunspots model's recipe (training/README.md).
+    """
+
+    dataset: str = "sunspots"
+    out_dir: str = "runs/sunspots"
+    cell: str = "scratch"
+    hidden_size: int = 32
+    num_layers: int = 1
+    dropout: float = 0.2  # training-time only, before the head (chosen on validation MSE)
+    epochs: int = 60
+    batch_size: int = 16
+    num_steps: int = 48  # window length of a training example; evaluation reads the whole series
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clipping; 0 disables
+    test_fraction: float = 0.2  # held-out tail, only reported
+    val_fraction: float = 0.1  # tail of the rest, picks the best epoch
+    seed: int = 0
+    threads: int | None = None
+    eval_every: int = 1
+    progress: bool | None = None  # None: a bar only on an interactive terminal outside CI
+
+    def check(self) -> None:
+        """Raise :class:`TrainError` for settings that make no sense."""
+        for name in ("hidden_size", "num_layers", "epochs", "batch_size", "num_steps"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 1:
+            raise TrainError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"threads must be >= 1, got {self.threads}")
+        for name, x in (("lr", self.lr), ("clip", self.clip), ("weight_decay", self.weight_decay)):
+            if not math.isfinite(x) or x < 0 or (name == "lr" and x == 0):
+                bound = "> 0" if name == "lr" else ">= 0"
+                raise TrainError(f"{name} must be a finite number {bound}, got {x}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise TrainError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise TrainError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.cell not in ("scratch", "torch"):
+            raise TrainError(f"cell must be one of ['scratch', 'torch'], got {self.cell!r}")

@@ -1,8 +1,10 @@
-"""Character-level LSTM language models, as in d2l's "Long Short-Term Memory" chapter.
+"""Character-level LSTM language models, as in d2l's "Long Short-Term Memory" chapter, and the
+same cells as a sequence model (a forecaster) over real-valued features.
 
 Both cells sit behind one interface::
 
-    forward(tokens[T, B], state) -> (logits[T, B, V], (h[L, B, H], c[L, B, H]))
+    CharLSTM:     forward(tokens[T, B], state)      -> (logits[T, B, V],  (h[L, B, H], c[L, B, H]))
+    SequenceLSTM: forward(features[T, B, F], state) -> (outputs[T, B, O], (h[L, B, H], c[L, B, H]))
 
 time-major, with the recurrent state always shaped ``(layers, batch, hidden)`` so that either
 cell exports to the same ONNX graph (see :func:`lstm_layer_weights`).
@@ -141,6 +143,17 @@ class ScratchLSTM(nn.Module):
         return X, (torch.stack(hs), torch.stack(cs))
 
 
+def make_rnn(
+    cell: Cell, input_size: int, hidden_size: int, num_layers: int, dropout: float
+) -> nn.Module:
+    """The stacked LSTM of either cell, time-major, ``(X, (h0, c0)) -> (Y, (hn, cn))``."""
+    if cell == "scratch":
+        return ScratchLSTM(input_size, hidden_size, num_layers, dropout)
+    # nn.LSTM warns when given dropout with one layer (it has no layer in between).
+    between = dropout if num_layers > 1 else 0.0
+    return nn.LSTM(input_size, hidden_size, num_layers, dropout=between)
+
+
 class CharLSTM(nn.Module):
     """Input encoding (one-hot or embedding) -> LSTM cell -> projection to the vocabulary."""
 
@@ -152,16 +165,10 @@ class CharLSTM(nn.Module):
             if config.input_mode == "embedding"
             else None
         )
-        self.rnn: nn.Module
         p = config.dropout
-        if config.cell == "scratch":
-            self.rnn = ScratchLSTM(config.input_size, config.hidden_size, config.num_layers, p)
-        else:
-            # nn.LSTM warns when given dropout with one layer (it has no layer in between).
-            between = p if config.num_layers > 1 else 0.0
-            self.rnn = nn.LSTM(
-                config.input_size, config.hidden_size, config.num_layers, dropout=between
-            )
+        self.rnn = make_rnn(
+            config.cell, config.input_size, config.hidden_size, config.num_layers, p
+        )
         self.drop = nn.Dropout(p)
         self.output = nn.Linear(config.hidden_size, config.vocab_size)
 
@@ -189,6 +196,66 @@ class CharLSTM(nn.Module):
 
 
 @dataclass(frozen=True)
+class SequenceConfig:
+    """A sequence model (``kind`` "sequence"): F real-valued features in, O outputs out.
+
+    Stored in a sequence checkpoint as ``model_config``.
+    """
+
+    num_features: int
+    num_outputs: int
+    hidden_size: int = 32
+    num_layers: int = 1
+    cell: Cell = "scratch"
+    dropout: float = 0.0  # training-time only, as in ModelConfig
+
+    def __post_init__(self) -> None:
+        for name in ("num_features", "num_outputs", "hidden_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cell not in ("scratch", "torch"):
+            raise ValueError(f"cell must be 'scratch' or 'torch', got {self.cell!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class SequenceLSTM(nn.Module):
+    """Features -> LSTM cell -> linear head to O outputs (e.g. the next value of a series).
+
+    The features go straight into the cell: its input weights already are a learned linear
+    projection of them, and a separate projection in front would multiply into those weights
+    (one linear map) and add parameters without adding anything the model can express.
+    """
+
+    def __init__(self, config: SequenceConfig) -> None:
+        super().__init__()
+        self.config = config
+        p = config.dropout
+        self.rnn = make_rnn(
+            config.cell, config.num_features, config.hidden_size, config.num_layers, p
+        )
+        self.drop = nn.Dropout(p)
+        self.output = nn.Linear(config.hidden_size, config.num_outputs)
+
+    def begin_state(self, batch_size: int, device: torch.device | None = None) -> State:
+        shape = (self.config.num_layers, batch_size, self.config.hidden_size)
+        dtype = self.output.weight.dtype
+        device = device or self.output.weight.device
+        return (
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
+
+    def forward(
+        self, features: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        if state is None:
+            state = self.begin_state(features.shape[1], features.device)
+        Y, state = self.rnn(features.to(self.output.weight.dtype), state)
+        return self.output(self.drop(Y)), state
+
+
+@dataclass(frozen=True)
 class LayerWeights:
     """One LSTM layer in ``nn.LSTM``'s layout: gate blocks in PyTorch's i, f, g, o order.
 
@@ -201,7 +268,7 @@ class LayerWeights:
     b_hh: torch.Tensor
 
 
-def lstm_layer_weights(model: CharLSTM) -> list[LayerWeights]:
+def lstm_layer_weights(model: CharLSTM | SequenceLSTM) -> list[LayerWeights]:
     """Either cell's weights in one layout, so export builds one graph for both."""
     out: list[LayerWeights] = []
     with torch.no_grad():
@@ -227,7 +294,7 @@ def lstm_layer_weights(model: CharLSTM) -> list[LayerWeights]:
     return out
 
 
-def load_lstm_layer_weights(model: CharLSTM, layers: list[LayerWeights]) -> None:
+def load_lstm_layer_weights(model: CharLSTM | SequenceLSTM, layers: list[LayerWeights]) -> None:
     """Inverse of :func:`lstm_layer_weights`: copy ``nn.LSTM``-layout weights into either cell.
 
     For the scratch cell the two biases are summed, since the book's cell has one per gate.
