@@ -101,6 +101,7 @@ class ModelSpec:
     preprocess: str
     cell: str
     config: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = KIND_TOKEN_LM
 
     @property
     def vocab_size(self) -> int:

@@ -33,6 +33,8 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from contract.model import KIND_SEQUENCE
+
 from .auth import Authenticator
 from .batch import StatePool
 from .dataplane import DataPlane, Limits
@@ -45,6 +47,7 @@ from .metrics import ModelInfoStats, PrometheusMetrics, RequestStats, SchedulerS
 from .models import Models, Version, run_periodically
 from .rest import Rest, RestServer
 from .runtime import ModelRuntime, bundled_model_path, check_model_source
+from .sequence import SequencePlane
 from .servicer import SERVICE_NAME, LstmServeServiceServicer, QuietPeerGone
 from .sessions import SessionStore
 from .settings import Settings
@@ -200,7 +203,8 @@ async def build_core(
 
     def build(runtime: ModelRuntime) -> Version:
         spec = runtime.spec
-        pool = StatePool(spec.num_layers, spec.hidden_size, spec.vocab_size, s.max_sessions)
+        # The pool's last-output row is V wide for a token model, O for a sequence model.
+        pool = StatePool(spec.num_layers, spec.hidden_size, runtime.output_width, s.max_sessions)
         store = SessionStore(
             pool,
             max_sessions=s.max_sessions,
@@ -227,7 +231,10 @@ async def build_core(
         if durable_store is not None:
             identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
             durable = Durable(durable_store, identity)
-        plane = DataPlane(
+        # The plane is chosen once per version by the model's kind, so neither kind's steps
+        # test it again.
+        plane_type = SequencePlane if runtime.kind == KIND_SEQUENCE else DataPlane
+        plane = plane_type(
             runtime,
             store,
             engine,

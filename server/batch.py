@@ -1,8 +1,9 @@
 """The one home of stacking sessions' recurrent state into a batch and splitting it back.
 
 Every session owns a *slot* in one preallocated pool: ``h`` and ``c`` arrays ``[L, capacity, H]``
-plus the last next-token logits ``[capacity, V]``. A model call's batch is a list of slots:
-:meth:`StatePool.gather` stacks their rows into contiguous ``[L, B, H]`` inputs (with
+plus the last next-token logits ``[capacity, V]`` (for a ``sequence`` model: the last row of
+outputs, ``[capacity, O]``; the pool cares only about the width). A model call's batch is a list
+of slots: :meth:`StatePool.gather` stacks their rows into contiguous ``[L, B, H]`` inputs (with
 ``np.take``: one copy, no per-session Python), :meth:`StatePool.scatter` writes the outputs back.
 This is text-generation-inference's ``concatenate``/``filter`` for a recurrent model: membership
 of the batch may change at every step because nothing lives in the batch between steps.
@@ -112,7 +113,8 @@ class StatePool:
 
 @dataclass
 class Batch:
-    """One model call's input, assembled from slots: ``tokens[T, B]``, ``h``/``c`` ``[L, B, H]``.
+    """One model call's input, assembled from slots: ``tokens[T, B]`` int64 (a ``sequence``
+    model's features: float32 ``[T, B, F]``), ``h``/``c`` ``[L, B, H]``.
 
     Row ``i`` belongs to ``slots[i]``; :meth:`write_back` is the inverse of :meth:`assemble`.
     ``out``: preallocated ``(logits, hn, cn)`` the model writes into (a :class:`RunningBatch`'s
@@ -127,10 +129,14 @@ class Batch:
 
     @classmethod
     def assemble(cls, pool: StatePool, slots: np.ndarray, tokens: np.ndarray) -> Batch:
-        if tokens.ndim != 2 or tokens.shape[1] != len(slots):
-            raise ValueError(f"tokens must be [T, {len(slots)}], got {tokens.shape}")
+        ndim = tokens.ndim
+        if ndim not in (2, 3) or tokens.shape[1] != len(slots):
+            raise ValueError(
+                f"tokens must be [T, {len(slots)}] or [T, {len(slots)}, F], got {tokens.shape}"
+            )
         h, c = pool.gather(slots)
-        return cls(slots, np.ascontiguousarray(tokens, dtype=np.int64), h, c)
+        dtype = np.int64 if ndim == 2 else np.float32
+        return cls(slots, np.ascontiguousarray(tokens, dtype=dtype), h, c)
 
     def write_back(
         self,

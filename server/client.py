@@ -2,7 +2,9 @@
 
 ``lstm-client generate --target HOST:PORT --prompt TEXT --max-tokens N`` prints only the
 continuation, as it arrives. ``step`` prints the next-token distribution's top tokens (on an
-ephemeral session unless ``--session``), ``health`` exits 0 only when the server is SERVING
+ephemeral session unless ``--session``); ``step --features FILE.csv|-`` feeds a sequence model
+rows of feature values (scaled here as the model says unless ``--scaled``) and prints each
+row's outputs in the data's units, ``health`` exits 0 only when the server is SERVING
 (the container's HEALTHCHECK), ``info`` describes the model. ``models`` lists the repository's
 models and the state of each version (``--json`` for machine-readable output); ``models load
 NAME`` / ``models unload NAME`` load or retire a model (a server in ``--model-control-mode
@@ -43,6 +45,7 @@ if __name__ == "__main__" or Path(sys.argv[0]).name == "lstm-client":
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
@@ -347,17 +350,81 @@ class LstmClient:
         request_id: str = "",
         model: str = "",
         model_version: str | int = "",
+        features: Any = None,
     ) -> Any:
-        """Feed ``text`` or ``token_ids`` (exactly one) to a session; a ``StepResponse``.
+        """Feed ``text`` or ``token_ids`` (a token model) or ``features`` (a sequence model:
+        ``[T, F]`` numbers, already scaled; exactly one of the three) to a session; a
+        ``StepResponse``.
 
-        ``output``: ``"last"`` (the last position's logits), ``"all"`` (every fed position's),
-        ``"top_k"`` (the ``top_k`` most probable next tokens, no logits). ``model`` /
-        ``model_version``, when given, are what the session must be pinned to
-        (FAILED_PRECONDITION otherwise, and nothing is fed)."""
-        fields = _step_fields(text, token_ids, output, top_k, request_id)
+        ``output``: ``"last"`` (the last position's logits, or outputs), ``"all"`` (every fed
+        position's), ``"top_k"`` (the ``top_k`` most probable next tokens, no logits; token
+        models only). A sequence model's rows come back in ``.outputs`` (a ``FloatTensor``:
+        ``shape`` and row-major ``values``). ``model`` / ``model_version``, when given, are what
+        the session must be pinned to (FAILED_PRECONDITION otherwise, and nothing is fed).
+        :meth:`step_features` scales and unscales for you."""
+        fields = _step_fields(text, token_ids, output, top_k, request_id, features)
         fields.update(_model_fields(model, model_version))
         req = pb.StepRequest(session_id=session_id, **fields)
         return self.stub.Step(req, timeout=self.timeout, metadata=self._md(session_id))
+
+    def step_features(
+        self,
+        rows: Any,
+        *,
+        session_id: str = "",
+        scaled: bool = False,
+        model: str = "",
+        model_version: str | int = "",
+        chunk_rows: int = 0,
+    ) -> FeatureSteps:
+        """Feed a sequence model rows of feature values ``[T, F]`` and get every row's outputs
+        back in the data's units (:class:`FeatureSteps`).
+
+        ``rows`` are raw values (the model's ``scaling`` from GetModelInfo is applied here)
+        unless ``scaled``. With ``session_id`` the session advances (unary Steps); without, an
+        ephemeral session over one StepStream, freed afterwards. ``chunk_rows``: rows per step
+        (0 = the server's max_prompt_tokens). :class:`ValueError` for rows of the wrong width
+        or a token model (before anything is fed)."""
+        meta = self.sequence_model(session_id, model=model, model_version=model_version)
+        x = _feature_matrix(rows, meta)
+        if not scaled:
+            x = meta.scale(x)
+        chunk = chunk_rows or meta.max_rows
+        _check_int("chunk_rows", chunk, low=1)
+        parts: list[np.ndarray] = []
+        steps = 0
+        sid = session_id
+        if session_id:
+            for i in range(0, len(x), chunk):
+                r = self.step(session_id, features=x[i : i + chunk], output="all")
+                parts.append(_rows(r.outputs))
+                steps = int(r.steps)
+        else:
+            with self.step_stream(model=meta.name, model_version=meta.version) as s:
+                for i in range(0, len(x), chunk):
+                    r = s.step(features=x[i : i + chunk], output="all")
+                    parts.append(_rows(r.outputs))
+                    steps = int(r.steps)
+                sid = s.session_id
+        out = np.concatenate(parts) if parts else np.zeros((0, len(meta.output_names)))
+        return FeatureSteps(sid, meta.output_names, meta.unscale(out), steps)
+
+    def sequence_model(
+        self, session_id: str = "", *, model: str = "", model_version: str | int = ""
+    ) -> SequenceModel:
+        """What a sequence model takes and gives (names, scaling, the row limit): the model
+        ``session_id`` is pinned to, else ``model`` (default: the server's default model).
+        :class:`ValueError` when it is a token model."""
+        if session_id:
+            info = self.get_session(session_id)
+            model, model_version = info.model_name, info.model_version
+        m = self.model_info(model, model_version)
+        if m.kind != pb.MODEL_KIND_SEQUENCE:
+            raise ValueError(
+                f"model {m.name!r} version {m.version} is a token model (text in, logits out); "
+                "features need a sequence model (name one with --model / model=)"
+            )
+        return SequenceModel.from_pb(m)
 
     def step_stream(
         self, session_id: str = "", *, model: str = "", model_version: str | int = ""
@@ -480,12 +547,13 @@ class StepStream:
         output: str | int = "last",
         top_k: int = 0,
         request_id: str = "",
+        features: Any = None,
     ) -> Any:
-        """Feed ``text`` or ``token_ids`` (exactly one); the ``StepStreamResponse``. The
-        arguments mean what they mean in :meth:`LstmClient.step`."""
+        """Feed ``text``, ``token_ids`` or ``features`` (exactly one); the
+        ``StepStreamResponse``. The arguments mean what they mean in :meth:`LstmClient.step`."""
         if self._closed:
             raise ValueError("this step stream is closed")
-        fields = _step_fields(text, token_ids, output, top_k, request_id)
+        fields = _step_fields(text, token_ids, output, top_k, request_id, features)
         # The server binds the stream to the first message's session_id (and model); later
         # ones leave them empty.
         req = pb.StepStreamRequest(session_id=self._attach, **fields, **(self._model or {}))
@@ -560,7 +628,12 @@ def output_value(output: str | int) -> int:
 
 
 def _step_fields(
-    text: str, token_ids: Sequence[int], output: str | int, top_k: int, request_id: str
+    text: str,
+    token_ids: Sequence[int],
+    output: str | int,
+    top_k: int,
+    request_id: str,
+    features: Any = None,
 ) -> dict[str, Any]:
     value = output_value(output)
     if not isinstance(text, str):
@@ -568,6 +641,16 @@ def _step_fields(
     if isinstance(token_ids, str | bytes):
         raise ValueError("token_ids must be a sequence of integers, not a string")
     ids = list(token_ids)
+    if features is not None:
+        if text or ids:
+            raise ValueError("give exactly one of text, token_ids and features")
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        x = np.asarray(features, np.float32)
+        if x.ndim != 2 or x.shape[0] < 1:
+            raise ValueError(f"features must be rows [T, F] with T >= 1, got shape {x.shape}")
+        tensor = pb.FloatTensor(shape=x.shape, values=x.ravel().tolist())
+        return {"features": tensor, "output": value, "request_id": request_id}
     if bool(text) == bool(ids):
         raise ValueError("give exactly one of text and token_ids (non-empty)")
     for t in ids:
@@ -584,6 +667,125 @@ def _step_fields(
         "top_k": top_k,
         "request_id": request_id,
     }
+
+
+@dataclass(frozen=True)
+class SequenceModel:
+    """A sequence model as GetModelInfo describes it: what to send and what comes back."""
+
+    name: str
+    version: str
+    feature_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    feature_mean: tuple[float, ...]
+    feature_std: tuple[float, ...]
+    output_mean: tuple[float, ...]
+    output_std: tuple[float, ...]
+    max_rows: int  # rows one step may carry (the server's max_prompt_tokens)
+
+    @classmethod
+    def from_pb(cls, m: Any) -> SequenceModel:
+        f, o = len(m.feature_names), len(m.output_names)
+        sc = m.scaling
+        return cls(
+            m.name,
+            m.version,
+            tuple(m.feature_names),
+            tuple(m.output_names),
+            tuple(sc.feature_mean) or (0.0,) * f,
+            tuple(sc.feature_std) or (1.0,) * f,
+            tuple(sc.output_mean) or (0.0,) * o,
+            tuple(sc.output_std) or (1.0,) * o,
+            int(m.max_prompt_tokens) or 1,
+        )
+
+    def scale(self, x: np.ndarray) -> np.ndarray:
+        """Raw feature values to what the model reads: ``(x - mean) / std`` per feature."""
+        mean = np.asarray(self.feature_mean)
+        return ((np.asarray(x, np.float64) - mean) / np.asarray(self.feature_std)).astype(
+            np.float32
+        )
+
+    def unscale(self, y: np.ndarray) -> np.ndarray:
+        """The model's outputs in the data's units: ``y * std + mean`` per output."""
+        return np.asarray(y, np.float64) * np.asarray(self.output_std) + np.asarray(
+            self.output_mean
+        )
+
+
+@dataclass(frozen=True)
+class FeatureSteps:
+    """What :meth:`LstmClient.step_features` returns: ``outputs`` ``[T, O]`` in the data's
+    units (float64), named by ``output_names``; ``steps``: rows the session has been fed."""
+
+    session_id: str
+    output_names: tuple[str, ...]
+    outputs: np.ndarray
+    steps: int
+
+
+def _rows(tensor: Any) -> np.ndarray:
+    """A ``FloatTensor`` of rows as a ``[rows, cols]`` array."""
+    return np.asarray(tensor.values, np.float32).reshape([int(d) for d in tensor.shape])
+
+
+def _feature_matrix(rows: Any, meta: SequenceModel) -> np.ndarray:
+    x = np.asarray(rows, np.float64)
+    if x.ndim == 1 and len(meta.feature_names) == 1:
+        x = x[:, None]
+    f = len(meta.feature_names)
+    if x.ndim != 2 or x.shape[1] != f or x.shape[0] < 1:
+        raise ValueError(
+            f"model {meta.name!r} takes rows of {f} feature(s) {list(meta.feature_names)}; "
+            f"got an array of shape {x.shape}"
+        )
+    return x
+
+
+def read_feature_csv(lines: Iterator[str], feature_names: Sequence[str]) -> Iterator[list[float]]:
+    """Rows of feature values from CSV lines: ``F`` numbers a line, an optional first line
+    of feature names (in any order: the columns are reordered to the model's), blank lines
+    and lines starting with ``#`` skipped. :class:`ValueError` naming the line for anything
+    else. Lazy, so rows from a pipe are stepped as they arrive."""
+    import csv
+
+    f = len(feature_names)
+    order: list[int] | None = None
+    first = True
+    for lineno, cells in enumerate(csv.reader(lines), start=1):
+        cells = [c.strip() for c in cells]
+        if not cells or not any(cells) or cells[0].startswith("#"):
+            continue
+        if first:
+            first = False
+            if not all(_is_float(c) for c in cells):
+                if sorted(cells) != sorted(feature_names):
+                    raise ValueError(
+                        f"CSV line {lineno}: the header {cells} does not name the model's "
+                        f"features {list(feature_names)}"
+                    )
+                order = [cells.index(n) for n in feature_names]
+                continue
+        if len(cells) != f:
+            raise ValueError(
+                f"CSV line {lineno}: {len(cells)} value(s), the model takes {f} "
+                f"({', '.join(feature_names)})"
+            )
+        try:
+            values = [float(c) for c in cells]
+        except ValueError:
+            raise ValueError(f"CSV line {lineno}: not a number in {cells}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"CSV line {lineno}: values must be finite, got {cells}")
+        yield values if order is None else [values[i] for i in order]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _model_name(name: object, *, required: bool = False) -> str:
@@ -800,8 +1002,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--session", default="", help="continue this session (default: ephemeral)")
     model_flags(g, "to generate with", session=True)
-    s = command("step", "feed text to a session and print the top next tokens")
-    s.add_argument("--text", required=True)
+    s = command(
+        "step",
+        "feed text to a session and print the top next tokens, or (--features) feed a sequence "
+        "model rows of features and print each row's outputs",
+    )
+    given = s.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", help="text for a token model")
+    given.add_argument(
+        "--features",
+        metavar="FILE.csv|-",
+        help="CSV rows of feature values for a sequence model (F numbers a line, an optional "
+        "header of feature names; '-' reads stdin and steps each row as it arrives)",
+    )
+    s.add_argument(
+        "--scaled",
+        action="store_true",
+        help="--features are already scaled (default: scale them as the model's info says)",
+    )
+    s.add_argument("--json", action="store_true", help="--features: print JSON lines")
     s.add_argument(
         "--session",
         default="",
@@ -946,6 +1165,8 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
+    if args.command == "step" and args.features is not None:
+        return _step_features(client, args, model)
     if args.command == "step":
         if args.session:
             resp = client.step(
@@ -1005,6 +1226,60 @@ def _run(client: LstmClient, args: argparse.Namespace) -> int:
         print(client.fork_session(args.session, args.new_session_id))
         return 0
     return 2
+
+
+def _step_features(client: LstmClient, args: argparse.Namespace, model: dict[str, Any]) -> int:
+    """``step --features``: rows from the CSV, stepped in chunks as they are read (one row at
+    a time from stdin, so a pipe's rows are answered as they come), each row's outputs printed
+    in the data's units: a header and tab-separated lines, or JSON lines with ``--json``."""
+    meta = client.sequence_model(args.session, **model)
+    src = sys.stdin if args.features == "-" else open(args.features, encoding="utf-8")  # noqa: SIM115
+    chunk = 1 if args.features == "-" else meta.max_rows
+    names = meta.output_names
+    printed = 0
+    stream = (
+        None if args.session else client.step_stream(model=meta.name, model_version=meta.version)
+    )
+
+    def flush(rows: list[list[float]]) -> None:
+        nonlocal printed
+        x = np.asarray(rows, np.float64)
+        x = x.astype(np.float32) if args.scaled else meta.scale(x)
+        if stream is None:
+            r = client.step(args.session, features=x, output="all")
+        else:
+            r = stream.step(features=x, output="all")
+        for row in meta.unscale(_rows(r.outputs)).tolist():
+            if args.json:
+                print(json.dumps({"row": printed, **dict(zip(names, row, strict=True))}))
+            else:
+                print(f"{printed}\t" + "\t".join(f"{v:.8g}" for v in row))
+            printed += 1
+        sys.stdout.flush()
+
+    try:
+        if not args.json:
+            print("row\t" + "\t".join(names))
+        pending: list[list[float]] = []
+        for values in read_feature_csv(iter(src), meta.feature_names):
+            pending.append(values)
+            if len(pending) >= chunk:
+                flush(pending)
+                pending = []
+        if pending:
+            flush(pending)
+        if stream is not None:
+            stream.close()
+    except BaseException:
+        if stream is not None:
+            stream.cancel()
+        raise
+    finally:
+        if src is not sys.stdin:
+            src.close()
+    if printed == 0:
+        raise ValueError(f"{args.features}: no rows of features")
+    return 0
 
 
 def _sessions(client: LstmClient, args: argparse.Namespace) -> int:

@@ -19,10 +19,12 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import numpy as np
+
+from contract.model import KIND_TOKEN_LM, ModelSpec, Scaling
 
 from .batch import SlotSnapshot
 from .durable import Durable, session_record
@@ -83,12 +85,22 @@ class ModelInfo:
     config_json: str
     limits: Limits
     state_bytes_per_session: int
+    # The model kind ("token_lm" or "sequence"); the rest describe a sequence model only (a
+    # token model's are empty): what a client sends (F features, in this order, scaled by
+    # ``scaling``) and what it gets back (O outputs).
+    kind: str = KIND_TOKEN_LM
+    feature_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    scaling: Scaling | None = None
 
 
 @dataclass(frozen=True)
 class StepResult:
     session_id: str
-    logits: np.ndarray | None  # [positions, V] float32, None for top-k output
+    # The model's rows for the fed positions, float32: logits [positions, V] of a token model,
+    # outputs [positions, O] of a sequence model (a transport names them by the input it sent);
+    # None for top-k output.
+    logits: np.ndarray | None
     top: list[tuple[int, str, float]]  # (token id, token text, probability), most probable first
     tokens_consumed: int
     steps: int
@@ -134,7 +146,10 @@ def _digest(*parts: object) -> bytes:
 
 def step_digest(ids: np.ndarray, output: str, top_k: int) -> bytes:
     """A step's payload as a request id's retry must repeat it (text counts as its tokens; a
-    StepStream message and a Step with the same payload are the same request)."""
+    StepStream message and a Step with the same payload are the same request; a sequence
+    model's feature rows count as their float32 bytes)."""
+    if ids.ndim == 2:
+        return _digest("features", np.asarray(ids, "<f4").tobytes(), ids.shape[1], output)
     return _digest("step", np.asarray(ids, "<i8").tobytes(), output, int(top_k))
 
 
@@ -273,6 +288,7 @@ class Stream(Protocol):
         top_k: int = 0,
         caller: Caller | None = None,
         request_id: str = "",
+        features: np.ndarray | None = None,
     ) -> StepResult: ...
 
     async def close(self, reason: str = "closed") -> None: ...
@@ -321,6 +337,7 @@ class Plane(Protocol):
         caller: Caller = ANONYMOUS,
         request_id: str = "",
         model: ModelRef = ANY_MODEL,
+        features: np.ndarray | None = None,
     ) -> StepResult: ...
 
     async def open_stream(
@@ -407,7 +424,9 @@ class DataPlane(Admission):
     ) -> None:
         self.runtime = runtime
         self.expose_build_info = expose_build_info
-        self.spec = runtime.spec
+        # A token model's spec; a sequence model's plane (server/sequence.py) overrides every
+        # method that reads it.
+        self.spec: ModelSpec = runtime.spec  # type: ignore[assignment]
         self.store = store
         self.engine = engine
         self.durable = durable
@@ -429,10 +448,12 @@ class DataPlane(Admission):
         self.model_identity = ModelIdentity(runtime.name, runtime.version, runtime.checksum)
         self.limits = limits
         super().__init__()
-        # Token id -> text as the client sees it (the unknown token prints as nothing).
-        self._table = tuple(
-            "" if i == self.spec.unk_id else t for i, t in enumerate(self.spec.vocab)
-        )
+        self._table: tuple[str, ...] = ()
+        if isinstance(self.spec, ModelSpec):
+            # Token id -> text as the client sees it (the unknown token prints as nothing).
+            self._table = tuple(
+                "" if i == self.spec.unk_id else t for i, t in enumerate(self.spec.vocab)
+            )
 
     # --- admission -----------------------------------------------------------------------------
 
@@ -481,7 +502,9 @@ class DataPlane(Admission):
             self._model_info = self._describe()
         return self._model_info
 
-    def _describe(self) -> ModelInfo:
+    def _describe_common(self) -> dict[str, Any]:
+        """ModelInfo's fields that every model kind has."""
+
         def public(value: object) -> object:
             if not isinstance(value, dict):
                 return value
@@ -491,20 +514,26 @@ class DataPlane(Admission):
                 if not (k == "versions" or k.endswith("sha256"))
             }
 
-        s = self.spec
+        s = self.runtime.spec
         config = dict(s.config) if self.expose_build_info else public(dict(s.config))
+        return {
+            "name": self.runtime.name,
+            "version": self.runtime.version,
+            "provider": self.runtime.provider,
+            "num_layers": s.num_layers,
+            "hidden_size": s.hidden_size,
+            "config_json": json.dumps(config, sort_keys=True),
+            "limits": self.limits,
+            "state_bytes_per_session": s.state_bytes_per_session,
+        }
+
+    def _describe(self) -> ModelInfo:
+        s = self.spec
         return ModelInfo(
-            name=self.runtime.name,
-            version=self.runtime.version,
-            provider=self.runtime.provider,
+            **self._describe_common(),
             vocab=s.vocab,
-            num_layers=s.num_layers,
-            hidden_size=s.hidden_size,
             preprocess=s.preprocess,
             unk_id=s.unk_id,
-            config_json=json.dumps(config, sort_keys=True),
-            limits=self.limits,
-            state_bytes_per_session=s.state_bytes_per_session,
         )
 
     def _info(self, session: Session) -> SessionInfo:
@@ -869,7 +898,7 @@ class DataPlane(Admission):
             )
         new_id = session_id or record.session_id
         self._check_new_id(new_id)
-        spec = self.spec
+        spec = self.runtime.spec
         if record.h.shape != (spec.num_layers, spec.hidden_size):
             raise InvalidArgument("the record's state does not fit this model")
         self._enter(caller)
@@ -956,12 +985,33 @@ class DataPlane(Admission):
         return ids
 
     def check_step(
-        self, text: str, token_ids: Sequence[int], output: str, top_k: int
+        self,
+        text: str,
+        token_ids: Sequence[int],
+        output: str,
+        top_k: int,
+        features: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Validate a step's input and output choice; its ids. Raises InvalidArgument."""
+        """Validate a step's input and output choice; its ids. Raises InvalidArgument, or
+        FailedPrecondition for features (a sequence model's input) on this token model."""
+        if features is not None:
+            raise self.wrong_kind("it takes no features (a 'sequence' model's input)")
         ids = self.encode(text, token_ids)
         self._check_output(output, top_k)
         return ids
+
+    def wrong_kind(self, what: str) -> FailedPrecondition:
+        """FailedPrecondition for a request this plane's model kind cannot serve (``what``
+        says why), naming the model, its kind and what it takes."""
+        r = self.runtime
+        return FailedPrecondition(
+            f"model {r.name!r} version {r.version} is a {r.kind!r} model: {what}; "
+            f"{self.input_hint()}"
+        )
+
+    def input_hint(self) -> str:
+        """What a step on this model takes, for messages."""
+        return "send text or token_ids"
 
     def _check_output(self, output: str, top_k: int) -> None:
         if output not in (OUTPUT_LAST, OUTPUT_ALL, OUTPUT_TOP_K):
@@ -981,11 +1031,12 @@ class DataPlane(Admission):
         top_k: int = 0,
         caller: Caller = ANONYMOUS,
         request_id: str = "",
+        features: np.ndarray | None = None,
     ) -> StepResult:
         """Feed input to an existing session; returns the requested view of the logits."""
         self._check_id(session_id)
         self._check_request_id(request_id)
-        ids = self.check_step(text, token_ids, output, top_k)
+        ids = self.check_step(text, token_ids, output, top_k, features)
         self._enter(caller)
         try:
             session = await self.acquire(session_id, caller)
@@ -1280,6 +1331,7 @@ class StepStream:
         top_k: int = 0,
         caller: Caller | None = None,
         request_id: str = "",
+        features: np.ndarray | None = None,
     ) -> StepResult:
         """One message's step; ``caller`` defaults to the stream's (who opened it)."""
         caller = caller or self.caller
@@ -1287,7 +1339,7 @@ class StepStream:
         if plane.gone is not None:
             raise plane.gone(self.session.id)
         plane._check_request_id(request_id)
-        ids = plane.check_step(text, token_ids, output, top_k)
+        ids = plane.check_step(text, token_ids, output, top_k, features)
         # Every message counts against the rate limit like a unary Step (over it, the stream
         # ends with RESOURCE_EXHAUSTED).
         plane._rate(caller)

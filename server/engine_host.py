@@ -27,11 +27,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
+
 from . import ipc
 from .app import Core, build_core
 from .dataplane import Caller, GenerateParams, ModelRef, SessionInfo, StepResult, Stream
 from .errors import NotFound
 from .metrics import ModelInferStats, RequestStats
+from .sequence import feature_rows
 from .settings import Settings, settings_from_json
 
 log = logging.getLogger("lstm_serve.engine")
@@ -44,6 +47,11 @@ def step_payload(r: StepResult) -> list[Any]:
     positions = 0 if r.logits is None else int(r.logits.shape[0])
     top = [list(t) for t in r.top]
     return [r.session_id, logits, positions, top, r.tokens_consumed, r.steps, r.model_version]
+
+
+def _features(payload: list[Any] | None) -> np.ndarray | None:
+    """:func:`server.ipc.features_payload`'s inverse (a front end's bytes: checked again)."""
+    return None if payload is None else feature_rows(payload[0], payload[1])
 
 
 def _session_payload(i: SessionInfo) -> list[Any]:
@@ -256,7 +264,7 @@ class EngineHost:
         return [[_session_payload(i) for i in page], token]
 
     async def _step(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
-        sid, text, token_ids, output, top_k, request_id, name, version = args
+        sid, text, token_ids, output, top_k, request_id, name, version, features = args
         r = await self.plane.step(
             sid,
             text=text,
@@ -266,6 +274,7 @@ class EngineHost:
             caller=caller,
             request_id=request_id,
             model=ModelRef(name, version),
+            features=_features(features),
         )
         return step_payload(r)
 
@@ -281,7 +290,7 @@ class EngineHost:
         return [stream_id, stream.session_id]
 
     async def _stream_step(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
-        stream_id, text, token_ids, output, top_k, request_id = args
+        stream_id, text, token_ids, output, top_k, request_id, features = args
         stream = fe.streams.get(stream_id)
         if stream is None:
             raise NotFound("this stream has ended")
@@ -292,6 +301,7 @@ class EngineHost:
             top_k=top_k,
             caller=caller,
             request_id=request_id,
+            features=_features(features),
         )
         return step_payload(r)
 
@@ -302,7 +312,7 @@ class EngineHost:
 
     async def _model_info(self, fe: _Frontend, caller: Caller, args: list[Any]) -> Any:
         m = await self.plane.model_info(ModelRef(args[0], args[1]))
-        lim = m.limits
+        lim, sc = m.limits, m.scaling
         return [
             m.name,
             m.version,
@@ -315,6 +325,10 @@ class EngineHost:
             m.config_json,
             [lim.max_prompt_tokens, lim.max_new_tokens, lim.max_sessions, lim.max_batch_size],
             m.state_bytes_per_session,
+            m.kind,
+            list(m.feature_names),
+            list(m.output_names),
+            None if sc is None else sc.to_dict(),
         ]
 
     async def _generate(self, fe: _Frontend, rid: int, caller: Caller, args: list[Any]) -> None:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.model import Scaling
+
 from . import ipc
 from .app import (
     HEALTH_POLL_S,
@@ -207,6 +209,10 @@ class RemotePlane(Admission):
             config_json=r[8],
             limits=Limits(*r[9]),
             state_bytes_per_session=r[10],
+            kind=r[11],
+            feature_names=tuple(r[12]),
+            output_names=tuple(r[13]),
+            scaling=None if r[14] is None else Scaling.from_dict(r[14], len(r[12]), len(r[13])),
         )
         self._model_info[key] = (now + (1e18 if model.version else 1.0), info)
         return info
@@ -275,6 +281,7 @@ class RemotePlane(Admission):
         caller: Caller = ANONYMOUS,
         request_id: str = "",
         model: ModelRef = ANY_MODEL,
+        features: np.ndarray | None = None,
     ) -> StepResult:
         return step_result(
             await self._unary(
@@ -287,6 +294,7 @@ class RemotePlane(Admission):
                 request_id,
                 model.name,
                 model.version,
+                ipc.features_payload(features),
                 caller=caller,
             )
         )
@@ -376,6 +384,7 @@ class RemoteStepStream:
         top_k: int = 0,
         caller: Caller | None = None,
         request_id: str = "",
+        features: np.ndarray | None = None,
     ) -> StepResult:
         return step_result(
             await self.plane.call(
@@ -386,6 +395,7 @@ class RemoteStepStream:
                 output,
                 top_k,
                 request_id,
+                ipc.features_payload(features),
                 caller=caller or self.caller,
             )
         )

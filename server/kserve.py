@@ -36,10 +36,22 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from contract.model import KIND_SEQUENCE
 from protos.inference import grpc_service_pb2 as kpb
 from protos.inference import grpc_service_pb2_grpc as kpb_grpc
 
-from .dataplane import READY, RETIRING, Caller, ModelInfo, ModelRef, ModelStatus, Plane, StepResult
+from .dataplane import (
+    OUTPUT_ALL,
+    OUTPUT_LAST,
+    READY,
+    RETIRING,
+    Caller,
+    ModelInfo,
+    ModelRef,
+    ModelStatus,
+    Plane,
+    StepResult,
+)
 from .decode import UNDECODABLE, SparseLog, add_checked
 from .errors import (
     AlreadyExists,
@@ -51,6 +63,7 @@ from .errors import (
     Unavailable,
 )
 from .metrics import InferStats, ModelInferStats
+from .sequence import feature_rows
 from .servicer import CALLER, LstmServeServiceServicer, guarded, status_for
 
 log = logging.getLogger(__name__)
@@ -62,6 +75,11 @@ PLATFORM = "onnxruntime_onnx"
 INPUT_TOKENS = "tokens"
 INPUT_TEXT = "text"
 OUTPUT_LOGITS = "logits"
+# A sequence model's tensors: features FP32 [1, T, F] in, outputs FP32 [1, T, O] out (every
+# fed row's outputs: a forecaster's client wants one per row, unlike a token model's client,
+# which wants the next token's logits only).
+INPUT_FEATURES = "features"
+OUTPUT_OUTPUTS = "outputs"
 SEQUENCE_PREFIX = "kserve-seq-"
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{3,115}")
 # The RPCs open to every client, as grpc.health.v1 is (server/README.md): a load balancer's
@@ -354,38 +372,62 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             ]
             versions = loaded or versions
         tensor = kpb.ModelMetadataResponse.TensorMetadata
-        return kpb.ModelMetadataResponse(
-            name=info.name,
-            versions=versions,
-            platform=PLATFORM,
-            inputs=[
+        if info.kind == KIND_SEQUENCE:
+            inputs = [
+                tensor(name=INPUT_FEATURES, datatype="FP32", shape=[1, -1, len(info.feature_names)])
+            ]
+            outputs = [
+                tensor(name=OUTPUT_OUTPUTS, datatype="FP32", shape=[1, -1, len(info.output_names)])
+            ]
+        else:
+            inputs = [
                 tensor(name=INPUT_TOKENS, datatype="INT64", shape=[1, -1]),
                 tensor(name=INPUT_TEXT, datatype="BYTES", shape=[1, 1]),
-            ],
-            outputs=[tensor(name=OUTPUT_LOGITS, datatype="FP32", shape=[1, len(info.vocab)])],
+            ]
+            outputs = [tensor(name=OUTPUT_LOGITS, datatype="FP32", shape=[1, len(info.vocab)])]
+        return kpb.ModelMetadataResponse(
+            name=info.name, versions=versions, platform=PLATFORM, inputs=inputs, outputs=outputs
         )
 
     @rpc
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         _, info = await self._check_model(request.name, request.version)
-        config = kpb.ModelConfig(
-            name=info.name,
-            platform=PLATFORM,
-            backend=SERVER_NAME,
-            max_batch_size=0,
-            input=[
+        if info.kind == KIND_SEQUENCE:
+            inputs = [
+                kpb.ModelInput(
+                    name=INPUT_FEATURES,
+                    data_type=kpb.TYPE_FP32,
+                    dims=[1, -1, len(info.feature_names)],
+                )
+            ]
+            outputs = [
+                kpb.ModelOutput(
+                    name=OUTPUT_OUTPUTS,
+                    data_type=kpb.TYPE_FP32,
+                    dims=[1, -1, len(info.output_names)],
+                )
+            ]
+        else:
+            inputs = [
                 kpb.ModelInput(
                     name=INPUT_TOKENS, data_type=kpb.TYPE_INT64, dims=[1, -1], optional=True
                 ),
                 kpb.ModelInput(
                     name=INPUT_TEXT, data_type=kpb.TYPE_STRING, dims=[1, 1], optional=True
                 ),
-            ],
-            output=[
+            ]
+            outputs = [
                 kpb.ModelOutput(
                     name=OUTPUT_LOGITS, data_type=kpb.TYPE_FP32, dims=[1, len(info.vocab)]
                 )
-            ],
+            ]
+        config = kpb.ModelConfig(
+            name=info.name,
+            platform=PLATFORM,
+            backend=SERVER_NAME,
+            max_batch_size=0,
+            input=inputs,
+            output=outputs,
             sequence_batching=kpb.ModelSequenceBatching(
                 max_sequence_idle_microseconds=round(self.idle_timeout_s * 1e6)
             ),
@@ -499,14 +541,14 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter_ns()
         plane, info = await self._check_model(request.model_name, request.model_version)
         try:
-            ids, text, raw = self._inputs(request)
+            ids, text, raw, features = self._inputs(request)
             sequence = _sequence(request.parameters)
             t1 = time.perf_counter_ns()
             result = await self._run(
-                plane, info, sequence, ids, text, caller, request.model_version
+                plane, info, sequence, ids, text, caller, request.model_version, features
             )
             t2 = time.perf_counter_ns()
-            response = self._response(request, info, result, raw)
+            response = self._response(request, info, result, raw, features is not None)
         except BaseException:
             # A failed request counts under the version it named, else the newest one.
             failed = self.stats.of(info.name, info.version)
@@ -524,8 +566,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         s.last_inference_ms = time.time_ns() // 1_000_000
         return response
 
-    def _inputs(self, request: Any) -> tuple[list[int], str, bool]:
-        """``(token ids, text, raw)``: exactly one of the two inputs; raw when the request
+    def _inputs(self, request: Any) -> tuple[list[int], str, bool, np.ndarray | None]:
+        """``(token ids, text, raw, features)``: exactly one of the three inputs (features
+        ``[T, F]`` float32 for a sequence model, whose plane checks them); raw when the request
         carried ``raw_input_contents``. Raises InvalidArgument."""
         inputs = list(request.inputs)
         raw_contents = list(request.raw_input_contents)
@@ -537,12 +580,14 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             )
         if len(inputs) != 1:
             raise InvalidArgument(
-                f"expected one input, '{INPUT_TOKENS}' or '{INPUT_TEXT}', got {len(inputs)}"
+                f"expected one input, '{INPUT_TOKENS}' or '{INPUT_TEXT}' (a token model) or "
+                f"'{INPUT_FEATURES}' (a sequence model), got {len(inputs)}"
             )
-        for out in request.outputs:
-            if out.name != OUTPUT_LOGITS:
-                raise InvalidArgument(f"unexpected inference output {_q(out.name)}")
         tensor = inputs[0]
+        wanted = OUTPUT_OUTPUTS if tensor.name == INPUT_FEATURES else OUTPUT_LOGITS
+        for out in request.outputs:
+            if out.name != wanted:
+                raise InvalidArgument(f"unexpected inference output {_q(out.name)}")
         shape = list(tensor.shape)
         if tensor.name == INPUT_TOKENS:
             if tensor.datatype != "INT64":
@@ -570,7 +615,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                         f"inference input '{INPUT_TOKENS}' has {len(ids)} values; "
                         f"shape {_shape(shape)} needs {shape[1]}"
                     )
-            return ids, "", raw
+            return ids, "", raw, None
         if tensor.name == INPUT_TEXT:
             if tensor.datatype != "BYTES":
                 raise InvalidArgument(
@@ -592,7 +637,23 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 text = elements[0].decode()
             except UnicodeDecodeError:
                 raise InvalidArgument(f"inference input '{INPUT_TEXT}' is not UTF-8") from None
-            return [], text, raw
+            return [], text, raw, None
+        if tensor.name == INPUT_FEATURES:
+            if tensor.datatype != "FP32":
+                raise InvalidArgument(
+                    f"inference input '{INPUT_FEATURES}' data-type is {_q(tensor.datatype)}, "
+                    "model expects 'FP32'"
+                )
+            if len(shape) != 3 or shape[0] != 1:
+                raise InvalidArgument(
+                    f"inference input '{INPUT_FEATURES}' has shape {_shape(shape)}; "
+                    "expected [1, T, F]"
+                )
+            data = raw_contents[0] if raw else tensor.contents.fp32_contents
+            try:
+                return [], "", raw, feature_rows(shape[1:], data)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"inference input '{INPUT_FEATURES}': {e}") from None
         raise InvalidArgument(f"unexpected inference input {_q(tensor.name)}")
 
     async def _run(
@@ -604,14 +665,19 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         text: str,
         caller: Caller,
         version: str = "",
+        features: np.ndarray | None = None,
     ) -> StepResult:
         # Sessions are pinned to the version they start on; a request that names no version
         # continues a sequence on whatever version it started on.
         pinned = ModelRef(info.name, version)
+        # A sequence model answers every fed row; a token model the last position's logits.
+        output = OUTPUT_LAST if features is None else OUTPUT_ALL
         if not seq.session_id:
             stream = await plane.open_stream(caller=caller, model=pinned)  # a zero state
             try:
-                return await stream.step(text=text, token_ids=ids, caller=caller)
+                return await stream.step(
+                    text=text, token_ids=ids, output=output, caller=caller, features=features
+                )
             finally:
                 await stream.close()
         sid = seq.session_id
@@ -625,7 +691,15 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                     await plane.close_session(sid, caller=caller)
                 await plane.create_session(0.0, sid, caller=caller, model=pinned)
         try:
-            result = await plane.step(sid, text=text, token_ids=ids, caller=caller, model=pinned)
+            result = await plane.step(
+                sid,
+                text=text,
+                token_ids=ids,
+                output=output,
+                caller=caller,
+                model=pinned,
+                features=features,
+            )
         except NotFound:
             raise InvalidArgument(
                 f"inference request for sequence {_clip(seq.label)} to model {_q(info.name)} must "
@@ -654,12 +728,20 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.RepositoryModelUnloadResponse()
 
     @staticmethod
-    def _response(request: Any, info: ModelInfo, result: StepResult, raw: bool) -> Any:
+    def _response(
+        request: Any, info: ModelInfo, result: StepResult, raw: bool, sequence: bool = False
+    ) -> Any:
         assert result.logits is not None
-        logits = result.logits[-1:]
-        out = kpb.ModelInferResponse.InferOutputTensor(
-            name=OUTPUT_LOGITS, datatype="FP32", shape=[1, logits.shape[1]]
-        )
+        if sequence:
+            logits = result.logits  # every fed row's outputs: [1, T, O]
+            out = kpb.ModelInferResponse.InferOutputTensor(
+                name=OUTPUT_OUTPUTS, datatype="FP32", shape=[1, *logits.shape]
+            )
+        else:
+            logits = result.logits[-1:]
+            out = kpb.ModelInferResponse.InferOutputTensor(
+                name=OUTPUT_LOGITS, datatype="FP32", shape=[1, logits.shape[1]]
+            )
         response = kpb.ModelInferResponse(
             model_name=info.name,
             model_version=result.model_version or info.version,

@@ -556,7 +556,8 @@ class Models:
     ) -> DataPlane:
         """The plane of the version ``caller``'s session ``session_id`` is pinned to (session
         ids are scoped per principal: another principal's session of the same id plays no
-        part; an unknown id goes to the default version's plane, which answers NotFound)."""
+        part; an unknown id goes to the named model's plane, else the default version's, which
+        answers NotFound)."""
         for v in self.versions.values():
             session = v.store.local(session_id, caller.principal)
             if session is not None:
@@ -583,6 +584,11 @@ class Models:
         gone = self._gone.get((caller.principal, session_id))
         if gone is not None:
             raise self._version_gone(session_id, gone.name, gone.version)
+        if model.name:
+            # The named model's plane answers NotFound, after checking the input for its kind
+            # (the default model may be of another kind and would refuse the input instead).
+            with contextlib.suppress(NotFound, Unavailable):
+                return self.target(model).plane
         return self._any().plane
 
     def _any(self) -> Version:
@@ -685,6 +691,7 @@ class Models:
         caller: Caller = ANONYMOUS,
         request_id: str = "",
         model: ModelRef = ANY_MODEL,
+        features: Any = None,
     ) -> StepResult:
         if not session_id:
             raise InvalidArgument("session_id is empty")
@@ -697,6 +704,7 @@ class Models:
             top_k=top_k,
             caller=caller,
             request_id=request_id,
+            features=features,
         )
 
     async def open_stream(

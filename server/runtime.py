@@ -19,13 +19,17 @@ import onnxruntime as ort
 from contract.files import sha256_file
 from contract.model import (
     INPUT_C0,
+    INPUT_FEATURES,
     INPUT_H0,
     INPUT_TOKENS,
+    KIND_SEQUENCE,
     OUTPUT_CN,
     OUTPUT_HN,
     OUTPUT_LOGITS,
+    OUTPUT_OUTPUTS,
     ContractError,
     ModelSpec,
+    SequenceSpec,
     validate,
 )
 from contract.repository import MANIFEST, MODEL_FILE, ModelLocation, RepositoryError, resolve
@@ -146,9 +150,13 @@ def _session_options(threads: int, severity: int) -> ort.SessionOptions:
 
 
 class ModelRuntime:
-    """One loaded model. :meth:`run` is safe to call from one thread at a time.
+    """One loaded model of either kind. :meth:`run` is safe to call from one thread at a time.
 
-    ``run(tokens[T,B] int64, h[L,B,H] float32, c[L,B,H] float32) -> (logits[T,B,V], hn, cn)``.
+    ``run(tokens[T,B] int64, h[L,B,H] float32, c[L,B,H] float32) -> (logits[T,B,V], hn, cn)``
+    for a ``token_lm`` model; for a ``sequence`` model the first input is ``features[T,B,F]``
+    float32 and the first output ``outputs[T,B,O]``. The names are fixed once here, at load, so
+    a call costs the same for either kind; :attr:`output_width` is V or O (the width of the
+    state pool's last-output row).
     """
 
     def __init__(
@@ -186,15 +194,24 @@ class ModelRuntime:
         self.session = self._create_session(provider, intra_op_threads)
         self.provider: str = self.session.get_providers()[0]
         try:
-            self.spec: ModelSpec = validate(self.session)
+            self.spec: ModelSpec | SequenceSpec = validate(self.session, kind=None)
         except ContractError as e:
             raise ModelLoadError(f"{self.location.path}: {e}") from None
+        self.kind: str = self.spec.kind
+        if isinstance(self.spec, SequenceSpec):
+            self.output_width = self.spec.num_outputs
+            self._input = INPUT_FEATURES
+            first_output = OUTPUT_OUTPUTS
+        else:
+            self.output_width = self.spec.vocab_size
+            self._input = INPUT_TOKENS
+            first_output = OUTPUT_LOGITS
         # IOBinding avoids host<->device copies of inputs/outputs on CUDA; on CPU plain run()
         # already wraps numpy buffers without copying, so it is only used there when asked
         # (tests cover the binding code on CPU).
         self.use_iobinding = (self.provider == CUDA) if use_iobinding is None else use_iobinding
         self._device = "cuda" if self.provider == CUDA else "cpu"
-        self._outputs = [OUTPUT_LOGITS, OUTPUT_HN, OUTPUT_CN]
+        self._outputs = [first_output, OUTPUT_HN, OUTPUT_CN]
         # InferenceSession.run re-validates the feed's names on every call (tens of
         # microseconds in Python); ours are fixed and were validated above, so call the native
         # session it wraps when this onnxruntime has one.
@@ -258,18 +275,24 @@ class ModelRuntime:
         return sess
 
     def smoke_test(self) -> None:
-        """One real inference (two tokens, two rows, zero state) before any request may reach the
-        model: shapes as the contract says and every output finite. Raises ModelLoadError."""
+        """One real inference (two positions, two rows, zero state) before any request may reach
+        the model: shapes as the contract says and every output finite. Raises ModelLoadError."""
         s = self.spec
-        tokens = np.zeros((2, 2), np.int64)
-        tokens[1] = min(1, s.vocab_size - 1)
+        first = self._outputs[0]
+        inputs: np.ndarray
+        if isinstance(s, SequenceSpec):
+            inputs = np.zeros((2, 2, s.num_features), np.float32)
+            inputs[1] = 0.5
+        else:
+            inputs = np.zeros((2, 2), np.int64)
+            inputs[1] = min(1, s.vocab_size - 1)
         h = np.zeros((s.num_layers, 2, s.hidden_size), np.float32)
         try:
-            logits, hn, cn = self.run(tokens, h, h.copy())
+            logits, hn, cn = self.run(inputs, h, h.copy())
         except Exception as e:  # ORT raises its own exception types
             raise ModelLoadError(f"{self.location.path}: the smoke inference failed: {e}") from None
-        want = {"logits": (2, 2, s.vocab_size), "hn": h.shape, "cn": h.shape}
-        for name, out in (("logits", logits), ("hn", hn), ("cn", cn)):
+        want = {first: (2, 2, self.output_width), "hn": h.shape, "cn": h.shape}
+        for name, out in ((first, logits), ("hn", hn), ("cn", cn)):
             if tuple(out.shape) != want[name]:
                 raise ModelLoadError(
                     f"{self.location.path}: the smoke inference gave {name} of shape "
@@ -283,10 +306,11 @@ class ModelRuntime:
     def run(
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One forward pass. Inputs must be C-contiguous int64 / float32 arrays."""
+        """One forward pass. Inputs must be C-contiguous arrays: ``tokens`` int64 ``[T, B]`` (or
+        a sequence model's features, float32 ``[T, B, F]``), ``h``/``c`` float32."""
         if self.use_iobinding:
             return self._run_bound(tokens, h, c)
-        feed = {INPUT_TOKENS: tokens, INPUT_H0: h, INPUT_C0: c}
+        feed = {self._input: tokens, INPUT_H0: h, INPUT_C0: c}
         if self._native_run is not None:
             logits, hn, cn = self._native_run(self._outputs, feed, None)
         else:
@@ -315,7 +339,7 @@ class ModelRuntime:
         entry = self._bindings.get(key)
         if entry is None:
             binding = self.session.io_binding()
-            binding.bind_cpu_input(INPUT_TOKENS, tokens)
+            binding.bind_cpu_input(self._input, tokens)
             binding.bind_cpu_input(INPUT_H0, h)
             binding.bind_cpu_input(INPUT_C0, c)
             for name, arr in zip(self._outputs, (logits, hn, cn), strict=True):
@@ -330,7 +354,7 @@ class ModelRuntime:
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_TOKENS, tokens)
+        binding.bind_cpu_input(self._input, tokens)
         binding.bind_cpu_input(INPUT_H0, h)
         binding.bind_cpu_input(INPUT_C0, c)
         for name in self._outputs:
@@ -344,7 +368,12 @@ class ModelRuntime:
     def describe(self) -> str:
         note = f" ({self.provider_note})" if self.provider_note else ""
         s = self.spec
+        sizes = (
+            f"{KIND_SEQUENCE} F={s.num_features} O={s.num_outputs}"
+            if isinstance(s, SequenceSpec)
+            else f"V={s.vocab_size}"
+        )
         return (
             f"model {self.name} version {self.version} ({self.location.path}): "
-            f"L={s.num_layers} H={s.hidden_size} V={s.vocab_size}, provider {self.provider}{note}"
+            f"L={s.num_layers} H={s.hidden_size} {sizes}, provider {self.provider}{note}"
         )

@@ -17,7 +17,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
+from contract.model import KIND_SEQUENCE
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
@@ -29,6 +31,7 @@ from .dataplane import (
     OUTPUT_TOP_K,
     Caller,
     GenerateParams,
+    ModelInfo,
     ModelRef,
     ModelStatus,
     Plane,
@@ -50,6 +53,7 @@ from .errors import (
     Unavailable,
 )
 from .metrics import RequestStats
+from .sequence import feature_rows
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +214,29 @@ def _status_pb(m: ModelStatus) -> Any:
     )
 
 
+def _kind_fields(m: ModelInfo) -> dict[str, Any]:
+    """GetModelInfoResponse's fields for the model's kind."""
+    if m.kind != KIND_SEQUENCE:
+        return {"kind": pb.MODEL_KIND_TOKEN_LM}
+    sc = m.scaling
+    scaling = None
+    if sc is not None:
+        scaling = pb.Scaling(
+            feature_mean=sc.feature_mean,
+            feature_std=sc.feature_std,
+            output_mean=sc.output_mean,
+            output_std=sc.output_std,
+        )
+    return {
+        "kind": pb.MODEL_KIND_SEQUENCE,
+        "num_features": len(m.feature_names),
+        "num_outputs": len(m.output_names),
+        "feature_names": list(m.feature_names),
+        "output_names": list(m.output_names),
+        "scaling": scaling,
+    }
+
+
 def _session_fields(i: SessionInfo) -> dict[str, Any]:
     """GetSessionResponse's (and SessionSummary's) fields."""
     return {
@@ -226,14 +253,28 @@ def _session_fields(i: SessionInfo) -> dict[str, Any]:
     }
 
 
-def _step_fields(result: StepResult) -> dict[str, Any]:
+def _features(request: Any) -> np.ndarray | None:
+    """A Step(Stream)Request's features (a sequence model's input), None when it has none."""
+    if not request.HasField("features"):
+        return None
+    f = request.features
+    return feature_rows(f.shape, f.values)
+
+
+def _step_fields(result: StepResult, outputs: bool = False) -> dict[str, Any]:
+    """A StepResponse's (and StepStreamResponse's) fields; ``outputs``: the step fed features,
+    so its rows are a sequence model's outputs, not logits."""
     fields: dict[str, Any] = {
         "session_id": result.session_id,
         "tokens_consumed": result.tokens_consumed,
         "steps": result.steps,
     }
     if result.logits is not None:
-        fields["logits"] = result.logits.ravel().tolist()
+        if outputs:
+            rows = result.logits
+            fields["outputs"] = pb.FloatTensor(shape=rows.shape, values=rows.ravel().tolist())
+        else:
+            fields["logits"] = result.logits.ravel().tolist()
         fields["positions"] = result.logits.shape[0]
     if result.top:
         fields["top"] = [
@@ -315,6 +356,7 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
 
     @rpc
     async def Step(self, request: Any, context: Any) -> Any:
+        features = _features(request)
         result = await self._dp().step(
             request.session_id,
             text=request.text,
@@ -324,8 +366,9 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
             caller=CALLER.get(),
             request_id=request.request_id,
             model=_model(request),
+            features=features,
         )
-        return pb.StepResponse(**_step_fields(result))
+        return pb.StepResponse(**_step_fields(result, features is not None))
 
     @rpc
     async def StepStream(self, request_iterator: Any, context: Any) -> None:
@@ -343,14 +386,18 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
                     raise InvalidArgument(
                         f"this stream is bound to session {sid}; got session_id {req.session_id}"
                     )
+                features = _features(req)
                 result = await stream.step(
                     text=req.text,
                     token_ids=req.token_ids,
                     output=_output(req.output),
                     top_k=req.top_k,
                     request_id=req.request_id,
+                    features=features,
                 )
-                await context.write(pb.StepStreamResponse(**_step_fields(result)))
+                await context.write(
+                    pb.StepStreamResponse(**_step_fields(result, features is not None))
+                )
                 req = await context.read()
                 if req is grpc.aio.EOF:
                     # grpc.aio reports a client that vanishes between messages as end-of-stream
@@ -433,6 +480,7 @@ class LstmServeServiceServicer(pb_grpc.LstmServeServiceServicer):
             max_sessions=m.limits.max_sessions,
             max_batch_size=m.limits.max_batch_size,
             state_bytes_per_session=m.state_bytes_per_session,
+            **_kind_fields(m),
         )
 
     @rpc

@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from contract.model import KIND_SEQUENCE, KIND_TOKEN_LM
+
 from ..batch import SlotSnapshot, StatePool
 from ..errors import ResourceExhausted
 from ..metrics import SchedulerStats
@@ -71,6 +73,7 @@ class Engine:
             prefill_chunk_tokens=prefill_chunk_tokens,
             stream_chunk_tokens=stream_chunk_tokens,
             stats=stats,
+            sequence=getattr(runtime, "kind", KIND_TOKEN_LM) == KIND_SEQUENCE,
         )
         self.stats = self.planner.stats
         self.max_queue_delay_s = max_queue_delay_s

@@ -97,8 +97,13 @@ class Planner:
         prefill_chunk_tokens: int = 128,
         stream_chunk_tokens: int = 16,
         stats: SchedulerStats | None = None,
+        sequence: bool = False,
     ) -> None:
         self.pool = pool
+        # A sequence model's steps carry feature rows ([T, F] float32) instead of token ids,
+        # and it has no generations; decided once here, so a token model's iteration pays
+        # nothing for it but one test per decode call.
+        self.sequence = sequence
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.stream_chunk_tokens = max(1, stream_chunk_tokens)
@@ -134,7 +139,8 @@ class Planner:
         )
 
     def add_step(self, work: StepWork) -> None:
-        """Queue a step (int64 tokens, non-empty, ids already checked)."""
+        """Queue a step (int64 tokens or, for a sequence model, float32 feature rows
+        ``[T, F]``; non-empty, already checked)."""
         if len(work.tokens) - work.pos == 1:
             self._decode.append(work)
         else:
@@ -203,9 +209,15 @@ class Planner:
         if decode is None and (steps or gens):
             n = len(steps) + len(gens)
             slots = np.fromiter([w.slot for w in steps] + [g.slot for g in gens], np.intp, n)
-            tokens = np.fromiter(
-                [int(w.tokens[w.pos]) for w in steps] + [g.next_token for g in gens], np.int64, n
-            ).reshape(1, -1)
+            if self.sequence:
+                # One feature row per session: [1, B, F] (a sequence model has no generations).
+                tokens = np.stack([w.tokens[w.pos] for w in steps])[None]
+            else:
+                tokens = np.fromiter(
+                    [int(w.tokens[w.pos]) for w in steps] + [g.next_token for g in gens],
+                    np.int64,
+                    n,
+                ).reshape(1, -1)
             decode = Batch.assemble(self.pool, slots, tokens)
         prefill = None
         group: list[StepWork] = []

@@ -20,6 +20,10 @@ import numpy as np
 class StepWork:
     """Tokens to feed to the session at ``slot``; ``future`` gets ``logits[positions, V]``.
 
+    For a ``sequence`` model ``tokens`` holds feature rows (float32 ``[T, F]``) and the future
+    gets ``outputs[positions, O]``: everything below reads ``len(tokens)`` and rows, so it
+    serves both kinds unchanged.
+
     With ``want_all`` every fed position's logits are returned, else only the last one's.
     ``pos`` counts the tokens fed so far; the planner advances it.
     """

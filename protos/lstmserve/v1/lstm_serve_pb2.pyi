@@ -14,6 +14,12 @@ class StepOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_OUTPUT_ALL_LOGITS: _ClassVar[StepOutput]
     STEP_OUTPUT_TOP_K: _ClassVar[StepOutput]
 
+class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
+    MODEL_KIND_TOKEN_LM: _ClassVar[ModelKind]
+    MODEL_KIND_SEQUENCE: _ClassVar[ModelKind]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -23,9 +29,32 @@ STEP_OUTPUT_UNSPECIFIED: StepOutput
 STEP_OUTPUT_LAST_LOGITS: StepOutput
 STEP_OUTPUT_ALL_LOGITS: StepOutput
 STEP_OUTPUT_TOP_K: StepOutput
+MODEL_KIND_UNSPECIFIED: ModelKind
+MODEL_KIND_TOKEN_LM: ModelKind
+MODEL_KIND_SEQUENCE: ModelKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
+
+class FloatTensor(_message.Message):
+    __slots__ = ("shape", "values")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Scaling(_message.Message):
+    __slots__ = ("feature_mean", "feature_std", "output_mean", "output_std")
+    FEATURE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_STD_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_STD_FIELD_NUMBER: _ClassVar[int]
+    feature_mean: _containers.RepeatedScalarFieldContainer[float]
+    feature_std: _containers.RepeatedScalarFieldContainer[float]
+    output_mean: _containers.RepeatedScalarFieldContainer[float]
+    output_std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, feature_mean: _Optional[_Iterable[float]] = ..., feature_std: _Optional[_Iterable[float]] = ..., output_mean: _Optional[_Iterable[float]] = ..., output_std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("idle_timeout_s", "session_id", "model_name", "model_version")
@@ -154,7 +183,7 @@ class TokenProbability(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "text", "token_ids", "output", "top_k", "request_id", "model_name", "model_version")
+    __slots__ = ("session_id", "text", "token_ids", "output", "top_k", "request_id", "model_name", "model_version", "features")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +192,7 @@ class StepRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -171,26 +201,29 @@ class StepRequest(_message.Message):
     request_id: str
     model_name: str
     model_version: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    features: FloatTensor
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., features: _Optional[_Union[FloatTensor, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "logits", "positions", "top", "tokens_consumed", "steps")
+    __slots__ = ("session_id", "logits", "positions", "top", "tokens_consumed", "steps", "outputs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     logits: _containers.RepeatedScalarFieldContainer[float]
     positions: int
     top: _containers.RepeatedCompositeFieldContainer[TokenProbability]
     tokens_consumed: int
     steps: int
-    def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., tokens_consumed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    outputs: FloatTensor
+    def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., tokens_consumed: _Optional[int] = ..., steps: _Optional[int] = ..., outputs: _Optional[_Union[FloatTensor, _Mapping]] = ...) -> None: ...
 
 class StepStreamRequest(_message.Message):
-    __slots__ = ("session_id", "text", "token_ids", "output", "top_k", "request_id", "model_name", "model_version")
+    __slots__ = ("session_id", "text", "token_ids", "output", "top_k", "request_id", "model_name", "model_version", "features")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +232,7 @@ class StepStreamRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -207,23 +241,26 @@ class StepStreamRequest(_message.Message):
     request_id: str
     model_name: str
     model_version: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    features: FloatTensor
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[StepOutput, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., features: _Optional[_Union[FloatTensor, _Mapping]] = ...) -> None: ...
 
 class StepStreamResponse(_message.Message):
-    __slots__ = ("session_id", "logits", "positions", "top", "tokens_consumed", "steps")
+    __slots__ = ("session_id", "logits", "positions", "top", "tokens_consumed", "steps", "outputs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     logits: _containers.RepeatedScalarFieldContainer[float]
     positions: int
     top: _containers.RepeatedCompositeFieldContainer[TokenProbability]
     tokens_consumed: int
     steps: int
-    def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., tokens_consumed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    outputs: FloatTensor
+    def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., tokens_consumed: _Optional[int] = ..., steps: _Optional[int] = ..., outputs: _Optional[_Union[FloatTensor, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "request_id", "model_name", "model_version")
@@ -276,7 +313,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "version", "provider", "vocab", "num_layers", "hidden_size", "preprocess", "unk_id", "config_json", "max_prompt_tokens", "max_new_tokens", "max_sessions", "max_batch_size", "state_bytes_per_session")
+    __slots__ = ("name", "version", "provider", "vocab", "num_layers", "hidden_size", "preprocess", "unk_id", "config_json", "max_prompt_tokens", "max_new_tokens", "max_sessions", "max_batch_size", "state_bytes_per_session", "kind", "num_features", "num_outputs", "feature_names", "output_names", "scaling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +328,12 @@ class GetModelInfoResponse(_message.Message):
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     provider: str
@@ -305,7 +348,13 @@ class GetModelInfoResponse(_message.Message):
     max_sessions: int
     max_batch_size: int
     state_bytes_per_session: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., provider: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., preprocess: _Optional[str] = ..., unk_id: _Optional[int] = ..., config_json: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., state_bytes_per_session: _Optional[int] = ...) -> None: ...
+    kind: ModelKind
+    num_features: int
+    num_outputs: int
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    output_names: _containers.RepeatedScalarFieldContainer[str]
+    scaling: Scaling
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., provider: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., preprocess: _Optional[str] = ..., unk_id: _Optional[int] = ..., config_json: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., state_bytes_per_session: _Optional[int] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., num_features: _Optional[int] = ..., num_outputs: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., output_names: _Optional[_Iterable[str]] = ..., scaling: _Optional[_Union[Scaling, _Mapping]] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id",)
