@@ -16,6 +16,8 @@ Modes:
   counts k tokens of g/k each: the server coalesces tokens for slow readers).
 * ``stream``: each caller holds one ``StepStream`` (an ephemeral session) and does client-driven
   steps, one token in and one distribution (last logits) out, recording each round trip.
+* ``stream-features``: as ``stream`` on a sequence model (``--model``): each message is one row of
+  ``--features`` numbers, each answer that row's outputs.
 * ``stream-named``: as ``stream``, but each caller first creates a named session
   (``CreateSession``) and attaches its ``StepStream`` to it (the first message carries the id),
   so with a durable ``--state-store`` every step is a write-through (ephemeral sessions are
@@ -138,8 +140,21 @@ async def _named_stream_worker(stub: Any, s: Samples, win: tuple[int, int], voca
             await stub.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=route)
 
 
+async def _features_worker(
+    stub: Any, s: Samples, win: tuple[int, int], features: int, model: str
+) -> None:
+    await _stream_steps(stub.StepStream(), "", s, win, 0, features=features, model=model)
+
+
 async def _stream_steps(
-    call: Any, session_id: str, s: Samples, win: tuple[int, int], vocab: int
+    call: Any,
+    session_id: str,
+    s: Samples,
+    win: tuple[int, int],
+    vocab: int,
+    *,
+    features: int = 0,
+    model: str = "",
 ) -> int | None:
     """Client-driven steps on ``call`` until the window closes; the first message names
     ``session_id`` (empty: the stream's own ephemeral session). Returns the session's step
@@ -151,9 +166,16 @@ async def _stream_steps(
     try:
         first = True
         while True:
-            req = pb.StepStreamRequest(token_ids=[rng.randrange(1, vocab)])
+            if features:
+                # A sequence model: one row of F scaled features (about standard normal).
+                row = [rng.gauss(0.0, 1.0) for _ in range(features)]
+                req = pb.StepStreamRequest(features=pb.FloatTensor(shape=[1, features], values=row))
+            else:
+                req = pb.StepStreamRequest(token_ids=[rng.randrange(1, vocab)])
             if first and session_id:
                 req.session_id = session_id
+            if first and model:
+                req.model_name = model
             first = False
             t0 = clock()
             await call.write(req)
@@ -223,6 +245,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         stub = stubs[i % len(stubs)]
         if args.mode == "generate":
             coro = _generate_worker(stub, s, (ws, we), args.max_tokens, args.seed + 100_000 * i)
+        elif args.mode == "stream-features":
+            coro = _features_worker(stub, s, (ws, we), args.features, args.model)
         elif args.mode == "stream-named":
             coro = _named_stream_worker(stub, s, (ws, we), args.vocab)
         else:
@@ -264,7 +288,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.loadgen")
     p.add_argument("--target", required=True)
-    p.add_argument("--mode", choices=("generate", "stream", "stream-named"), required=True)
+    p.add_argument(
+        "--mode", choices=("generate", "stream", "stream-named", "stream-features"), required=True
+    )
+    p.add_argument("--features", type=int, default=1, help="stream-features: F per row")
+    p.add_argument("--model", default="", help="stream-features: the model to open streams on")
     p.add_argument("--concurrency", type=int, required=True)
     p.add_argument("--duration", type=float, default=5.0, help="measured window, seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before the window")

@@ -268,6 +268,7 @@ def parts(result: dict[str, Any]) -> list[Part]:
     out.extend(_kserve(s.get("kserve_perf_analyzer", {})))
     out.extend(_rollout(s.get("rollout", {})))
     out.extend(_efficiency(s.get("efficiency", {})))
+    out.extend(_sequence(s.get("sequence_model", {})))
     loads = ", ".join(
         f"{k} {sec.get('load_average_after', ['?'])[0]}"
         for k, sec in s.items()
@@ -355,6 +356,43 @@ def _efficiency(ef: dict[str, Any]) -> list[Part]:
             f"{_f(ef.get('single_vs_split_s16'), 3)}). The default ÷ {ef['base_commit']}: "
             f"{ratios}. p1 on the same mix (Generate at 64 through the server ÷ the same engine "
             f"in process, tokens/s per round: {p1}): {_f(ef.get('p1_mix_ratio'), 3)}."
+        ),
+    ]
+
+
+def _sequence(sq: dict[str, Any]) -> list[Part]:
+    """Section 16: the bundled forecaster's held-out error and its throughput."""
+    if "heldout" not in sq:
+        return []
+    ho = sq["heldout"]
+    err = [[name, r["mae"], r["rmse"]] for name, r in ho["rows"].items()]
+    base = {r["batch"]: r for r in sq.get("inprocess", [])}
+    rows = [
+        [
+            r["concurrency"],
+            r["steps_per_s"],
+            r["rtt"]["p50_ms"],
+            r["rtt"]["p99_ms"],
+            base.get(r["concurrency"], {}).get("steps_per_s"),
+            r.get("vs_inprocess"),
+        ]
+        for r in sq.get("stream", [])
+    ]
+    return [
+        Part(
+            "16. Sequence model: the bundled forecaster",
+            f" (`{sq['model']}`, F={sq['num_features']}, O={sq['num_outputs']}; held-out "
+            f"{ho['dataset']}, {ho['test_points']} points, one step ahead, data units)",
+            Table(["model", "MAE", "RMSE"], err, digits=2),
+        ),
+        Part(
+            "16b. Sequence model: StepStream against ONNX Runtime in process",
+            " (one feature row per message; in process: the same batch, B = streams; ms)",
+            Table(
+                ["streams", "steps/s", "RTT p50", "RTT p99", "in-process steps/s", "ratio"],
+                rows,
+                digits=3,
+            ),
         ),
     ]
 

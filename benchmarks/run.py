@@ -48,6 +48,7 @@ from . import (
     inprocess,
     report,
     rollout,
+    sequence,
     state_stores,
     training_bench,
 )
@@ -97,6 +98,10 @@ SUMMARY_KEYS = (
     "default_topology_is_fastest",
     "p1_generate64_vs_inprocess_mix",
     "kserve_mean_batch_c16",
+    # Section 16 (issue 21): the bundled sequence model.
+    "sequence_stream1_vs_inprocess",
+    "sequence_stream16_vs_inprocess",
+    "sequence_lstm_vs_seasonal_naive_mae",
 )
 # (key, comparison, target) from the issue. Every run records the verdicts; only a full run's
 # figures are meant to be judged by them (--quick is a smoke test).
@@ -649,6 +654,18 @@ def efficiency_section(ctx: Context) -> dict[str, Any]:
     )
 
 
+def sequence_section(ctx: Context) -> dict[str, Any]:
+    _need_server(ctx)
+    p = ctx.prof
+    return sequence.run(
+        threads=ctx.threads,
+        seconds=p.inproc_seconds,
+        duration=p.duration,
+        warmup=p.warmup,
+        lead=p.lead,
+    )
+
+
 # Section n is SECTIONS[n - 1] (what --sections selects); the keys are results.json's.
 SECTIONS: tuple[tuple[str, Section], ...] = (
     ("inprocess_ort", inprocess_ort),
@@ -666,6 +683,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("kserve_perf_analyzer", kserve),
     ("rollout", rollout_section),
     ("efficiency", efficiency_section),
+    ("sequence_model", sequence_section),
 )
 
 # --- server sweeps -----------------------------------------------------------------------------
@@ -856,6 +874,14 @@ def summarise(ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
     put("default_topology_is_fastest", None if fastest is None else float(fastest), "efficiency")
     put("p1_generate64_vs_inprocess_mix", ef.get("p1_mix_ratio"), "efficiency")
     put("kserve_mean_batch_c16", pa16 and pa16.get("server_mean_batch"), "kserve_perf_analyzer")
+    sq = s.get("sequence_model", {})
+    for c in sequence.STREAMS:
+        put(f"sequence_stream{c}_vs_inprocess", sq.get(f"stream{c}_vs_inprocess"), "sequence_model")
+    put(
+        "sequence_lstm_vs_seasonal_naive_mae",
+        sq.get("heldout", {}).get("lstm_vs_seasonal_naive_mae"),
+        "sequence_model",
+    )
     ro = s.get("rollout", {})
     put("rollout_p99_during_vs_steady", ro.get("p99_during_vs_steady"), "rollout")
     put("rollout_steps_during_vs_steady", ro.get("steps_during_vs_steady"), "rollout")

@@ -240,6 +240,7 @@ class LoadSpec:
     client_procs: int = 1
     lead: float = 2.5  # seconds for the loadgen processes to start and connect before the window
     service: str = "lstmserve.v1.LstmServeService"  # what an older server calls it (A/B runs)
+    model: str = ""  # stream-features: the sequence model's name
 
 
 def drive(
@@ -287,6 +288,11 @@ def drive(
                 str(out),
                 "--service",
                 spec.service,
+                "--model",
+                spec.model,
+                # stream-features: the width of a row (the caller passes F as ``vocab``).
+                "--features",
+                str(vocab),
             ]
             p = subprocess.Popen(
                 cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
