@@ -2,8 +2,8 @@
 
 Each front end holds one connection to the engine's socket (in the supervisor's private run
 directory). Messages are msgpack arrays written back to back; msgpack's streaming unpacker
-splits them, so there is no framing of our own. No pickle anywhere; logits travel as raw
-little-endian float32 bytes.
+splits them, so there is no framing of our own. No pickle anywhere; logits (and a sequence
+model's features and outputs) travel as raw little-endian float32 bytes.
 
 Why not ZeroMQ: measured on the 2-core machine this project is tuned on, a request/reply round
 trip between two processes took 121 us with blocking ZeroMQ sockets and 146-209 us with
@@ -110,6 +110,11 @@ def from_f32(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(data, np.float32).reshape(shape)
 
 
+def features_payload(features: np.ndarray | None) -> list[Any] | None:
+    """A step's features (a sequence model's input) on the wire: ``[shape, raw float32]``."""
+    return None if features is None else [list(features.shape), f32(features)]
+
+
 class Connection(asyncio.Protocol):
     """One end of a front end <-> engine connection: whole messages in, whole messages out.
 
@@ -175,9 +180,13 @@ def die_with_parent() -> None:
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on uvloop where it is installed (Linux, macOS): a server process's
-    event loop costs less CPU per step on it, grpc.aio included (benchmarks/README.md, section
-    15); elsewhere on asyncio's own loop."""
+    """``asyncio.run(main)`` on uvloop where it is installed (Linux, macOS), else on asyncio's
+    own loop; ``LSTM_SERVE_EVENT_LOOP=asyncio`` in the environment asks for asyncio's anyway
+    (an escape hatch, and the other arm of the A/B in benchmarks/README.md, section 15)."""
+    import os
+
+    if os.environ.get("LSTM_SERVE_EVENT_LOOP", "uvloop") == "asyncio":
+        return asyncio.run(main)
     try:
         import uvloop
     except ImportError:

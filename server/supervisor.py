@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import queue
 import shutil
 import signal
 import socket
@@ -123,8 +124,14 @@ class _Child:
         self.argv = argv
         self.proc: subprocess.Popen[str] | None = None
 
-    def start(self, ready_prefix: str, failed_prefix: str) -> list[str]:
-        """Start it and wait for its ready line; the words after the prefix."""
+    def start(
+        self, ready_prefix: str, failed_prefix: str, stop: threading.Event | None = None
+    ) -> list[str]:
+        """Start it and wait for its ready line; the words after the prefix.
+
+        Gives up (killing it, :class:`StartError`) when it exits, reports failure, stays silent
+        past :data:`START_TIMEOUT_S` or ``stop`` is set meanwhile (SIGTERM during start-up): a
+        child that never prints its line must not hold ``lstm-serve`` forever."""
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -133,18 +140,27 @@ class _Child:
             start_new_session=False,
         )
         assert self.proc.stdout is not None
+        report: queue.Queue[tuple[str, str]] = queue.Queue()
+        _pump(self.proc.stdout, ready_prefix, failed_prefix, report)
         deadline = time.monotonic() + START_TIMEOUT_S
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            if line.startswith(ready_prefix):
-                _forward(self.proc.stdout)
-                return line[len(ready_prefix) :].split()
-            if line.startswith(failed_prefix):
-                self.proc.wait(10)
-                raise StartError(line[len(failed_prefix) :].strip())
-            print(line, flush=True)
-            if time.monotonic() > deadline:
+        while True:
+            try:
+                kind, rest = report.get(timeout=POLL_S)
                 break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise StartError(
+                        f"{self.name} did not report ready within {START_TIMEOUT_S:.0f} s"
+                    ) from None
+                if stop is not None and stop.is_set():
+                    self.kill()
+                    raise StartError(f"stopped while {self.name} was starting") from None
+        if kind == "ready":
+            return rest.split()
+        if kind == "failed":
+            self.proc.wait(10)
+            raise StartError(rest.strip())
         self.kill()
         raise StartError(f"{self.name} exited before it was ready (code {self.proc.poll()})")
 
@@ -173,11 +189,25 @@ class _Child:
             self.proc.wait(10)
 
 
-def _forward(stream: IO[str]) -> None:
-    # Whatever a child prints after its ready line goes to our stdout (and its pipe never fills).
+def _pump(
+    stream: IO[str], ready_prefix: str, failed_prefix: str, report: queue.Queue[tuple[str, str]]
+) -> None:
+    """Forward a child's stdout to ours (so its pipe never fills), except its one ready or
+    failed line, which goes to ``report`` as ("ready" | "failed", the rest of the line); an
+    end of output before either is ("exited", "")."""
+
     def pump() -> None:
+        reported = False
         for line in stream:
+            if not reported and line.startswith((ready_prefix, failed_prefix)):
+                ready = line.startswith(ready_prefix)
+                prefix = ready_prefix if ready else failed_prefix
+                report.put(("ready" if ready else "failed", line[len(prefix) :].rstrip("\n")))
+                reported = True
+                continue
             print(line, end="", flush=True)
+        if not reported:
+            report.put(("exited", ""))
 
     threading.Thread(target=pump, daemon=True).start()
 
@@ -266,7 +296,7 @@ class Supervisor:
                 self.engine = _Child("server", self._single_argv())
             else:
                 self.engine = _Child("engine", self._engine_argv())
-            words = self.engine.start("ENGINE READY", "ENGINE FAILED")
+            words = self.engine.start("ENGINE READY", "ENGINE FAILED", self._stop)
             metrics_port = int(words[0])
             self.metrics_port = metrics_port if metrics_port >= 0 else None
             self.describe = " ".join(words[1:])
@@ -279,7 +309,7 @@ class Supervisor:
 
     def _start_frontend(self, index: int, port: int) -> int:
         child = _Child(f"front end {index}", self._frontend_argv(index, port))
-        words = child.start("FRONTEND READY", "FRONTEND FAILED")
+        words = child.start("FRONTEND READY", "FRONTEND FAILED", self._stop)
         if index < len(self.frontends):
             self.frontends[index] = child
         else:

@@ -283,7 +283,10 @@ class Served:
                 self.port = int(m.group(1))
             if line.startswith("try:") or time.monotonic() > deadline:
                 break
-        assert self.port and self.engine_pid, "".join(self.lines)
+        if not (self.port and self.engine_pid):
+            # Not started as expected: stop it here, since no fixture holds it to stop later.
+            self.stop()
+            raise AssertionError("".join(self.lines))
         # Keep reading, so the pipe never fills and the test can look at later lines.
         threading.Thread(target=self._pump, daemon=True).start()
 
