@@ -708,3 +708,71 @@ def test_readme_recipe_serves_an_nn_lstm(tmp_path):
         np.testing.assert_allclose(out, want, rtol=0, atol=1e-3)  # 1e-5 of the 120 std
     finally:
         srv.stop()
+
+
+TRITON_HTTP = r"""
+import json, sys
+import numpy as np
+import tritonclient.http as h
+
+plan = json.load(sys.stdin)
+c = h.InferenceServerClient(plan["url"])
+got = []
+for step in plan["steps"]:
+    x = np.asarray(step["rows"], np.float32)[None]
+    inp = h.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, step["binary_in"])
+    out = h.InferRequestedOutput("outputs", binary_data=step["binary_out"])
+    r = c.infer(
+        plan["model"], [inp], outputs=[out], sequence_id=step["seq"],
+        sequence_start=step["start"], sequence_end=step["end"],
+    )
+    got.append(r.as_numpy("outputs").tolist())
+json.dump(got, sys.stdout)
+"""
+
+
+def test_tritonclient_http_interleaved_sequences_on_a_sequence_model(srv, refs):
+    """Stock tritonclient.http (in a child interpreter: it brings gevent) drives three
+    sequences of the sequence model interleaved at random, binary or JSON tensors each way;
+    every step's outputs [1, T, O] exact against in-process ONNX Runtime per sequence."""
+    pytest.importorskip("tritonclient.http")
+    seed = random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    chunks = {s: [rng.randint(1, 4) for _ in range(rng.randint(3, 6))] for s in (21, 22, 23)}
+    order = [s for s, sizes in chunks.items() for _ in sizes]
+    rng.shuffle(order)
+    seen: dict[int, int] = {}
+    steps = []
+    for s in order:
+        k = seen.get(s, 0)
+        seen[s] = k + 1
+        rows = nprng.normal(size=(chunks[s][k], F)).astype(np.float32)
+        steps.append(
+            {
+                "seq": s,
+                "rows": rows.tolist(),
+                "start": k == 0,
+                "end": k == len(chunks[s]) - 1,
+                "binary_in": rng.random() < 0.5,
+                "binary_out": rng.random() < 0.5,
+            }
+        )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", TRITON_HTTP],
+        input=json.dumps({"url": f"127.0.0.1:{srv.app.http_port}", "model": "seq", "steps": steps}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    state = {s: refs[1].zeros() for s in chunks}
+    for i, (step, out) in enumerate(zip(steps, got, strict=True)):
+        want, state[step["seq"]] = refs[1].feed(
+            np.asarray(step["rows"], np.float32), state[step["seq"]]
+        )
+        arr = np.asarray(out, np.float32)
+        assert arr.shape == (1, len(step["rows"]), O), (seed, i, arr.shape)
+        np.testing.assert_allclose(arr[0], want, atol=ATOL, rtol=0, err_msg=f"seed {seed} #{i}")
