@@ -207,7 +207,10 @@ class BesideServe:
 
     def __init__(self) -> None:
         defaults = Settings()
-        self.ports = (defaults.port, defaults.metrics_port)
+        command = make_serve_command()
+        # make serve also turns on HTTP (--http-port in SERVE_FLAGS): that port is held too.
+        http = [int(command[command.index("--http-port") + 1])] if "--http-port" in command else []
+        self.ports = (defaults.port, defaults.metrics_port, *http)
         self.proc: subprocess.Popen[bytes] | None = None
 
 

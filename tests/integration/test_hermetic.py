@@ -11,8 +11,8 @@ from tests.integration.conftest import port_in_use
 
 
 def test_the_default_ports_are_held_by_make_serve_while_the_suite_runs(beside_make_serve):
-    grpc_port, metrics_port = beside_make_serve.ports
-    assert port_in_use(grpc_port) and port_in_use(metrics_port)
+    grpc_port, metrics_port, http_port = beside_make_serve.ports
+    assert port_in_use(grpc_port) and port_in_use(metrics_port) and port_in_use(http_port)
     if beside_make_serve.proc is None:
         return  # a developer's own make serve (or something else) holds them: nothing to ask it
     assert beside_make_serve.proc.poll() is None, "make serve's command exited during the suite"
@@ -29,3 +29,4 @@ def test_a_real_lstm_serve_started_by_a_test_takes_free_ports(beside_make_serve,
     assert s.port and s.metrics_port
     assert s.port not in beside_make_serve.ports
     assert s.metrics_port not in beside_make_serve.ports
+    assert not any("KServe v2 HTTP/REST" in line for line in s.lines), "HTTP is off unless asked"
