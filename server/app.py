@@ -50,7 +50,7 @@ from .runtime import ModelRuntime, bundled_model_path, check_model_source
 from .sequence import SequencePlane
 from .servicer import SERVICE_NAME, LstmServeServiceServicer, QuietPeerGone
 from .sessions import SessionStore
-from .settings import Settings
+from .settings import ENV_PREFIX, Settings
 from .state import ModelIdentity, open_store
 
 log = logging.getLogger("lstm_serve")
@@ -106,7 +106,6 @@ class Core:
         and CPU (:class:`~server.metrics.ProcessMetrics`); by default this one, as ``server``.
         Raises :class:`OSError` naming the port and its flag when the port cannot be bound.
         """
-        import errno
         import os
 
         from .metrics import ProcessMetrics
@@ -152,14 +151,7 @@ class Core:
         try:
             self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
         except OSError as e:
-            # One line for `lstm-serve: error:` that says which port and how to change it.
-            what = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
-            err = OSError(
-                f"cannot serve metrics on {s.host}:{s.metrics_port}: {what} "
-                "(choose another port with --metrics-port / LSTM_SERVE_METRICS_PORT; -1: none)"
-            )
-            err.errno = e.errno
-            raise err from e
+            raise port_error(e, "metrics", s.host, s.metrics_port, "metrics_port") from e
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -379,14 +371,21 @@ async def http_server(
             reuse_port=reuse_port,
         )
     except OSError as e:
-        what = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
-        err = OSError(
-            f"cannot serve HTTP on {s.host}:{s.http_port}: {what} "
-            "(choose another port with --http-port / LSTM_SERVE_HTTP_PORT; -1: none)"
-        )
-        err.errno = e.errno
-        raise err from e
+        raise port_error(e, "HTTP", s.host, s.http_port, "http_port") from e
     return rest
+
+
+def port_error(e: OSError, serving: str, host: str, port: int, setting: str) -> OSError:
+    """``e`` (binding ``host:port`` failed) as one line for ``lstm-serve: error:`` that says
+    which port and how to change it: the setting's flag and environment variable."""
+    what = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
+    flag, env = "--" + setting.replace("_", "-"), ENV_PREFIX + setting.upper()
+    err = OSError(
+        f"cannot serve {serving} on {host}:{port}: {what} "
+        f"(choose another port with {flag} / {env}; -1: none)"
+    )
+    err.errno = e.errno
+    return err
 
 
 def http_ssl_context(settings: Settings) -> ssl.SSLContext:

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -397,10 +396,7 @@ def _forget_task(tasks: dict[int, asyncio.Task[None]], rid: int, _task: object) 
 
 
 async def run(settings: Settings, path: str) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = ipc.stop_on_signals()
     core = await build_core(settings)
     host = EngineHost(core, path)
     await host.start()

@@ -541,10 +541,7 @@ class Frontend:
 
 
 async def run(settings: Settings, path: str, engine_pid: int, index: int) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = ipc.stop_on_signals()
     return await Frontend(settings, path, engine_pid, index).run(stop)
 
 

@@ -30,6 +30,7 @@ since its last heartbeat, its KServe inference counts per model version, and its
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -177,6 +178,16 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before the call: do it now
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (a server process's cue to drain), on the running
+    loop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

@@ -21,14 +21,10 @@ from . import ipc
 from .app import App
 from .settings import Settings, settings_from_json
 
-log = logging.getLogger(__name__)
-
 
 async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = ipc.stop_on_signals()
     app = App(settings, reuse_port=True)
     await app.start()
     try:
