@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from contract.model import INPUT_C0, INPUT_H0, INPUT_TOKENS
+from contract.model import INPUT_C0, INPUT_FEATURES, INPUT_H0, INPUT_TOKENS
 
 State = tuple[np.ndarray, np.ndarray]
 
 
-class Reference:
+class _Oracle:
+    """One ORT session on a model file of either kind; the state is the caller's."""
+
     def __init__(self, path: str | Path) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
@@ -33,14 +35,19 @@ class Reference:
         z = np.zeros((self.L, 1, self.H), np.float32)
         return z, z.copy()
 
+    def _run(self, name: str, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """The first output ``[T, W]`` (one session's row) and the new state after ``x``."""
+        with self._lock:
+            out, h, c = self.sess.run(None, {name: x, INPUT_H0: state[0], INPUT_C0: state[1]})
+        return out[:, 0], (h, c)
+
+
+class Reference(_Oracle):
+    """A ``token_lm`` model: token ids in, logits out."""
+
     def feed(self, tokens: list[int], state: State) -> tuple[np.ndarray, State]:
         """Logits ``[T, V]`` and the new state after feeding ``tokens`` to one session."""
-        t = np.asarray(tokens, np.int64).reshape(-1, 1)
-        with self._lock:
-            logits, h, c = self.sess.run(
-                None, {INPUT_TOKENS: t, INPUT_H0: state[0], INPUT_C0: state[1]}
-            )
-        return logits[:, 0], (h, c)
+        return self._run(INPUT_TOKENS, np.asarray(tokens, np.int64).reshape(-1, 1), state)
 
     def greedy_with_state(
         self, prompt: list[int], n: int, state: State | None = None
@@ -56,3 +63,11 @@ class Reference:
 
     def greedy(self, prompt: list[int], n: int, state: State | None = None) -> list[int]:
         return self.greedy_with_state(prompt, n, state)[0]
+
+
+class SequenceReference(_Oracle):
+    """A ``sequence`` model: feature rows in, outputs out."""
+
+    def feed(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Outputs ``[T, O]`` and the new state after feeding rows ``x [T, F]``."""
+        return self._run(INPUT_FEATURES, np.asarray(x, np.float32)[:, None, :], state)

@@ -10,6 +10,7 @@ ports are held by a real server for its whole run, so a test that binds one fail
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -331,3 +332,17 @@ def serve(model_path: Path) -> Iterator[Callable[..., Served]]:
     yield start
     for s in started:
         s.stop()
+
+
+def run_script(script: str, plan: Any) -> Any:
+    """``script`` in a child interpreter (tritonclient brings gevent, which patches the
+    process), given ``plan`` as JSON on stdin; what it prints as JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script],
+        input=json.dumps(plan),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -12,11 +12,8 @@ tests: the client side never sees our generated code.
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 import re
-import subprocess
-import sys
 from typing import Any
 
 import numpy as np
@@ -26,7 +23,7 @@ from google.protobuf import descriptor as D
 from protos.inference import grpc_service_pb2 as kpb
 from server.kserve import sequence_session_id
 
-from .conftest import VOCAB, Reference
+from .conftest import VOCAB, Reference, run_script
 
 # Found, never imported here (see above).
 if importlib.util.find_spec("tritonclient") is None:
@@ -207,15 +204,7 @@ def run_client(
     plan: dict[str, Any] = {"target": target, "model": model, "ops": ops}
     if token:
         plan["token"] = token
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", CLIENT],
-        input=json.dumps(plan),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return run_script(CLIENT, plan)
 
 
 def run_client_as(

@@ -29,7 +29,7 @@ import trustme
 
 from server.kserve import sequence_session_id
 
-from .conftest import ROOT, make_serve_command, port_in_use
+from .conftest import ROOT, make_serve_command, port_in_use, run_script
 from .test_kserve import ATOL, MODEL, VERSION, Oracle, check, interleaved
 
 if importlib.util.find_spec("tritonclient") is None or importlib.util.find_spec("gevent") is None:
@@ -118,15 +118,8 @@ json.dump(out, sys.stdout)
 
 def run_client(url: str, ops: list[dict[str, Any]], model: str = MODEL) -> list[Any]:
     """``ops`` through tritonclient.http in a child interpreter; what each returned."""
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", CLIENT],
-        input=json.dumps({"url": url, "model": model, "ops": ops}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    result: list[Any] = run_script(CLIENT, {"url": url, "model": model, "ops": ops})
+    return result
 
 
 def http(

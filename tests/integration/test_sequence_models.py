@@ -23,52 +23,22 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 
-from contract.model import INPUT_C0, INPUT_FEATURES, INPUT_H0, validate
+from contract.model import validate
 from export.graph import random_model, random_sequence_model
 from protos.inference import grpc_service_pb2 as kpb
 from protos.inference import grpc_service_pb2_grpc as kpb_grpc
 from protos.lstmserve.v1 import lstm_serve_pb2 as pb
 from protos.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from server.client import LstmClient
-from tests.integration.conftest import VOCAB, ServerThread, make_settings
-from tests.reference import Reference
+from tests.integration.conftest import VOCAB, ServerThread, make_settings, run_script
+from tests.reference import Reference, SequenceReference
 
 ATOL = 1e-5
 F, O = 3, 2  # noqa: E741 (the contract names the sizes F and O)
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "server" / "model_repo"
-
-
-class SeqReference:
-    """In-process ONNX Runtime for a sequence model: one session, state carried by hand."""
-
-    def __init__(self, path: Path) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        h0 = self.sess.get_inputs()[1].shape
-        self.L, self.H = int(h0[0]), int(h0[2])
-        self._lock = threading.Lock()
-
-    def zeros(self) -> tuple[np.ndarray, np.ndarray]:
-        z = np.zeros((self.L, 1, self.H), np.float32)
-        return z, z.copy()
-
-    def feed(
-        self, x: np.ndarray, state: tuple[np.ndarray, np.ndarray]
-    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """Outputs ``[T, O]`` and the new state after feeding rows ``x [T, F]``."""
-        feed = {
-            INPUT_FEATURES: np.asarray(x, np.float32)[:, None, :],
-            INPUT_H0: state[0],
-            INPUT_C0: state[1],
-        }
-        with self._lock:
-            out, h, c = self.sess.run(None, feed)
-        return out[:, 0], (h, c)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +73,8 @@ def srv(repo: Path) -> Iterator[ServerThread]:
 
 
 @pytest.fixture(scope="module")
-def refs(repo: Path) -> tuple[Reference, SeqReference]:
-    return Reference(repo / "tiny" / "1" / "model.onnx"), SeqReference(
+def refs(repo: Path) -> tuple[Reference, SequenceReference]:
+    return Reference(repo / "tiny" / "1" / "model.onnx"), SequenceReference(
         repo / "seq" / "1" / "model.onnx"
     )
 
@@ -148,7 +118,7 @@ class Session:
     """One session of either kind driven through one way in, checked against the oracle."""
 
     def __init__(
-        self, kind: str, way: str, target: str, refs: tuple[Reference, SeqReference], n: int
+        self, kind: str, way: str, target: str, refs: tuple[Reference, SequenceReference], n: int
     ) -> None:
         self.kind, self.way, self.n = kind, way, n
         self.ref = refs[0] if kind == "token" else refs[1]
@@ -239,7 +209,7 @@ class Session:
         self.channel.close()
 
 
-def run_interleaved(target: str, refs: tuple[Reference, SeqReference], seed: int) -> None:
+def run_interleaved(target: str, refs: tuple[Reference, SequenceReference], seed: int) -> None:
     """Sessions of both kinds, every way in, stepped in a random order by four threads at once
     (so the engine batches them together), each step checked against the oracle."""
     ways = [
@@ -575,7 +545,7 @@ def test_the_bundled_repository_serves_both_models(refs):
     ).start()
     path = BUNDLED / "sunspots" / "1" / "model.onnx"
     spec = validate(path, kind="sequence")
-    ref = SeqReference(path)
+    ref = SequenceReference(path)
     try:
         with LstmClient(srv.target, timeout=30) as c:
             listed = c.list_models()
@@ -759,15 +729,8 @@ def test_tritonclient_http_interleaved_sequences_on_a_sequence_model(srv, refs):
                 "binary_out": rng.random() < 0.5,
             }
         )
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", TRITON_HTTP],
-        input=json.dumps({"url": f"127.0.0.1:{srv.app.http_port}", "model": "seq", "steps": steps}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+    plan = {"url": f"127.0.0.1:{srv.app.http_port}", "model": "seq", "steps": steps}
+    got = run_script(TRITON_HTTP, plan)
     state = {s: refs[1].zeros() for s in chunks}
     for i, (step, out) in enumerate(zip(steps, got, strict=True)):
         want, state[step["seq"]] = refs[1].feed(
