@@ -126,15 +126,9 @@ def _scrape(url: str | None) -> dict[str, Any]:
 def rss_by_role(srv: sb.ServerProcess, pid_roles: dict[int, str]) -> dict[str, int]:
     """Resident bytes of the server's process tree, summed per role, and ``total``."""
     out: dict[str, int] = {}
-    for pid in srv.pids():
-        try:
-            text = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("VmRSS:"):
-                role = pid_roles.get(pid, "other")
-                out[role] = out.get(role, 0) + int(line.split()[1]) * 1024
+    for pid, rss in srv.rss_by_pid().items():
+        role = pid_roles.get(pid, "other")
+        out[role] = out.get(role, 0) + rss
     out["total"] = sum(out.values())
     return out
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +25,13 @@ MODEL_DIR = ROOT / "server" / "model_repo" / "sunspots" / "1"
 STREAMS = (1, 16)
 
 
-def spec_of(path: Path) -> Any:
-    import onnxruntime as ort
-
-    from contract.model import validate
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return validate(sess, kind="sequence")
-
-
-def heldout(model_path: Path = MODEL_DIR / "model.onnx") -> dict[str, Any]:
-    """MAE/RMSE on the held-out part: the model (through ORT) and every baseline."""
-    import onnxruntime as ort
-
+def heldout(sess: Any, spec: Any) -> dict[str, Any]:
+    """MAE/RMSE on the held-out part: the model (ORT session ``sess``, its
+    :class:`~contract.model.SequenceSpec` ``spec``) and every baseline."""
     from export.evaluate import forecast_errors
     from training.config import ForecastConfig
     from training.series import baseline_predictions, errors, load_dataset, prepare
 
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    spec = spec_of(model_path)
     dataset = spec.config.get("data", {}).get("dataset", "sunspots")
     cfg = ForecastConfig()
     data = prepare(
@@ -70,11 +57,10 @@ def heldout(model_path: Path = MODEL_DIR / "model.onnx") -> dict[str, Any]:
 
 
 def inprocess_steps(
-    model_path: Path, batches: tuple[int, ...], threads: int, seconds: float
+    sess: Any, spec: Any, batches: tuple[int, ...], seconds: float
 ) -> list[dict[str, Any]]:
-    """ONNX Runtime called directly, T=1 and B rows of features per call, state chained."""
-    spec = spec_of(model_path)
-    sess = inprocess.ort_session(str(model_path), threads)
+    """ONNX Runtime called directly (``sess``, configured like the server's), T=1 and B rows
+    of features per call, state chained."""
     rng = np.random.default_rng(0)
     rows = []
     for B in batches:
@@ -105,30 +91,36 @@ def run(
 ) -> dict[str, Any]:
     if not model_path.is_file():
         raise SectionSkipped(f"no bundled sequence model at {model_path.relative_to(ROOT)}")
-    spec = spec_of(model_path)
+    from contract.model import validate
+
+    # One session, with the server's options, for the held-out error and the in-process steps.
+    sess = inprocess.ort_session(str(model_path), threads)
+    spec = validate(sess, kind="sequence")
     out: dict[str, Any] = {
         "model": str(model_path.relative_to(ROOT)),
         "num_features": spec.num_features,
         "num_outputs": spec.num_outputs,
-        "heldout": heldout(model_path),
+        "heldout": heldout(sess, spec),
     }
-    base = {r["batch"]: r for r in inprocess_steps(model_path, STREAMS, threads, seconds)}
+    base = {r["batch"]: r for r in inprocess_steps(sess, spec, STREAMS, seconds)}
     out["inprocess"] = list(base.values())
     served = []
     repo = str(model_path.parents[1].parent)
     with sb.running_server("", extra=["--model-repository", repo]) as srv:
         for c in STREAMS:
             spec_load = sb.LoadSpec(
-                "stream-features", c, duration, warmup, lead=lead, model=model_path.parents[1].name
+                "stream-features",
+                c,
+                duration,
+                warmup,
+                lead=lead,
+                model=model_path.parents[1].name,
+                features=spec.num_features,
             )
-            row = sb.drive(srv, spec_load, spec.num_features)
+            row = sb.drive(srv, spec_load, vocab=0)  # a sequence model has none
             row["vs_inprocess"] = ratio(row["steps_per_s"], base[c]["steps_per_s"])
             served.append(row)
     out["stream"] = served
     for row in served:
         out[f"stream{row['concurrency']}_vs_inprocess"] = row["vs_inprocess"]
     return out
-
-
-def dump(result: dict[str, Any]) -> str:
-    return json.dumps(result, indent=2)

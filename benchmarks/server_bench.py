@@ -71,8 +71,9 @@ class ServerProcess:
                 continue
         return out
 
-    def rss_bytes(self) -> int:
-        total = 0
+    def rss_by_pid(self) -> dict[int, int]:
+        """Resident bytes of each of the server's processes (those still running)."""
+        out = {}
         for pid in self.pids():
             try:
                 text = Path(f"/proc/{pid}/status").read_text()
@@ -80,8 +81,11 @@ class ServerProcess:
                 continue
             for line in text.splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        return total
+                    out[pid] = int(line.split()[1]) * 1024
+        return out
+
+    def rss_bytes(self) -> int:
+        return sum(self.rss_by_pid().values())
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the server's processes (all their threads)."""
@@ -241,6 +245,7 @@ class LoadSpec:
     lead: float = 2.5  # seconds for the loadgen processes to start and connect before the window
     service: str = "lstmserve.v1.LstmServeService"  # what an older server calls it (A/B runs)
     model: str = ""  # stream-features: the sequence model's name
+    features: int = 1  # stream-features: F, the numbers in a row
 
 
 def drive(
@@ -290,9 +295,8 @@ def drive(
                 spec.service,
                 "--model",
                 spec.model,
-                # stream-features: the width of a row (the caller passes F as ``vocab``).
                 "--features",
-                str(vocab),
+                str(spec.features),
             ]
             p = subprocess.Popen(
                 cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
